@@ -1,0 +1,64 @@
+"""Every error phi3ops raises on purpose.
+
+Each class subclasses the nearest built-in so callers can catch it generically, and every
+message says what failed *and* how to fix it. Raise with ``from`` to keep the cause.
+"""
+
+from __future__ import annotations
+
+
+class Phi3OpsError(Exception):
+    """Base class of every phi3ops error."""
+
+
+# --- configuration and input -------------------------------------------------------------
+
+
+class InvalidInputError(Phi3OpsError, ValueError):
+    """A parameter or input value is malformed (the message names the field and the fix)."""
+
+
+# --- the hub (fetch stage) ---------------------------------------------------------------
+
+
+class HubError(Phi3OpsError):
+    """Base class of errors talking to a Hugging Face hub."""
+
+
+class RepoNotFoundError(HubError, LookupError):
+    """The repository does not exist on the hub (or is private and the token cannot see it)."""
+
+
+class RevisionNotFoundError(HubError, LookupError):
+    """The branch, tag or commit does not exist in the repository."""
+
+
+class RemoteFileNotFoundError(HubError, LookupError):
+    """A file the fetch needs is missing from the repository at that commit."""
+
+
+class HubAccessDeniedError(HubError, PermissionError):
+    """The repository is gated, or the token is missing, invalid or lacks access."""
+
+
+class HubUnreachableError(HubError, ConnectionError):
+    """The hub cannot be reached (offline) and nothing usable is cached locally."""
+
+
+class TransientHubError(HubError, ConnectionError):
+    """A hub failure worth retrying: 429, 5xx, a dropped or reset connection."""
+
+
+class IntegrityError(HubError, ValueError):
+    """Downloaded bytes do not match the checksum the hub reported for that file."""
+
+
+class InsufficientDiskSpaceError(Phi3OpsError, OSError):
+    """The target filesystem cannot hold what is about to be written."""
+
+
+# --- model building ----------------------------------------------------------------------
+
+
+class OnnxBuildError(Phi3OpsError, RuntimeError):
+    """The onnxruntime-genai builder could not turn PyTorch weights into an ONNX model."""
