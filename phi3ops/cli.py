@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
+from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 import typer
 
 from phi3ops.errors import Phi3OpsError
+from phi3ops.settings import get_settings
 from phi3ops.sources import Variant
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Phi-3 from the Hugging Face hub to a governed, evaluated model in the MLflow registry.",
@@ -25,9 +33,22 @@ def _prepare_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def _fail(exc: Phi3OpsError) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
+class FlavorOption(StrEnum):
+    """``tasks.packaging.Flavor``, mirrored so the CLI starts without importing Prefect
+    (a unit test keeps the two equal)."""
+
+    ONNX = "onnx"
+    TRANSFORMERS = "transformers"
+
+
+def _run(job: Callable[..., T], /, **kwargs: object) -> T:
+    """Run a job; a phi3ops error becomes its message and exit code 2, not a traceback."""
+    _prepare_prefect()
+    try:
+        return job(**kwargs)
+    except Phi3OpsError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from exc
 
 
 @app.command()
@@ -41,43 +62,100 @@ def fetch(
     build_onnx: bool = typer.Option(False, help="Build ONNX int4 from fetched PyTorch weights."),
 ) -> None:
     """Fetch a pinned, verified snapshot (the fetch flow)."""
-    from phi3ops.jobs import fetch_job
+    from phi3ops import jobs
 
-    _prepare_prefect()
-    try:
-        fetch_job(
-            repo_id or variant.default_repo_id,
-            revision=revision,
-            variant=variant,
-            target_dir=target_dir,
-            build_onnx=build_onnx,
+    _run(
+        jobs.fetch_job,
+        repo_id=repo_id or variant.default_repo_id,
+        revision=revision,
+        variant=variant,
+        target_dir=target_dir,
+        build_onnx=build_onnx,
+    )
+
+
+@app.command()
+def package(
+    flavor: FlavorOption = typer.Option(
+        FlavorOption.ONNX, help="onnx (onnxruntime-genai pyfunc) or transformers (llm/v1/chat)."
+    ),
+    repo_id: str = typer.Option(
+        None, help="Hub repository; defaults to the variant's Microsoft repo."
+    ),
+    revision: str = typer.Option("main", help="Branch, tag or commit sha."),
+    variant: Variant | None = typer.Option(
+        None,
+        help="What to fetch; defaults to onnx-cpu-int4 for onnx (pytorch is built to ONNX "
+        "int4), pytorch for transformers.",
+    ),
+    model_name: str | None = typer.Option(
+        None, help="Registered model name (default: PHI3OPS_REGISTERED_MODEL_NAME)."
+    ),
+) -> None:
+    """Fetch, package and register a model version, aliased @candidate (the package flow)."""
+    from phi3ops import jobs
+
+    registered = _run(
+        jobs.package_job,
+        flavor=flavor.value,
+        repo_id=repo_id,
+        revision=revision,
+        variant=variant,
+        model_name=model_name,
+    )
+    state = "reused" if registered.reused else "registered"
+    typer.echo(f"{state} {registered.model_uri} ({registered.flavor.value})")
+
+
+@app.command()
+def serve(
+    model_name: str | None = typer.Option(
+        None, help="Registered model name (default: PHI3OPS_REGISTERED_MODEL_NAME)."
+    ),
+    alias: str | None = typer.Option(None, help="Alias to serve (default: champion)."),
+    version: str | None = typer.Option(None, help="Version to serve instead of an alias."),
+    model_uri: str | None = typer.Option(None, help="Any MLflow model URI instead of the above."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(5001, help="Port to listen on."),
+    workers: int = typer.Option(1, help="Server worker processes (each loads the model)."),
+) -> None:
+    """Serve a registered model over HTTP (MLflow's scoring server, POST /invocations)."""
+    from phi3ops.serving import server
+
+    def serve_forever() -> None:
+        uri = model_uri or server.model_uri_for(
+            model_name or get_settings().registered_model_name,
+            alias=None if version else (alias or "champion"),
+            version=version,
         )
-    except Phi3OpsError as exc:
-        raise _fail(exc) from exc
+        # SIGTERM (a supervisor, `kill`) must stop the server too, not orphan it.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        process = server.start_server(uri, host=host, port=port, workers=workers)
+        typer.echo(f"Serving {uri} on http://{host}:{port}/invocations (Ctrl-C stops)")
+        try:
+            process.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop_server(process)
+
+    _run(serve_forever)
 
 
 @app.command()
 def run() -> None:
     """The main job on the real Phi-3 from the Hugging Face hub (`make run`)."""
-    from phi3ops.jobs import main_job
+    from phi3ops import jobs
 
-    _prepare_prefect()
-    try:
-        main_job()
-    except Phi3OpsError as exc:
-        raise _fail(exc) from exc
+    _run(jobs.main_job)
 
 
 @app.command()
 def demo() -> None:
     """The main job fully offline, on a tiny random Phi-3 served from a local hub (`make demo`)."""
-    from phi3ops.jobs import demo_job
+    from phi3ops import jobs
 
-    _prepare_prefect()
-    try:
-        demo_job()
-    except Phi3OpsError as exc:
-        raise _fail(exc) from exc
+    _run(jobs.demo_job)
 
 
 if __name__ == "__main__":

@@ -62,3 +62,14 @@ class InsufficientDiskSpaceError(Phi3OpsError, OSError):
 
 class OnnxBuildError(Phi3OpsError, RuntimeError):
     """The onnxruntime-genai builder could not turn PyTorch weights into an ONNX model."""
+
+
+# --- packaging and the model registry ----------------------------------------------------
+
+
+class PackagingError(Phi3OpsError, RuntimeError):
+    """MLflow could not log a fetched model (missing runtime package, unreadable weights...)."""
+
+
+class RegistryError(Phi3OpsError, RuntimeError):
+    """The MLflow model registry refused an operation (registering, tagging, aliasing)."""

@@ -1,27 +1,25 @@
-"""The jobs behind `make run` and `make demo`: one pipeline, two sources.
+"""What each CLI command runs: one pipeline, on the real source (`make run`) or offline (`demo`).
 
-Both check first that the source can be fetched at all, so an offline machine fails in seconds
-instead of after the orchestration layer has started.
+Every job checks first that its source can be fetched at all, so an offline machine or a typo
+fails in seconds instead of after the orchestration layer has started.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phi3ops.settings import get_settings
-from phi3ops.sources import ONNX_REPO_ID, Variant
+from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Variant
+
+if TYPE_CHECKING:
+    from tasks.hub import FetchResult
+    from tasks.packaging import Flavor
+    from tasks.registry import RegisteredVersion
 
 
-def fetch_job(
-    repo_id: str,
-    *,
-    revision: str = "main",
-    variant: Variant = Variant.ONNX_CPU_INT4,
-    target_dir: Path | None = None,
-    build_onnx: bool = False,
-):
-    """Check the source is reachable (or cached), then run the fetch flow."""
+def _check_source(repo_id: str, *, revision: str, variant: Variant, target_dir: Path | None = None):
     from tasks.hub import check_fetchable, resolve_hf_token
 
     check_fetchable(
@@ -31,6 +29,18 @@ def fetch_job(
         target_root=target_dir,
         token=resolve_hf_token(),
     )
+
+
+def fetch_job(
+    repo_id: str,
+    *,
+    revision: str = "main",
+    variant: Variant = Variant.ONNX_CPU_INT4,
+    target_dir: Path | None = None,
+    build_onnx: bool = False,
+) -> FetchResult:
+    """Check the source, then run the fetch flow."""
+    _check_source(repo_id, revision=revision, variant=variant, target_dir=target_dir)
     from flows.fetch import fetch_flow
 
     return fetch_flow(
@@ -42,12 +52,37 @@ def fetch_job(
     )
 
 
-def main_job():
+def package_job(
+    *,
+    flavor: Flavor | str,
+    repo_id: str | None = None,
+    revision: str = "main",
+    variant: Variant | None = None,
+    model_name: str | None = None,
+) -> RegisteredVersion:
+    """Check the inputs and the source, then run the package flow (fetch -> log -> register)."""
+    from flows.package import package_flow, source_variant
+    from tasks.packaging import Flavor
+    from tasks.registry import resolve_model_name
+
+    chosen = Flavor(flavor)
+    resolve_model_name(model_name)
+    fetch_variant, _ = source_variant(chosen, variant)
+    repo_id = repo_id or fetch_variant.default_repo_id
+    _check_source(repo_id, revision=revision, variant=fetch_variant)
+    return package_flow(
+        flavor=chosen, repo_id=repo_id, revision=revision, variant=variant, model_name=model_name
+    )
+
+
+def main_job() -> RegisteredVersion:
     """The pipeline on the real Phi-3 ONNX int4 repository (later stages extend this)."""
-    return fetch_job(ONNX_REPO_ID, variant=Variant.ONNX_CPU_INT4)
+    registered = package_job(flavor="onnx", repo_id=ONNX_REPO_ID)
+    _print_next_steps(registered)
+    return registered
 
 
-def demo_job():
+def demo_job() -> RegisteredVersion:
     """The same job, offline: a tiny random Phi-3 built locally and served from a local hub."""
     from phi3ops.offline.local_hub import LocalHub
     from phi3ops.offline.tiny_phi3 import ensure_tiny_phi3
@@ -59,8 +94,23 @@ def demo_job():
     repos = ensure_tiny_phi3(get_settings().cache_dir / "tiny-phi3")
     with LocalHub() as hub:
         hub.add_repo(ONNX_REPO_ID, repos.onnx_dir)
-        hub.add_repo(Variant.PYTORCH.default_repo_id, repos.pytorch_dir)
+        hub.add_repo(PYTORCH_REPO_ID, repos.pytorch_dir)
         os.environ["PHI3OPS_HF_ENDPOINT"] = hub.url
         get_settings.cache_clear()
         print(f"Local hub serving the tiny Phi-3 at {hub.url}")
         return main_job()
+
+
+def _print_next_steps(registered: RegisteredVersion) -> None:
+    from phi3ops.tracking import tracking_uri
+
+    settings = get_settings()
+    state = "Reused" if registered.reused else "Registered"
+    print(
+        f"\n{state} {registered.model_name} version {registered.version} "
+        f"({registered.flavor.value}), aliases: {', '.join(registered.aliases) or '-'}\n"
+        f"  tracking store: {tracking_uri()}\n"
+        f"  look at it:     mlflow ui --backend-store-uri {tracking_uri()}\n"
+        f"  serve it:       PHI3OPS_DATA_DIR={settings.data_dir} phi3ops serve "
+        f"--model-name {registered.model_name} --alias candidate"
+    )

@@ -39,6 +39,20 @@ class Settings(BaseSettings):
         description="Free space to keep on the target filesystem beyond what a fetch writes.",
     )
 
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description=(
+            "MLflow tracking (and registry) URI; else MLFLOW_TRACKING_URI; else a SQLite store "
+            "under the data dir."
+        ),
+    )
+    experiment_name: str = Field(default="phi3ops", description="MLflow experiment for runs.")
+    registered_model_name: str = Field(
+        default="phi3-mini",
+        min_length=1,
+        description="Registered model that packaged versions go to.",
+    )
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

@@ -34,6 +34,9 @@ def isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     monkeypatch.delenv("PHI3OPS_HF_ENDPOINT", raising=False)
     monkeypatch.delenv("PHI3OPS_HF_TOKEN_SECRET_BLOCK", raising=False)
     monkeypatch.setenv("HF_TOKEN", "")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # each test: its own store
+        monkeypatch.setenv(name, "")  # setenv first, so the delenv is undone after the test
+        monkeypatch.delenv(name)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token file, no shared cache
     get_settings.cache_clear()

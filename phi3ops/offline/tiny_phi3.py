@@ -39,7 +39,6 @@ from phi3ops.sources import ONNX_CPU_INT4_SUBFOLDER, ONNX_REPO_ID, PYTORCH_REPO_
 
 __all__ = [
     "BENCH",
-    "BUILD_VERSION",
     "ONNX_CPU_INT4_FILENAME",
     "ONNX_CPU_INT4_SUBFOLDER",
     "ONNX_REPO_ID",
@@ -49,6 +48,7 @@ __all__ = [
     "TINY",
     "TinyPhi3Recipe",
     "TinyPhi3Repos",
+    "build_code_version",
     "build_tiny_phi3",
     "ensure_tiny_phi3",
     "main",
@@ -57,8 +57,6 @@ __all__ = [
 #: The decoder file name the real ONNX repo uses in that subfolder.
 ONNX_CPU_INT4_FILENAME = "phi3-mini-4k-instruct-cpu-int4-rtn-block-32-acc-level-4.onnx"
 
-#: Bump whenever this module's output changes for the same recipe: it is part of the cache key.
-BUILD_VERSION = "1"
 
 #: The chat template of microsoft/Phi-3-mini-4k-instruct's tokenizer_config.json, verbatim.
 PHI3_CHAT_TEMPLATE = (
@@ -97,7 +95,7 @@ _MANIFEST_NAME = "tiny_phi3.json"
 # Byte-level BPE starts from 256 byte symbols plus the three leading special tokens.
 _MIN_TOKENIZER_VOCAB = 256 + len(_LEADING_SPECIAL_TOKENS) + 1
 
-# A fixed English corpus for the tokenizer. Changing it changes every build: bump BUILD_VERSION.
+# A fixed English corpus for the tokenizer. Changing it changes every build (and so the cache key).
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden gate.
 Small language models can answer questions, summarize documents and write short programs.
@@ -227,18 +225,31 @@ class TinyPhi3Recipe:
         )
 
     def cache_key(self) -> str:
-        """Short sha256 of the recipe, BUILD_VERSION and the versions of the building libraries.
+        """Short sha256 of the recipe, the build code and the versions of the building libraries.
 
         The library versions are part of the key because the builder's output (ONNX graph,
         genai_config.json, tokenizer files) changes with them.
         """
         payload = {
             "recipe": asdict(self),
-            "build_version": BUILD_VERSION,
+            "build_code": build_code_version(),
             "libraries": _library_versions(),
         }
         blob = json.dumps(payload, sort_keys=True).encode("utf-8")
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def build_code_version() -> str:
+    """sha256 of the code that builds the repos (this module and the ONNX build task).
+
+    Part of the cache key, so editing the build can never leave a stale cached model behind.
+    """
+    import tasks.onnx_build
+
+    digest = hashlib.sha256()
+    for path in sorted({Path(__file__), Path(tasks.onnx_build.__file__)}):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 #: Seconds to build: for tests and the demo.
@@ -358,7 +369,7 @@ def build_tiny_phi3(root: Path, recipe: TinyPhi3Recipe = TINY) -> TinyPhi3Repos:
     _write_text(repos.pytorch_dir / "LICENSE", _LICENSE)
     _save_onnx(repos, recipe)
     manifest = {
-        "build_version": BUILD_VERSION,
+        "build_code": build_code_version(),
         "libraries": _library_versions(),
         "recipe": asdict(recipe),
         "recipe_hash": repos.recipe_hash,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -170,13 +169,10 @@ def test_second_ensure_reuses_the_cache(tiny_phi3: TinyPhi3Repos) -> None:
     cache_root = tiny_phi3.root.parent
     before = _mtimes(tiny_phi3.root)
 
-    started = time.perf_counter()
     again = ensure_tiny_phi3(cache_root, TINY)
-    elapsed = time.perf_counter() - started
 
     assert again == tiny_phi3
-    assert _mtimes(tiny_phi3.root) == before
-    assert elapsed < 1.0
+    assert _mtimes(tiny_phi3.root) == before  # nothing rebuilt or rewritten
     # No staging folders left behind by the first build.
     assert not [p for p in cache_root.iterdir() if ".building-" in p.name]
 

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import httpx2
 import huggingface_hub
-import huggingface_hub.file_download as hf_file_download
-import huggingface_hub.utils._http as hf_http
 import pytest
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
@@ -40,19 +38,6 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_SIZE = 2 * 1024 * 1024
 
 
-class _InstantTime:
-    """Stands in for the `time` module of huggingface_hub: records sleeps instead of sleeping."""
-
-    def __init__(self) -> None:
-        self.sleeps: list[float] = []
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(time, name)
-
-
 @pytest.fixture(autouse=True)
 def hf_quiet(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     disable_progress_bars()
@@ -62,12 +47,9 @@ def hf_quiet(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture
-def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+def sleeps(no_backoff_sleep: list[float]) -> list[float]:
     """Backoff sleeps of huggingface_hub, recorded instead of slept (keeps retry tests fast)."""
-    fake = _InstantTime()
-    monkeypatch.setattr(hf_http, "time", fake)
-    monkeypatch.setattr(hf_file_download, "time", fake)
-    return fake.sleeps
+    return no_backoff_sleep
 
 
 @pytest.fixture

@@ -1,0 +1,146 @@
+"""Serve a registered model over HTTP (`phi3ops serve`).
+
+The server is MLflow's scoring server (what ``mlflow models serve --env-manager local`` runs:
+uvicorn over ``mlflow.pyfunc.scoring_server.init``), built by `phi3ops.serving.app` with a
+guard in front of it. Like ``mlflow models serve``, it first downloads the model (resolving
+``models:/<name>@<alias>`` once), then starts uvicorn on that folder. It answers
+``POST /invocations`` with MLflow's ``{"inputs": ...}`` / ``{"dataframe_records": ...}``
+payloads or the bare OpenAI-style ``{"messages": [...], "max_tokens": ...}`` body, and
+``GET /ping`` / ``GET /health``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import httpx
+
+from phi3ops.errors import InvalidInputError
+from phi3ops.serving.app import MODEL_PATH_ENV
+from phi3ops.settings import get_settings
+from phi3ops.tracking import configure_tracking
+
+_MODEL_URI = re.compile(r"^(models|runs):/.+|^[a-z][a-z0-9+.-]*://.+|^/.+")
+
+
+def model_uri_for(model_name: str, *, alias: str | None = None, version: str | None = None) -> str:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (exactly one of the two)."""
+    if bool(alias) == bool(version):
+        raise InvalidInputError(
+            "Give exactly one of alias (e.g. 'champion') and version (e.g. '3') to pick what to "
+            "serve."
+        )
+    return f"models:/{model_name}@{alias}" if alias else f"models:/{model_name}/{version}"
+
+
+def download_model(model_uri: str, target: Path) -> Path:
+    """Resolve ``model_uri`` once and copy the model into ``target``; returns the model folder."""
+    if not _MODEL_URI.match(model_uri):
+        raise InvalidInputError(
+            f"model_uri {model_uri!r} is not an MLflow model URI: use models:/<name>@<alias>, "
+            f"models:/<name>/<version> or runs:/<run id>/<path>."
+        )
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure_tracking()
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=target))
+    except MlflowException as exc:
+        raise InvalidInputError(
+            f"Cannot load {model_uri}: {exc.message} Check the name and alias/version with "
+            f"`mlflow ui` (or the registry of MLFLOW_TRACKING_URI)."
+        ) from exc
+
+
+def serve_command(model_path: Path, *, host: str, port: int, workers: int = 1) -> list[str]:
+    """The uvicorn command line serving the downloaded model at ``model_path``."""
+    if not 0 < port < 65536:
+        raise InvalidInputError(f"port {port} is out of range: use 1-65535.")
+    if workers < 1:
+        raise InvalidInputError(f"workers={workers}: use 1 or more.")
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "phi3ops.serving.app:create_app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+
+
+def start_server(
+    model_uri: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 5001,
+    workers: int = 1,
+    extra_env: Mapping[str, str] | None = None,
+    **popen_kwargs: object,
+) -> subprocess.Popen:
+    """Download ``model_uri`` and start serving it in the background.
+
+    The server gets a session of its own, so `stop_server` can stop uvicorn's workers with it.
+    """
+    command = serve_command(Path("."), host=host, port=port, workers=workers)  # check first
+    parent = get_settings().data_dir / "serving"
+    parent.mkdir(parents=True, exist_ok=True)
+    download_dir = Path(tempfile.mkdtemp(prefix="model-", dir=parent))
+    try:
+        model_path = download_model(model_uri, download_dir)
+        env = {**os.environ, **(extra_env or {}), MODEL_PATH_ENV: str(model_path)}
+        process = subprocess.Popen(command, env=env, start_new_session=True, **popen_kwargs)
+    except BaseException:
+        shutil.rmtree(download_dir, ignore_errors=True)
+        raise
+    process.download_dir = download_dir  # type: ignore[attr-defined]  # removed by stop_server
+    return process
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, *, timeout: float = 180.0) -> None:
+    """Poll ``GET {url}/ping`` until it answers 200; fail early if the server process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"The model server exited with code {process.returncode} before it was ready; "
+                f"its output says why."
+            )
+        try:
+            if httpx.get(f"{url}/ping", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"The model server at {url} was not ready within {timeout:.0f} s.")
+
+
+def stop_server(process: subprocess.Popen, *, timeout: float = 20.0) -> None:
+    """Stop the server and every worker it started, and remove its downloaded model."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break  # the group is gone already
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            continue
+        break
+    download_dir = getattr(process, "download_dir", None)
+    if download_dir is not None:
+        shutil.rmtree(download_dir, ignore_errors=True)

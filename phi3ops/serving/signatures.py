@@ -1,0 +1,159 @@
+"""The MLflow signature, input examples and requirements logged with the ONNX chat model.
+
+One logged model takes both request shapes of :mod:`phi3ops.serving.onnx_chat_model`, so the
+input schema is the ``llm/v1/chat`` columns that model supports (taken from MLflow's own
+``CHAT_MODEL_INPUT_SCHEMA``, types unchanged) with ``messages`` made optional, plus an optional
+``prompt`` string. The model itself requires exactly one of ``messages`` and ``prompt`` per row
+and says so when a row has both or neither. There is no output schema: a chat row answers with a
+``chat.completion`` dict, a prompt row with a string.
+
+The generation fields are also declared as params, so ``predict(..., params=...)`` works and
+the scoring server's unified LLM format (``{"messages": [...], "temperature": 0.2}`` posted
+as is) routes them there; a row's own values win. MLflow fills params a caller leaves out
+with their defaults, so those defaults mean "not set" (``None``, and ``[]`` for ``stop``).
+
+What MLflow 3.17.2's schema enforcement does with this signature (measured on a loaded pyfunc):
+
+* a chat row, a prompt row, a list of rows with the same keys, and ``params`` all pass;
+* wrong types fail in MLflow before the model runs, as ``MlflowException``
+  ``INVALID_PARAMETER_VALUE`` naming the column (``temperature`` given a string,
+  ``max_tokens`` a fraction, ``stop`` a string, ``role`` not a string, ``content`` a list);
+* in a multi-row call, pandas fills a key some rows leave out with NaN, and MLflow refuses NaN
+  in an optional ``long`` column (``max_tokens``, ``n``, ``top_k``: "Can not safely convert
+  float64 to int64") or an ``Array`` column (``stop``, ``messages``: "Expected data to be list
+  or numpy array, got float"). So the rows of one call must all set a ``long`` key or all leave
+  it out, and a row without an ``Array`` key must send it as ``None`` (prompt rows mixed with
+  chat rows send ``"messages": None``). ``double`` and ``string`` columns (``temperature``,
+  ``top_p``, ``prompt``) may be left out by some rows;
+* a bare list of strings (what MLflow's gateway ``mlflow`` provider posts as ``inputs``) maps
+  to no column and is refused by the model ("no request fields").
+
+Nothing here imports onnxruntime-genai or touches disk at import time.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from mlflow.models import ModelSignature
+from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA
+from mlflow.types.schema import (
+    Array,
+    ColSpec,
+    DataType,
+    Object,
+    ParamSchema,
+    ParamSpec,
+    Schema,
+)
+
+__all__ = [
+    "CHAT_COLUMNS",
+    "CHAT_INPUT_EXAMPLE",
+    "MODEL_CODE_PATH",
+    "MODEL_DIR_ARTIFACT",
+    "ONNX_CHAT_PARAMS",
+    "ONNX_CHAT_SIGNATURE",
+    "PROMPT_INPUT_EXAMPLE",
+    "REQUIREMENT_DISTRIBUTIONS",
+    "log_kwargs",
+    "pip_requirements",
+]
+
+#: The models-from-code file to pass as ``python_model`` (a path, so nothing is imported).
+MODEL_CODE_PATH = Path(__file__).with_name("onnx_chat_model.py")
+#: Artifact key of the ONNX folder; the same name as in the model file (which cannot import us).
+MODEL_DIR_ARTIFACT = "model_dir"
+#: The ``llm/v1/chat`` columns the model supports, in MLflow's order.
+CHAT_COLUMNS = ("messages", "temperature", "max_tokens", "stop", "n", "stream", "top_p", "top_k")
+# Message fields kept from the chat schema: tool calls are not supported, `name` is ignored.
+_MESSAGE_FIELDS = ("role", "content", "name")
+#: Distributions the served model imports (og needs onnxruntime); pinned at logging time.
+REQUIREMENT_DISTRIBUTIONS = ("mlflow", "onnxruntime-genai", "onnxruntime", "numpy", "pandas")
+
+
+def _chat_column(name: str) -> ColSpec:
+    spec = next(column for column in CHAT_MODEL_INPUT_SCHEMA.inputs if column.name == name)
+    column_type = spec.type
+    if name == "messages":
+        message = column_type.dtype
+        column_type = Array(
+            Object([prop for prop in message.properties if prop.name in _MESSAGE_FIELDS])
+        )
+    return ColSpec(column_type, name, required=False)
+
+
+def _input_schema() -> Schema:
+    columns = [_chat_column(name) for name in CHAT_COLUMNS]
+    columns.insert(1, ColSpec(DataType.string, "prompt", required=False))
+    return Schema(columns)
+
+
+#: Generation fields accepted as ``params`` too; the defaults mean "not set".
+ONNX_CHAT_PARAMS = ParamSchema(
+    [
+        ParamSpec("temperature", DataType.double, None),
+        ParamSpec("max_tokens", DataType.long, None),
+        ParamSpec("top_p", DataType.double, None),
+        ParamSpec("top_k", DataType.long, None),
+        ParamSpec("stop", DataType.string, [], shape=(-1,)),
+    ]
+)
+
+#: Input schema for both shapes, params for the generation fields, no output schema.
+ONNX_CHAT_SIGNATURE = ModelSignature(inputs=_input_schema(), params=ONNX_CHAT_PARAMS)
+
+#: A chat request (``llm/v1/chat``); logged as the model's input example.
+CHAT_INPUT_EXAMPLE: dict[str, Any] = {
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ],
+    "temperature": 0.0,
+    "max_tokens": 16,
+}
+#: A plain prompt, as the original Phi-3 MLflow sample took it.
+PROMPT_INPUT_EXAMPLE: dict[str, Any] = {
+    "prompt": "What is the capital of France?",
+    "max_tokens": 16,
+}
+
+
+def pip_requirements() -> list[str]:
+    """Exact pins of what the served model imports, from the versions installed here.
+
+    Returns:
+        ``name==version`` for each of :data:`REQUIREMENT_DISTRIBUTIONS`.
+    """
+    return [f"{name}=={metadata.version(name)}" for name in REQUIREMENT_DISTRIBUTIONS]
+
+
+def log_kwargs(
+    model_dir: str | Path, *, model_config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Everything ``mlflow.pyfunc.log_model`` needs for this model, except ``name``.
+
+    Logging runs the input example through the loaded model once (MLflow validates that the
+    example can be served), so it costs one model load.
+
+    Args:
+        model_dir: The ONNX folder (holding ``genai_config.json``); copied into the model.
+        model_config: Optional defaults for the model (``max_tokens``, ``temperature``,
+            ``top_p``, ``top_k``, ``model_name``, ``max_batch_size``, ``prompt_format``).
+
+    Returns:
+        Keyword arguments: ``python_model``, ``artifacts``, ``signature``, ``input_example``,
+        ``pip_requirements`` and, when given, ``model_config``.
+    """
+    kwargs: dict[str, Any] = {
+        "python_model": str(MODEL_CODE_PATH),
+        "artifacts": {MODEL_DIR_ARTIFACT: str(model_dir)},
+        "signature": ONNX_CHAT_SIGNATURE,
+        "input_example": CHAT_INPUT_EXAMPLE,
+        "pip_requirements": pip_requirements(),
+    }
+    if model_config:
+        kwargs["model_config"] = dict(model_config)
+    return kwargs

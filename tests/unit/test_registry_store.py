@@ -1,0 +1,124 @@
+"""Registering, reusing and aliasing versions in a real (SQLite) MLflow registry, no weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from phi3ops.sources import ONNX_CPU_INT4_SUBFOLDER, ONNX_REPO_ID, Variant
+from tasks.hub import FetchResult
+from tasks.packaging import Flavor, LoggedModelInfo, plan_package
+from tasks.registry import (
+    CANDIDATE_ALIAS,
+    LineageTag,
+    find_registered_version,
+    lineage_tags,
+    register_version,
+)
+
+
+def _snapshot(root: Path, sha: str) -> FetchResult:
+    model_dir = root / sha / ONNX_CPU_INT4_SUBFOLDER
+    model_dir.mkdir(parents=True)
+    (model_dir / "model.onnx").write_bytes(b"onnx")
+    (model_dir / "genai_config.json").write_text(
+        json.dumps({"model": {"decoder": {"filename": "model.onnx"}}})
+    )
+    return FetchResult(
+        local_dir=root / sha,
+        model_dir=model_dir,
+        repo_id=ONNX_REPO_ID,
+        revision="main",
+        commit_sha=sha,
+        variant=Variant.ONNX_CPU_INT4,
+        manifest_digest=f"manifest-{sha[:6]}",
+        total_bytes=4,
+        downloaded_bytes=4,
+        file_count=2,
+    )
+
+
+def _logged(fetched: FetchResult) -> LoggedModelInfo:
+    """A weightless logged model standing in for what packaging logs."""
+    import mlflow
+
+    from phi3ops.tracking import configure_tracking
+
+    plan = plan_package(fetched, Flavor.ONNX)
+    configure_tracking()
+    with mlflow.start_run(tags=lineage_tags(fetched, plan)) as run:
+        model = mlflow.initialize_logged_model(name="model", source_run_id=run.info.run_id)
+    return LoggedModelInfo(
+        model_uri=f"models:/{model.model_id}",
+        model_id=model.model_id,
+        run_id=run.info.run_id,
+        flavor=Flavor.ONNX,
+        artifact_bytes=0,
+        plan=plan,
+    )
+
+
+def test_register_tag_alias_reuse_and_new_versions(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    first = _snapshot(tmp_path, "a" * 40)
+    plan = plan_package(first, Flavor.ONNX)
+    assert find_registered_version(plan) is None  # no registered model yet: not an error
+
+    v1 = register_version(_logged(first), first)
+    assert (v1.model_name, v1.version, v1.reused) == ("phi3-mini", "1", False)
+    assert v1.aliases == [CANDIDATE_ALIAS]
+    assert v1.model_uri == "models:/phi3-mini/1"
+    assert v1.candidate_uri == "models:/phi3-mini@candidate"
+    assert v1.tags == lineage_tags(first, plan)
+    assert v1.tags[LineageTag.PACKAGE_KEY] == plan.package_key
+
+    found = find_registered_version(plan)
+    assert found is not None
+    assert (found.version, found.reused, found.aliases) == ("1", True, [CANDIDATE_ALIAS])
+
+    # Registering the same package again (e.g. two racing packagings) adds no version.
+    again = register_version(_logged(first), first)
+    assert (again.version, again.reused) == ("1", True)
+
+    # Another commit is another package: version 2 takes the candidate alias.
+    second = _snapshot(tmp_path, "b" * 40)
+    v2 = register_version(_logged(second), second)
+    assert (v2.version, v2.reused, v2.aliases) == ("2", False, [CANDIDATE_ALIAS])
+    client = MlflowClient()
+    assert client.get_model_version("phi3-mini", "1").aliases == []
+    assert str(client.get_model_version_by_alias("phi3-mini", CANDIDATE_ALIAS).version) == "2"
+    assert len(client.search_model_versions("name = 'phi3-mini'")) == 2
+
+    # Same package, other registered model: its own version 1.
+    other = register_version(_logged(first), first, model_name="phi3-other")
+    assert (other.model_name, other.version, other.reused) == ("phi3-other", "1", False)
+
+
+def test_lookup_falls_back_to_client_side_filtering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    fetched = _snapshot(tmp_path, "c" * 40)
+    registered = register_version(_logged(fetched), fetched)
+    original = MlflowClient.search_model_versions
+    filters: list[str] = []
+
+    def no_tag_filters(self, filter_string=None, **kwargs):
+        filters.append(filter_string)
+        if "tags." in filter_string:
+            raise MlflowException("Invalid attribute key 'tags' specified.")
+        return original(self, filter_string, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "search_model_versions", no_tag_filters)
+    found = find_registered_version(plan_package(fetched, Flavor.ONNX))
+    assert found is not None and found.version == registered.version
+    key = registered.tags[LineageTag.PACKAGE_KEY]
+    assert filters == [
+        f"name = 'phi3-mini' AND tags.`phi3ops.package_key` = '{key}'",
+        "name = 'phi3-mini'",
+    ]
