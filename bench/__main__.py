@@ -83,6 +83,31 @@ def _pyfunc(model_uri: str) -> tuple[Callable[[str, int], int], float]:
     return generate, time.perf_counter() - start
 
 
+def _batched_vs_single(model_uri: str, *, max_tokens: int, rounds: int) -> tuple[float, float]:
+    """Output tokens/s of the ONNX pyfunc: all prompts in one predict call vs one call each."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(model_uri)
+    requests = [
+        {"messages": [{"role": "user", "content": p}], "max_tokens": max_tokens, "temperature": 0.0}
+        for p in PROMPTS
+    ]
+
+    def tokens(results: list) -> int:
+        return sum(int(r["usage"]["completion_tokens"]) for r in results)
+
+    batched_tokens = single_tokens = 0
+    batched_s = single_s = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        batched_tokens += tokens(model.predict(requests))
+        batched_s += time.perf_counter() - start
+        start = time.perf_counter()
+        single_tokens += sum(tokens(model.predict([r])) for r in requests)
+        single_s += time.perf_counter() - start
+    return batched_tokens / batched_s, single_tokens / single_s
+
+
 def _side_by_side(
     contenders: dict[str, Callable[[str, int], int]], *, max_tokens: int, rounds: int
 ) -> dict[str, float]:
@@ -147,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens,
             rounds=args.rounds,
         )
+        batched, single = _batched_vs_single(
+            packaged["onnx"], max_tokens=args.max_tokens, rounds=args.rounds
+        )
         transformers, tf_load = _pyfunc(packaged["transformers"])
         tps_flavors = _side_by_side(
             {"onnx pyfunc": onnx, "transformers flavor": transformers},
@@ -166,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{tps_flavors['onnx pyfunc']:.1f} vs {tps_flavors['transformers flavor']:.1f}",
             tps_flavors["onnx pyfunc"] / tps_flavors["transformers flavor"],
             "report (expect > 2)",
+        ),
+        (
+            f"tokens/s: ONNX pyfunc, {len(PROMPTS)} requests batched in one call vs one by one",
+            f"{batched:.1f} vs {single:.1f}",
+            batched / single,
+            ">= 2",
         ),
         (
             "load to first token: pyfunc models:/...@candidate vs bare og.Model (s)",

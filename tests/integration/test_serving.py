@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -180,3 +181,30 @@ def test_onnx_server_answers_plain_prompt_and_names_bad_fields(server) -> None:
     assert "context" in too_long.text.lower()
     bad_type = _post(url, {**CHAT, "max_tokens": "many"})
     assert "max_tokens" in bad_type.text
+
+
+@pytest.mark.slow
+def test_cli_serve_answers_and_sigterm_stops_every_process(packaged) -> None:
+    import os
+    import signal
+    import sys
+
+    port = _free_port()
+    env = {**os.environ, "PHI3OPS_DATA_DIR": packaged["data_dir"]}
+    command = [sys.executable, "-m", "phi3ops.cli", "serve", "--model-uri", packaged["onnx"]]
+    cli = subprocess.Popen(
+        [*command, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(cli, url, timeout=240)
+        assert _completion(_post(url, CHAT))["object"] == "chat.completion"
+    finally:
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=60) == 0
+    with pytest.raises(httpx.TransportError):  # uvicorn went down with it
+        httpx.get(f"{url}/ping", timeout=2)
+    assert list((Path(packaged["data_dir"]) / "serving").iterdir()) == []
