@@ -125,30 +125,17 @@ def _side_by_side(
 
 def _package(tmp: Path, recipe_name: str) -> dict[str, object]:
     """Build, serve, fetch and register both flavors like the pipeline does; return URIs."""
-    from phi3ops.offline.local_hub import LocalHub
+    from phi3ops.offline.packaged import register_both_flavors
     from phi3ops.offline.tiny_phi3 import PRESETS, ensure_tiny_phi3
     from phi3ops.settings import get_settings
-    from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Variant
-    from tasks.hub import fetch_snapshot
-    from tasks.packaging import Flavor, log_model
-    from tasks.registry import register_version
 
     cache = Path(os.environ.get("PHI3OPS_BENCH_CACHE", REPO_ROOT / ".data" / "bench-cache"))
     repos = ensure_tiny_phi3(cache, PRESETS[recipe_name])
     os.environ["PHI3OPS_DATA_DIR"] = str(tmp / "data")
     get_settings.cache_clear()
+    registered = register_both_flavors(repos, model_name_prefix="bench")
     out: dict[str, object] = {"recipe": repos.recipe, "onnx_model_dir": repos.onnx_model_dir}
-    with LocalHub() as hub:
-        hub.add_repo(ONNX_REPO_ID, repos.onnx_dir)
-        hub.add_repo(PYTORCH_REPO_ID, repos.pytorch_dir)
-        for flavor, repo_id, variant in [
-            (Flavor.ONNX, ONNX_REPO_ID, Variant.ONNX_CPU_INT4),
-            (Flavor.TRANSFORMERS, PYTORCH_REPO_ID, Variant.PYTORCH),
-        ]:
-            fetched = fetch_snapshot(repo_id, variant=variant, endpoint=hub.url)
-            logged = log_model(fetched, flavor=flavor)
-            version = register_version(logged, fetched, model_name=f"bench-{flavor.value}")
-            out[flavor.value] = version.candidate_uri
+    out |= {flavor: version.candidate_uri for flavor, version in registered.items()}
     return out
 
 

@@ -57,28 +57,15 @@ def test_start_server_rejects_a_bad_uri_and_an_unknown_model(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[dict[str, str]]:
     """Both flavors of the tiny Phi-3 registered in one store: {flavor: models:/...@candidate}."""
-    from phi3ops.offline.local_hub import LocalHub
+    from phi3ops.offline.packaged import register_both_flavors
     from phi3ops.settings import get_settings
-    from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Variant
-    from tasks.hub import fetch_snapshot
-    from tasks.packaging import Flavor, log_model
-    from tasks.registry import register_version
 
     data_dir = tmp_path_factory.mktemp("serving-data")
-    with pytest.MonkeyPatch.context() as mp, LocalHub() as hub:
+    with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PHI3OPS_DATA_DIR", str(data_dir))
         get_settings.cache_clear()
-        hub.add_repo(ONNX_REPO_ID, tiny_phi3.onnx_dir)
-        hub.add_repo(PYTORCH_REPO_ID, tiny_phi3.pytorch_dir)
-        uris = {}
-        for flavor, repo, variant in [
-            (Flavor.ONNX, ONNX_REPO_ID, Variant.ONNX_CPU_INT4),
-            (Flavor.TRANSFORMERS, PYTORCH_REPO_ID, Variant.PYTORCH),
-        ]:
-            fetched = fetch_snapshot(repo, variant=variant, endpoint=hub.url)
-            logged = log_model(fetched, flavor=flavor)
-            version = register_version(logged, fetched, model_name=f"phi3-{flavor.value}")
-            uris[flavor.value] = version.candidate_uri
+        registered = register_both_flavors(tiny_phi3, model_name_prefix="phi3")
+        uris = {flavor: version.candidate_uri for flavor, version in registered.items()}
         uris["data_dir"] = str(data_dir)
         yield uris
     get_settings.cache_clear()
@@ -191,6 +178,8 @@ def test_cli_serve_answers_and_sigterm_stops_every_process(packaged) -> None:
 
     port = _free_port()
     env = {**os.environ, "PHI3OPS_DATA_DIR": packaged["data_dir"]}
+    downloads = Path(packaged["data_dir"]) / "serving"
+    before = set(downloads.iterdir()) if downloads.exists() else set()
     command = [sys.executable, "-m", "phi3ops.cli", "serve", "--model-uri", packaged["onnx"]]
     cli = subprocess.Popen(
         [*command, "--port", str(port)],
@@ -207,4 +196,4 @@ def test_cli_serve_answers_and_sigterm_stops_every_process(packaged) -> None:
         assert cli.wait(timeout=60) == 0
     with pytest.raises(httpx.TransportError):  # uvicorn went down with it
         httpx.get(f"{url}/ping", timeout=2)
-    assert list((Path(packaged["data_dir"]) / "serving").iterdir()) == []
+    assert set(downloads.iterdir()) == before  # its downloaded model was removed
