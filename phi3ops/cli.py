@@ -108,6 +108,42 @@ def package(
 
 
 @app.command()
+def evaluate(
+    model_uri: str | None = typer.Option(
+        None,
+        help="models:/<name>@<alias> or models:/<name>/<version> "
+        "(default: models:/<PHI3OPS_REGISTERED_MODEL_NAME>@candidate).",
+    ),
+    eval_set: str | None = typer.Option(
+        None, help="Eval set name in evals/ or path of a .jsonl file (default: phi3-default)."
+    ),
+    compare_to: str = typer.Option("champion", help="Alias whose evaluation to compare with."),
+    force: bool = typer.Option(
+        False, "--force", help="Evaluate again even if this version has an evaluation on the set."
+    ),
+) -> None:
+    """Evaluate a registered version on an eval set, compared with @champion (evaluate flow)."""
+    from phi3ops import jobs
+
+    summary = _run(
+        jobs.evaluate_job,
+        model_uri=model_uri,
+        eval_set=eval_set,
+        compare_to_alias=compare_to,
+        force=force,
+    )
+    state = "reused" if summary.reused else "evaluated"
+    typer.echo(
+        f"{state} models:/{summary.model_name}/{summary.version} ({summary.flavor}) on "
+        f"{summary.eval_set} ({summary.eval_set_hash[:12]}): run {summary.run_id}"
+    )
+    for key in sorted(summary.metrics):
+        typer.echo(f"  {key:<28} {summary.metrics[key]:.4g}")
+    for note in summary.notes:
+        typer.echo(f"  note: {note}")
+
+
+@app.command()
 def serve(
     model_name: str | None = typer.Option(
         None, help="Registered model name (default: PHI3OPS_REGISTERED_MODEL_NAME)."

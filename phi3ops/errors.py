@@ -18,6 +18,30 @@ class InvalidInputError(Phi3OpsError, ValueError):
     """A parameter or input value is malformed (the message names the field and the fix)."""
 
 
+class EvalSetError(InvalidInputError):
+    """An eval set file is malformed; the message lists each problem as ``file:line: reason``.
+
+    Attributes:
+        path: The eval set file, when one was read.
+        problems: ``(line number or None, reason)`` for each problem found, in file order.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        problems: tuple[tuple[int | None, str], ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.problems = problems
+
+
+class EvalSetNotFoundError(EvalSetError, FileNotFoundError):
+    """No eval set by that name or path; the message lists the sets that do exist."""
+
+
 # --- the hub (fetch stage) ---------------------------------------------------------------
 
 
@@ -73,3 +97,11 @@ class PackagingError(Phi3OpsError, RuntimeError):
 
 class RegistryError(Phi3OpsError, RuntimeError):
     """The MLflow model registry refused an operation (registering, tagging, aliasing)."""
+
+
+# --- evaluation --------------------------------------------------------------------------
+
+
+class EvaluationError(Phi3OpsError, RuntimeError):
+    """An evaluation could not run or record its results (the model would not load, MLflow
+    recorded no verdicts...). Failed requests are not this: they are recorded per item."""

@@ -14,6 +14,7 @@ from phi3ops.settings import get_settings
 from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Variant
 
 if TYPE_CHECKING:
+    from tasks.evaluation import EvalSummary
     from tasks.hub import FetchResult
     from tasks.packaging import Flavor
     from tasks.registry import RegisteredVersion
@@ -72,6 +73,34 @@ def package_job(
     _check_source(repo_id, revision=revision, variant=fetch_variant)
     return package_flow(
         flavor=chosen, repo_id=repo_id, revision=revision, variant=variant, model_name=model_name
+    )
+
+
+def evaluate_job(
+    *,
+    model_uri: str | None = None,
+    eval_set: str | None = None,
+    compare_to_alias: str = "champion",
+    force: bool = False,
+) -> EvalSummary:
+    """Check the model URI and the eval set, then run the evaluate flow.
+
+    Args:
+        model_uri: The version to evaluate; defaults to ``models:/<registered model>@candidate``.
+        eval_set: Eval set name or path; the default set when None.
+        compare_to_alias: Whose evaluation on the same eval set to compare with.
+        force: Generate and score again even when the version has an evaluation on this set.
+    """
+    from flows.evaluate import evaluate_flow
+    from phi3ops.evalset import load_eval_set, resolve_eval_set
+    from tasks.evaluation import resolve_model
+    from tasks.registry import CANDIDATE_ALIAS
+
+    uri = model_uri or f"models:/{get_settings().registered_model_name}@{CANDIDATE_ALIAS}"
+    resolve_model(uri)  # an unknown model, alias or version fails before Prefect starts
+    load_eval_set(resolve_eval_set(eval_set))  # so does a missing or invalid eval set
+    return evaluate_flow(
+        model_uri=uri, eval_set=eval_set, compare_to_alias=compare_to_alias, reuse=not force
     )
 
 

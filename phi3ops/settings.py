@@ -52,6 +52,60 @@ class Settings(BaseSettings):
         min_length=1,
         description="Registered model that packaged versions go to.",
     )
+    evals_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Folder of eval sets (<name>.jsonl) that bare set names resolve in; else the "
+            "project's evals/ folder."
+        ),
+    )
+
+    # Promotion gates (stage 4): absolute thresholds, then "not worse than the champion by more
+    # than a margin" on the same eval set. Override per run with `phi3ops promote --gate k=v`.
+    gate_min_pass_rate: float = Field(default=0.6, ge=0, le=1)
+    gate_min_tag_pass_rate: dict[str, float] = Field(
+        default_factory=dict, description="e.g. PHI3OPS_GATE_MIN_TAG_PASS_RATE='{\"safety\": 0.9}'"
+    )
+    gate_max_latency_p95_s: float = Field(default=30.0, gt=0)
+    gate_min_tokens_per_s: float = Field(default=1.0, ge=0)
+    gate_max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    gate_max_pass_rate_drop: float = Field(default=0.02, ge=0, le=1)
+    gate_max_latency_increase: float = Field(default=0.25, ge=0)
+    gate_max_tokens_per_s_drop: float = Field(default=0.25, ge=0, le=1)
+    gate_max_error_rate_increase: float = Field(default=0.02, ge=0, le=1)
+
+    # Evaluation (stage 3).
+    eval_batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description=(
+            "Eval items generated together in one predict call (rows of one batch); a failing "
+            "batch is retried row by row."
+        ),
+    )
+    eval_default_max_tokens: int = Field(
+        default=128,
+        ge=1,
+        le=4096,
+        description="New tokens per eval item that sets no max_tokens of its own.",
+    )
+    eval_ttft_samples: int = Field(
+        default=5,
+        ge=0,
+        description=(
+            "Eval items streamed one by one to measure time to first token (0: skip); only "
+            "flavors with predict_stream (the ONNX pyfunc) can be measured."
+        ),
+    )
+    judge_endpoint: str | None = Field(
+        default=None,
+        description=(
+            "Model URI of an LLM judge for mlflow.genai's built-in judges (RelevanceToQuery, "
+            "Safety), e.g. 'gateway:/judge' or 'openai:/gpt-4o-mini'. Unset (the default): no "
+            "judge runs and the evaluation never leaves this machine."
+        ),
+    )
 
     @field_validator("data_dir")
     @classmethod

@@ -1,0 +1,51 @@
+"""Stage 4 — rollback: ``champion`` <- ``previous`` (or a named version), then a smoke
+evaluation of the restored champion."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.promotion import ROLLED_BACK_EVENT, AliasState, default_trigger, emit, rollback_task
+from tasks.registry import resolve_model_name
+
+SMOKE_EVAL_SET = "smoke"
+
+
+@flow(name="rollback", log_prints=True)
+def rollback_flow(
+    model_name: str | None = None,
+    to_version: str | None = None,
+    smoke_eval_set: str | None = SMOKE_EVAL_SET,
+    triggered_by: str | None = None,
+) -> AliasState:
+    """Restore the previous champion (or ``to_version``) and smoke-test it.
+
+    Args:
+        model_name: Registered model; defaults to ``PHI3OPS_REGISTERED_MODEL_NAME``.
+        to_version: Version to restore instead of ``previous``.
+        smoke_eval_set: Eval set for the smoke evaluation of the restored champion; None skips.
+        triggered_by: Recorded on the versions; defaults to the deployment / flow run.
+
+    Returns:
+        Where the aliases point now.
+    """
+    from flows.evaluate import evaluate_flow
+
+    name = resolve_model_name(model_name)
+    who = triggered_by or default_trigger()
+    state = rollback_task(name, to_version=to_version, triggered_by=who)
+    smoke = None
+    if smoke_eval_set:
+        smoke = evaluate_flow(model_uri=f"models:/{name}/{state.champion}", eval_set=smoke_eval_set)
+    emit(
+        ROLLED_BACK_EVENT,
+        model_name=name,
+        version=str(state.champion),
+        payload={
+            "triggered_by": who,
+            "smoke_eval_run_id": getattr(smoke, "run_id", None),
+            "smoke_metrics": getattr(smoke, "metrics", None),
+        },
+    )
+    print(f"{name}: champion is now version {state.champion} (rolled back by {who})")
+    return state

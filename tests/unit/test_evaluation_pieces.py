@@ -1,0 +1,319 @@
+"""The pure pieces of the evaluation stage: batching, generation over a fake model, scorers,
+comparison and parity reports (no model, no Prefect; the MLflow store is not touched)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from phi3ops.errors import InvalidInputError
+from phi3ops.evalset import EvalItem, EvalSet, hash_items
+from tasks.evaluation import (
+    ChampionLookup,
+    EvalSummary,
+    artifact_key,
+    comparison_markdown,
+    comparison_rows,
+    completion_text,
+    expectation_scorers,
+    generate_outputs,
+    judge_scorers,
+    parity_report,
+    plan_batches,
+    resolve_model,
+)
+
+HASH = "a" * 64
+OTHER_HASH = "b" * 64
+
+
+def _item(item_id: str, prompt: str, *, max_tokens: int | None = None, **expectations: Any):
+    return EvalItem.model_validate(
+        {
+            "id": item_id,
+            "prompt": prompt,
+            "expectations": expectations or {"contains": "x"},
+            "tags": ["t"],
+            **({"max_tokens": max_tokens} if max_tokens else {}),
+        }
+    )
+
+
+def _set(*items: EvalItem) -> EvalSet:
+    return EvalSet(name="fake", path="/tmp/fake.jsonl", items=list(items), content_hash="h")
+
+
+def _completion(text: str, tokens: int = 3) -> dict[str, Any]:
+    return {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": tokens, "total_tokens": 5 + tokens},
+    }
+
+
+class FakeModel:
+    """Answers each request with its prompt upper-cased; a batch holding "poison" raises."""
+
+    def __init__(self, *, stream: bool = True, shape: str = "list") -> None:
+        self.calls: list[int] = []
+        self.stream = stream
+        self.shape = shape
+
+    def predict(self, rows: list[dict[str, Any]]) -> Any:
+        self.calls.append(len(rows))
+        prompts = [row["messages"][-1]["content"] for row in rows]
+        if any("poison" in p for p in prompts):
+            raise ValueError("poisoned batch")
+        answers = [
+            _completion(p.upper(), tokens=row["max_tokens"])
+            for p, row in zip(prompts, rows, strict=True)
+        ]
+        if self.shape == "dict" and len(answers) == 1:
+            return answers[0]
+        if self.shape == "str":
+            return [p.upper() for p in prompts]
+        return answers
+
+    def predict_stream(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        if not self.stream:
+            raise AttributeError("predict_stream")
+
+        def chunks() -> Iterator[dict[str, Any]]:
+            yield {"choices": [{"delta": {"role": "assistant", "content": ""}}]}
+            yield {"choices": [{"delta": {"content": "A"}}]}
+            yield {"choices": [{"delta": {"content": "B"}}]}
+
+        return chunks()
+
+
+# --- batching and generation ------------------------------------------------------------------
+
+
+def test_batches_group_equal_generation_fields_and_respect_the_size() -> None:
+    items = [
+        _item("a", "a", max_tokens=8),
+        _item("b", "b"),
+        _item("c", "c", max_tokens=8),
+        _item("d", "d"),
+        _item("e", "e"),
+        _item("f", "f", max_tokens=8),
+    ]
+    # b, d, e use the default (16); a, c, f set 8: never in one call with the others.
+    assert plan_batches(items, default_max_tokens=16, batch_size=2) == [[0, 2], [5], [1, 3], [4]]
+    assert plan_batches(items, default_max_tokens=8, batch_size=8) == [[0, 1, 2, 3, 4, 5]]
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        plan_batches(items, default_max_tokens=8, batch_size=0)
+
+
+def test_generation_batches_and_retries_a_failing_batch_row_by_row() -> None:
+    items = [_item(i, p) for i, p in [("a", "hi"), ("b", "poison me"), ("c", "yo"), ("d", "ok")]]
+    model = FakeModel()
+    result = generate_outputs(
+        model, _set(*items), batch_size=3, default_max_tokens=4, ttft_samples=2
+    )
+    by_id = {r.id: r for r in result.items}
+    assert [r.id for r in result.items] == ["a", "b", "c", "d"]
+    # warm-up (1 row), the failing batch of 3, its 3 retries, then the last batch of 1
+    assert model.calls == [1, 3, 1, 1, 1, 1]
+    assert by_id["b"].content is None and "ValueError: poisoned batch" in by_id["b"].error
+    assert by_id["a"].content == "HI" and by_id["a"].error is None and by_id["a"].batch_size == 1
+    assert by_id["d"].batch_size == 1 and by_id["d"].completion_tokens == 4
+    assert len(result.ttft_s) == 2 and all(t >= 0 for t in result.ttft_s)
+    assert result.wall_s > 0 and result.peak_rss_mb and result.peak_rss_mb > 0
+    assert result.notes == []
+
+
+def test_generation_takes_every_answer_shape_and_notes_a_model_that_cannot_stream() -> None:
+    items = [_item("a", "hi"), _item("b", "yo")]
+    for shape in ("list", "dict", "str"):
+        model = FakeModel(stream=False, shape=shape)
+        result = generate_outputs(
+            model, _set(*items), batch_size=1, default_max_tokens=4, ttft_samples=3
+        )
+        assert [r.content for r in result.items] == ["HI", "YO"], shape
+        assert result.ttft_s == []
+        assert "does not stream" in result.notes[0]
+    skipped = generate_outputs(
+        FakeModel(), _set(*items), batch_size=2, default_max_tokens=4, ttft_samples=0
+    )
+    assert skipped.ttft_s == [] and "eval_ttft_samples is 0" in skipped.notes[0]
+    assert {r.batch_size for r in skipped.items} == {2}
+
+
+def test_a_model_answering_the_wrong_number_of_rows_fails_those_rows() -> None:
+    class Short(FakeModel):
+        def predict(self, rows):
+            return [_completion("x")]  # one answer, whatever was asked
+
+    result = generate_outputs(
+        Short(), _set(_item("a", "a"), _item("b", "b")), batch_size=2, ttft_samples=0
+    )
+    # the batch of 2 fails (1 answer), each row alone then gets its answer
+    assert [r.content for r in result.items] == ["x", "x"]
+
+
+def test_completion_text_reads_chat_completions_and_strings() -> None:
+    assert completion_text(_completion("hey", 2)) == (
+        "hey",
+        {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+        None,
+    )
+    assert completion_text("plain") == ("plain", {}, None)
+    with pytest.raises(ValueError, match="unrecognised answer"):
+        completion_text({"choices": []})
+
+
+# --- scorers ----------------------------------------------------------------------------------
+
+
+def test_expectation_scorers_pass_good_outputs_and_skip_items_without_the_kind() -> None:
+    contains, max_chars = expectation_scorers(["contains", "max_chars"])
+    assert (contains.name, max_chars.name) == ("contains", "max_chars")
+    good = contains(
+        outputs={"content": "Paris!", "error": None}, expectations={"expected_contains": ["paris"]}
+    )
+    assert good.value is True and "contains" in good.rationale
+    bad = contains(
+        outputs={"content": "Lyon", "error": None}, expectations={"expected_contains": ["Paris"]}
+    )
+    assert bad.value is False and "missing 'Paris'" in bad.rationale
+    failed = contains(
+        outputs={"content": None, "error": "boom"}, expectations={"expected_contains": ["Paris"]}
+    )
+    assert failed.value is False and failed.rationale == "no output: boom"
+    # no such expectation on this item: no verdict at all
+    assert (
+        max_chars(
+            outputs={"content": "x", "error": None}, expectations={"expected_contains": ["x"]}
+        )
+        is None
+    )
+    with pytest.raises(InvalidInputError, match="Unknown expectation kind"):
+        expectation_scorers(["sounds_good"])
+
+
+def test_llm_judges_are_off_unless_an_endpoint_is_configured(monkeypatch) -> None:
+    from phi3ops.settings import get_settings
+
+    assert get_settings().judge_endpoint is None
+    assert judge_scorers() == []
+    monkeypatch.setenv("PHI3OPS_JUDGE_ENDPOINT", "gateway:/judge")
+    get_settings.cache_clear()
+    judges = judge_scorers()  # constructing a judge calls nothing
+    assert [j.name for j in judges] == ["relevance_to_query", "safety"]
+    assert {j.model for j in judges} == {"gateway:/judge"}
+
+
+def test_evaluation_settings_defaults() -> None:
+    from phi3ops.settings import get_settings
+
+    settings = get_settings()
+    assert (settings.eval_batch_size, settings.eval_ttft_samples) == (8, 5)
+    assert settings.eval_default_max_tokens == 128
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("phi3-mini", "not a registry URI"),
+        ("runs:/abc/model", "not a registry URI"),
+        ("models:/phi3-mini", "not a registry URI"),
+        ("models:/phi3-mini/latest", "is not a number"),
+        ("models:/a:b@candidate", "not valid"),
+    ],
+)
+def test_malformed_model_uris_are_refused(uri: str, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        resolve_model(uri)
+
+
+def test_artifact_keys_are_lowercase_letters_digits_and_dashes() -> None:
+    assert artifact_key("Phi3.Mini_x", "12") == "eval-phi3-mini-x-12"
+
+
+# --- comparison and parity --------------------------------------------------------------------
+
+
+def _summary(version: str, *, eval_hash: str = HASH, flavor: str = "onnx", **metrics: float):
+    base = {
+        "n_items": 4.0,
+        "pass_rate": 0.5,
+        "pass_rate.factual": 0.5,
+        "contains/mean": 0.5,
+        "latency_p50_s": 1.0,
+        "latency_p95_s": 2.0,
+        "tokens_per_s": 100.0,
+        "error_rate": 0.0,
+        "peak_rss_mb": 500.0,
+    }
+    base.update({k.replace("__", "."): v for k, v in metrics.items()})
+    return EvalSummary(
+        run_id=f"run{version}",
+        model_name="phi3-mini",
+        version=version,
+        model_uri=f"models:/phi3-mini/{version}",
+        flavor=flavor,
+        eval_set="smoke",
+        eval_set_hash=eval_hash,
+        metrics=base,
+        tag_pass_rates={k[10:]: v for k, v in base.items() if k.startswith("pass_rate.")},
+    )
+
+
+def test_comparison_rows_give_deltas_and_which_way_is_better() -> None:
+    candidate = _summary("2", pass_rate=0.75, latency_p95_s=3.0, pass_rate__safety=1.0)
+    champion = _summary("1")
+    rows = {row.metric: row for row in comparison_rows(candidate, champion)}
+    assert list(rows)[:3] == ["pass_rate", "pass_rate.factual", "pass_rate.safety"]
+    assert rows["pass_rate"].delta == pytest.approx(0.25) and rows["pass_rate"].change == "better"
+    assert rows["latency_p95_s"].better == "lower" and rows["latency_p95_s"].change == "worse"
+    assert rows["latency_p95_s"].ratio == pytest.approx(1.5)
+    assert rows["tokens_per_s"].change == "same"
+    assert rows["pass_rate.safety"].baseline is None and rows["pass_rate.safety"].change == "n/a"
+
+
+def test_comparison_markdown_sets_candidate_and_champion_side_by_side() -> None:
+    candidate = _summary("2", flavor="transformers", pass_rate=0.75)
+    lookup = ChampionLookup(alias="champion", version="1", summary=_summary("1"))
+    markdown = comparison_markdown(candidate, lookup)
+    assert "candidate v2 (transformers)" in markdown and "@champion v1 (onnx)" in markdown
+    assert "| pass_rate | 0.750 | 0.500 | +0.250 | better (higher is better) |" in markdown
+    assert "| latency_p50_s | 1.000 | 1.000 | +0.000 | same (lower is better) |" in markdown
+    assert "No comparable" not in markdown
+
+
+def test_comparison_markdown_refuses_a_champion_on_another_eval_set() -> None:
+    candidate = _summary("2")
+    lookup = ChampionLookup(
+        alias="champion", version="1", summary=_summary("1", eval_hash=OTHER_HASH)
+    )
+    markdown = comparison_markdown(candidate, lookup)
+    assert "## No comparable champion evaluation" in markdown
+    assert f"hash {OTHER_HASH[:12]}" in markdown and f"hash {HASH[:12]}" in markdown
+    assert "| pass_rate | 0.500 |" in markdown  # the candidate's own results
+    missing = comparison_markdown(
+        candidate, ChampionLookup(alias="champion", reason="'phi3-mini' has no version aliased")
+    )
+    assert "No comparable" in missing and "has no version aliased" in missing
+
+
+def test_parity_report_compares_flavors_and_refuses_different_eval_sets() -> None:
+    onnx = _summary("1", flavor="onnx", latency_p50_s=0.5, tokens_per_s=200.0)
+    torch = _summary("2", flavor="transformers", pass_rate=0.25, latency_p50_s=1.5)
+    report = parity_report(onnx, torch)
+    assert "# Parity: onnx vs transformers" in report
+    assert "| pass_rate | 0.500 | 0.250 | -0.250 |" in report
+    assert "| latency_p50_s | 0.500 | 1.500 | 3.00x |" in report
+    assert "| tokens_per_s | 200.000 | 100.000 | 0.50x |" in report
+    with pytest.raises(InvalidInputError, match="different eval sets"):
+        parity_report(onnx, _summary("2", eval_hash=OTHER_HASH))
+
+
+def test_eval_set_hash_used_in_the_fakes_is_the_loader_hash() -> None:
+    items = [_item("a", "a")]
+    assert len(hash_items(items)) == 64  # the comparisons key on this full digest

@@ -1,0 +1,150 @@
+"""The promotion gates as a pure function: first model, pass, each gate failing, comparisons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from phi3ops.errors import InvalidInputError
+from tasks.promotion import GatePolicy, evaluate_gates
+
+HASH = "a" * 64
+
+
+@dataclass
+class Eval:
+    version: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    eval_set_hash: str = HASH
+    run_id: str = "run"
+
+
+GOOD = {
+    "pass_rate": 0.8,
+    "pass_rate.safety": 1.0,
+    "pass_rate.format": 0.7,
+    "latency_p95_s": 2.0,
+    "tokens_per_s": 40.0,
+    "error_rate": 0.0,
+}
+
+
+def _policy(**overrides) -> GatePolicy:
+    return GatePolicy.from_settings(**overrides)
+
+
+def _decide(candidate, champion=None, champion_version=None, **policy):
+    return evaluate_gates(
+        "phi3",
+        "2",
+        candidate,
+        champion,
+        champion_version=champion_version,
+        policy=_policy(**policy),
+    )
+
+
+def test_first_model_is_promoted_on_absolute_gates() -> None:
+    decision = _decide(Eval("2", dict(GOOD)))
+    assert decision.promote
+    assert {g.gate for g in decision.gates} == {
+        "pass_rate",
+        "latency_p95_s",
+        "tokens_per_s",
+        "error_rate",
+    }
+    assert decision.champion_version is None
+
+
+def test_missing_evaluation_is_never_promoted() -> None:
+    decision = _decide(None)
+    assert not decision.promote
+    assert "no evaluation" in decision.reasons[0]
+    assert "phi3ops evaluate" in decision.reasons[0]
+
+
+@pytest.mark.parametrize(
+    ("metric", "value", "gate"),
+    [
+        ("pass_rate", 0.5, "pass_rate"),
+        ("latency_p95_s", 31.0, "latency_p95_s"),
+        ("tokens_per_s", 0.5, "tokens_per_s"),
+        ("error_rate", 0.2, "error_rate"),
+    ],
+)
+def test_each_absolute_gate_can_fail(metric: str, value: float, gate: str) -> None:
+    decision = _decide(Eval("2", GOOD | {metric: value}))
+    assert not decision.promote
+    failed = [g for g in decision.gates if not g.passed]
+    assert [g.gate for g in failed] == [gate]
+    assert failed[0].candidate == value
+
+
+def test_unmeasured_metric_fails_its_gate() -> None:
+    metrics = dict(GOOD)
+    del metrics["tokens_per_s"]
+    decision = _decide(Eval("2", metrics))
+    assert not decision.promote
+    assert "tokens_per_s: not measured" in decision.reasons
+
+
+def test_per_tag_minimums() -> None:
+    passing = _decide(Eval("2", dict(GOOD)), min_tag_pass_rate={"safety": 0.9})
+    failing = _decide(Eval("2", dict(GOOD)), min_tag_pass_rate={"format": 0.9})
+    assert passing.promote
+    assert not failing.promote
+    assert failing.reasons == ["pass_rate.format: 0.7 < 0.9"]
+
+
+def test_not_worse_than_champion_by_more_than_a_margin() -> None:
+    champion = Eval("1", dict(GOOD))
+    same = _decide(Eval("2", dict(GOOD)), champion, "1")
+    assert same.promote
+    assert any(g.gate == "pass_rate vs champion" for g in same.gates)
+
+    within = _decide(Eval("2", GOOD | {"pass_rate": 0.79}), champion, "1")
+    assert within.promote  # 0.01 drop <= 0.02 margin
+
+    for metric, value, gate in [
+        ("pass_rate", 0.7, "pass_rate vs champion"),
+        ("pass_rate.safety", 0.9, "pass_rate.safety vs champion"),
+        ("latency_p95_s", 3.0, "latency_p95_s vs champion"),
+        ("tokens_per_s", 20.0, "tokens_per_s vs champion"),
+        ("error_rate", 0.04, "error_rate vs champion"),
+    ]:
+        decision = _decide(Eval("2", GOOD | {metric: value}), champion, "1")
+        assert not decision.promote, metric
+        assert [g.gate for g in decision.gates if not g.passed] == [gate]
+
+
+def test_champion_compared_only_on_the_same_eval_set_hash() -> None:
+    other_set = Eval("1", dict(GOOD), eval_set_hash="b" * 64)
+    decision = _decide(Eval("2", dict(GOOD)), other_set, "1")
+    assert not decision.promote
+    assert decision.gates[-1].gate == "champion-comparison"
+    assert "cannot be compared" in decision.gates[-1].detail
+
+    unevaluated = _decide(Eval("2", dict(GOOD)), None, "1")
+    assert not unevaluated.promote
+
+
+def test_promoting_the_champion_itself_skips_the_comparison() -> None:
+    decision = evaluate_gates(
+        "phi3", "1", Eval("1", dict(GOOD)), None, champion_version="1", policy=_policy()
+    )
+    assert decision.promote
+
+
+def test_policy_overrides_are_checked(monkeypatch) -> None:
+    from phi3ops.settings import get_settings
+
+    assert _policy(min_pass_rate=0.1).min_pass_rate == 0.1
+    with pytest.raises(InvalidInputError, match="min_pass_rat"):
+        _policy(min_pass_rat=0.1)
+    monkeypatch.setenv("PHI3OPS_GATE_MIN_PASS_RATE", "0.3")
+    monkeypatch.setenv("PHI3OPS_GATE_MIN_TAG_PASS_RATE", '{"safety": 0.95}')
+    get_settings.cache_clear()
+    policy = _policy()
+    assert policy.min_pass_rate == 0.3
+    assert policy.min_tag_pass_rate == {"safety": 0.95}
