@@ -31,6 +31,7 @@ def _prepare_prefect() -> None:
     # Its telemetry write races the first migration of a fresh SQLite db ("database is locked")
     # and cannot leave an offline machine anyway.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 class FlavorOption(StrEnum):
@@ -141,6 +142,60 @@ def evaluate(
         typer.echo(f"  {key:<28} {summary.metrics[key]:.4g}")
     for note in summary.notes:
         typer.echo(f"  note: {note}")
+
+
+@app.command()
+def promote(
+    model_name: str | None = typer.Option(
+        None, help="Registered model name (default: PHI3OPS_REGISTERED_MODEL_NAME)."
+    ),
+    candidate: str = typer.Option("candidate", help="Version number or alias to promote."),
+    eval_set: str | None = typer.Option(None, help="Eval set both evaluations must share."),
+    gate: list[str] = typer.Option(
+        [], help="Override a gate for this run, e.g. --gate min_pass_rate=0.7 (repeatable)."
+    ),
+    evaluate_champion: bool = typer.Option(
+        True, help="Evaluate the champion on the eval set first when it has no evaluation."
+    ),
+) -> None:
+    """Promote a version to @champion if its gates pass (old champion -> @previous)."""
+    from phi3ops import jobs
+
+    decision = _run(
+        jobs.promote_job,
+        model_name=model_name,
+        candidate=candidate,
+        eval_set=eval_set,
+        gates=gate,
+        evaluate_champion=evaluate_champion,
+    )
+    typer.echo(
+        f"{'promoted' if decision.promote else 'rejected'}: {decision.model_name} "
+        f"v{decision.version}"
+    )
+    for reason in decision.reasons:
+        typer.echo(f"  {reason}")
+
+
+@app.command()
+def rollback(
+    model_name: str | None = typer.Option(
+        None, help="Registered model name (default: PHI3OPS_REGISTERED_MODEL_NAME)."
+    ),
+    to_version: str | None = typer.Option(None, help="Version to restore instead of @previous."),
+    smoke_eval_set: str = typer.Option("smoke", help="Eval set for the smoke evaluation."),
+    smoke: bool = typer.Option(True, help="Smoke-evaluate the restored champion."),
+) -> None:
+    """@champion <- @previous (or --to-version), then a smoke evaluation of it."""
+    from phi3ops import jobs
+
+    state = _run(
+        jobs.rollback_job,
+        model_name=model_name,
+        to_version=to_version,
+        smoke_eval_set=smoke_eval_set if smoke else None,
+    )
+    typer.echo(f"{state.model_name}: champion is now version {state.champion}")
 
 
 @app.command()

@@ -104,6 +104,52 @@ def evaluate_job(
     )
 
 
+def promote_job(
+    *,
+    model_name: str | None = None,
+    candidate: str = "candidate",
+    eval_set: str | None = None,
+    gates: list[str] | None = None,
+    evaluate_champion: bool = True,
+):
+    """Parse ``key=value`` gate overrides, check them, then run the promote flow."""
+    from phi3ops.errors import InvalidInputError
+    from tasks.promotion import GatePolicy
+
+    overrides: dict[str, float] = {}
+    for item in gates or []:
+        key, sep, value = item.partition("=")
+        try:
+            overrides[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise InvalidInputError(
+                f"--gate {item!r} is not key=number, e.g. --gate min_pass_rate=0.7."
+            )
+    GatePolicy.from_settings(**overrides)  # unknown gates fail before Prefect starts
+    from flows.promote import promote_flow
+
+    return promote_flow(
+        model_name=model_name,
+        candidate=candidate,
+        eval_set=eval_set,
+        evaluate_champion=evaluate_champion,
+        gates=overrides,
+    )
+
+
+def rollback_job(
+    *, model_name: str | None = None, to_version: str | None = None, smoke_eval_set: str | None
+):
+    """Run the rollback flow (champion <- previous, then a smoke evaluation)."""
+    from flows.rollback import rollback_flow
+
+    return rollback_flow(
+        model_name=model_name, to_version=to_version, smoke_eval_set=smoke_eval_set
+    )
+
+
 def main_job() -> RegisteredVersion:
     """The pipeline on the real Phi-3 ONNX int4 repository (later stages extend this)."""
     registered = package_job(flavor="onnx", repo_id=ONNX_REPO_ID)

@@ -148,3 +148,23 @@ def test_policy_overrides_are_checked(monkeypatch) -> None:
     policy = _policy()
     assert policy.min_pass_rate == 0.3
     assert policy.min_tag_pass_rate == {"safety": 0.95}
+
+
+def test_cli_gate_overrides_are_parsed_and_checked_before_any_flow(monkeypatch) -> None:
+    import flows.promote
+    from phi3ops.jobs import promote_job
+
+    seen = {}
+    monkeypatch.setattr(flows.promote, "promote_flow", lambda **kw: seen.update(kw) or "ran")
+    assert promote_job(gates=["min_pass_rate=0.7", "max_error_rate = 0.1"]) == "ran"
+    assert seen["gates"] == {"min_pass_rate": 0.7, "max_error_rate": 0.1}
+    for bad, match in [
+        ("min_pass_rate", "key=number"),
+        ("x=1", "Unknown gate"),
+        ("min_pass_rate=high", "key=number"),
+        ("min_pass_rate=2", "less than"),
+    ]:
+        seen.clear()
+        with pytest.raises((InvalidInputError, ValueError), match=match):
+            promote_job(gates=[bad])
+        assert seen == {}
