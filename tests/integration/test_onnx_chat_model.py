@@ -63,7 +63,10 @@ def logged(tiny_phi3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]
     root = tmp_path_factory.mktemp("onnx-chat-mlflow")
     previous_uri = tracking_utils._tracking_uri
     with pytest.MonkeyPatch.context() as env:
-        env.delenv("MLFLOW_TRACKING_URI", raising=False)  # restored afterwards
+        # setenv first: a delenv of an unset variable records nothing to restore, and
+        # set_tracking_uri exports the URI, which would then leak into later modules.
+        env.setenv("MLFLOW_TRACKING_URI", "")
+        env.delenv("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
         experiment_id = mlflow.create_experiment(
             "onnx-chat", artifact_location=(root / "artifacts").as_uri()

@@ -178,6 +178,7 @@ def test_cli_serve_answers_and_sigterm_stops_every_process(packaged) -> None:
 
     port = _free_port()
     env = {**os.environ, "PHI3OPS_DATA_DIR": packaged["data_dir"]}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the store is the one under PHI3OPS_DATA_DIR
     downloads = Path(packaged["data_dir"]) / "serving"
     before = set(downloads.iterdir()) if downloads.exists() else set()
     command = [sys.executable, "-m", "phi3ops.cli", "serve", "--model-uri", packaged["onnx"]]
