@@ -66,7 +66,7 @@ from phi3ops.evalset import EXPECTATION_KINDS, EvalItem, EvalSet, check, load_ev
 from phi3ops.evalset import resolve_eval_set as _resolve_eval_set_path
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
-from tasks.registry import TAG_PREFIX, LineageTag, resolve_model_name
+from tasks.registry import CHAMPION_ALIAS, TAG_PREFIX, LineageTag, resolve_model_name
 
 __all__ = [
     "CHAMPION_ALIAS",
@@ -110,7 +110,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The alias of the version in production; candidates are compared with its evaluation.
-CHAMPION_ALIAS = "champion"
 
 #: Artifacts of an evaluation run.
 TABLE_ARTIFACT = "eval_items.json"

@@ -26,11 +26,10 @@ from pydantic import BaseModel, Field
 from phi3ops.errors import InvalidInputError, RegistryError
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
-from tasks.registry import TAG_PREFIX
+from tasks.registry import CHAMPION_ALIAS, TAG_PREFIX
 
 logger = logging.getLogger(__name__)
 
-CHAMPION_ALIAS = "champion"
 PREVIOUS_ALIAS = "previous"
 
 PROMOTED_EVENT = "phi3ops.model.promoted"

@@ -31,6 +31,7 @@ from tasks.packaging import Flavor, LoggedModelInfo, PackagePlan
 
 __all__ = [
     "CANDIDATE_ALIAS",
+    "CHAMPION_ALIAS",
     "TAG_PREFIX",
     "LineageTag",
     "RegisteredVersion",
@@ -49,6 +50,8 @@ TAG_PREFIX = "phi3ops."
 
 #: The alias every newly registered version gets; evaluation and promotion start from it.
 CANDIDATE_ALIAS = "candidate"
+#: The version in production; promotion moves it, evaluation compares against it.
+CHAMPION_ALIAS = "champion"
 
 # Letters, digits, '.', '_' and '-': safe inside models:/<name>@<alias> and models:/<name>/<v>
 # URIs and in Unity Catalog three-level names (catalog.schema.model).

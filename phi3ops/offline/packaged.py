@@ -14,11 +14,10 @@ if TYPE_CHECKING:
 
 
 def register_both_flavors(
-    repos: TinyPhi3Repos, *, model_name_prefix: str
+    repos: TinyPhi3Repos, *, model_name_prefix: str | None = None, model_name: str | None = None
 ) -> dict[str, RegisteredVersion]:
-    """Register ``repos`` as ``<prefix>-onnx`` and ``<prefix>-transformers`` in the current store.
-
-    The store is whatever `phi3ops.tracking.configure_tracking` points at (``PHI3OPS_DATA_DIR``).
+    """Register ``repos`` as ``<prefix>-onnx`` and ``<prefix>-transformers``, or both (ONNX
+    first) as versions of one ``model_name``, in the store `configure_tracking` points at.
 
     Returns:
         The registered versions, keyed by flavor value (``"onnx"``, ``"transformers"``).
@@ -29,6 +28,8 @@ def register_both_flavors(
     from tasks.packaging import Flavor, log_model
     from tasks.registry import register_version
 
+    if (model_name_prefix is None) == (model_name is None):
+        raise ValueError("give exactly one of model_name_prefix and model_name")
     registered = {}
     with LocalHub() as hub:
         hub.add_repo(ONNX_REPO_ID, repos.onnx_dir)
@@ -39,6 +40,6 @@ def register_both_flavors(
         ]:
             fetched = fetch_snapshot(repo_id, variant=variant, endpoint=hub.url)
             logged = log_model(fetched, flavor=flavor)
-            name = f"{model_name_prefix}-{flavor.value}"
+            name = model_name or f"{model_name_prefix}-{flavor.value}"
             registered[flavor.value] = register_version(logged, fetched, model_name=name)
     return registered

@@ -35,7 +35,6 @@ import pytest
 
 from phi3ops.errors import InvalidInputError
 from phi3ops.evalset import EXPECTATION_KINDS, EvalSet, load_eval_set, resolve_eval_set
-from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Variant
 from tasks.evaluation import (
     COMPARISON_ARTIFACT,
     PLOT_ARTIFACT,
@@ -317,12 +316,9 @@ def store(tiny_phi3, prefect_harness, tmp_path_factory: pytest.TempPathFactory) 
 
     import tasks.evaluation
     from flows.evaluate import evaluate_flow
-    from phi3ops.offline.local_hub import LocalHub
+    from phi3ops.offline.packaged import register_both_flavors
     from phi3ops.settings import get_settings
     from phi3ops.tracking import configure_tracking
-    from tasks.hub import fetch_snapshot
-    from tasks.packaging import Flavor, log_model
-    from tasks.registry import register_version
 
     root = tmp_path_factory.mktemp("evaluate")
     data_dir = root / "data"
@@ -338,16 +334,8 @@ def store(tiny_phi3, prefect_harness, tmp_path_factory: pytest.TempPathFactory) 
         mp.setenv("PHI3OPS_EVAL_BATCH_SIZE", "3")
         mp.setenv("PHI3OPS_EVAL_TTFT_SAMPLES", "3")
         get_settings.cache_clear()
-        with LocalHub() as hub:  # version 1: onnx, version 2: transformers (@candidate)
-            hub.add_repo(ONNX_REPO_ID, tiny_phi3.onnx_dir)
-            hub.add_repo(PYTORCH_REPO_ID, tiny_phi3.pytorch_dir)
-            for flavor, repo_id, variant in [
-                (Flavor.ONNX, ONNX_REPO_ID, Variant.ONNX_CPU_INT4),
-                (Flavor.TRANSFORMERS, PYTORCH_REPO_ID, Variant.PYTORCH),
-            ]:
-                fetched = fetch_snapshot(repo_id, variant=variant, endpoint=hub.url)
-                logged = log_model(fetched, flavor=flavor)
-                register_version(logged, fetched, model_name=MODEL_NAME)
+        # version 1: onnx, version 2: transformers (@candidate)
+        register_both_flavors(tiny_phi3, model_name=MODEL_NAME)
         close_session()
 
         markdown: dict[str, str] = {}
