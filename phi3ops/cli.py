@@ -42,6 +42,12 @@ class FlavorOption(StrEnum):
     TRANSFORMERS = "transformers"
 
 
+# Shared by every command that works on a registered model.
+MODEL_NAME_OPTION = typer.Option(
+    None, help="Registered model name (default: PHI3OPS_REGISTERED_MODEL_NAME)."
+)
+
+
 def _run(job: Callable[..., T], /, **kwargs: object) -> T:
     """Run a job; a phi3ops error becomes its message and exit code 2, not a traceback."""
     _prepare_prefect()
@@ -89,9 +95,7 @@ def package(
         help="What to fetch; defaults to onnx-cpu-int4 for onnx (pytorch is built to ONNX "
         "int4), pytorch for transformers.",
     ),
-    model_name: str | None = typer.Option(
-        None, help="Registered model name (default: PHI3OPS_REGISTERED_MODEL_NAME)."
-    ),
+    model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Fetch, package and register a model version, aliased @candidate (the package flow)."""
     from phi3ops import jobs
@@ -146,9 +150,7 @@ def evaluate(
 
 @app.command()
 def promote(
-    model_name: str | None = typer.Option(
-        None, help="Registered model name (default: PHI3OPS_REGISTERED_MODEL_NAME)."
-    ),
+    model_name: str | None = MODEL_NAME_OPTION,
     candidate: str = typer.Option("candidate", help="Version number or alias to promote."),
     eval_set: str | None = typer.Option(None, help="Eval set both evaluations must share."),
     gate: list[str] = typer.Option(
@@ -179,9 +181,7 @@ def promote(
 
 @app.command()
 def rollback(
-    model_name: str | None = typer.Option(
-        None, help="Registered model name (default: PHI3OPS_REGISTERED_MODEL_NAME)."
-    ),
+    model_name: str | None = MODEL_NAME_OPTION,
     to_version: str | None = typer.Option(None, help="Version to restore instead of @previous."),
     smoke_eval_set: str = typer.Option("smoke", help="Eval set for the smoke evaluation."),
     smoke: bool = typer.Option(True, help="Smoke-evaluate the restored champion."),
@@ -200,9 +200,7 @@ def rollback(
 
 @app.command()
 def serve(
-    model_name: str | None = typer.Option(
-        None, help="Registered model name (default: PHI3OPS_REGISTERED_MODEL_NAME)."
-    ),
+    model_name: str | None = MODEL_NAME_OPTION,
     alias: str | None = typer.Option(None, help="Alias to serve (default: champion)."),
     version: str | None = typer.Option(None, help="Version to serve instead of an alias."),
     model_uri: str | None = typer.Option(None, help="Any MLflow model URI instead of the above."),

@@ -236,33 +236,33 @@ def _versus_champion(
 def _at_least(
     gate: str, value: float | None, threshold: float, champion: float | None = None
 ) -> GateResult:
-    if value is None:
-        return GateResult(
-            gate=gate, passed=False, detail=f"{gate}: not measured", threshold=threshold
-        )
-    passed = value >= threshold
-    return GateResult(
-        gate=gate,
-        passed=passed,
-        detail=f"{gate}: {value:.4g} {'>=' if passed else '<'} {threshold:.4g}",
-        candidate=value,
-        champion=champion,
-        threshold=threshold,
-    )
+    return _gate(gate, value, threshold, champion, higher_is_better=True)
 
 
 def _at_most(
     gate: str, value: float | None, threshold: float, champion: float | None = None
 ) -> GateResult:
+    return _gate(gate, value, threshold, champion, higher_is_better=False)
+
+
+def _gate(
+    gate: str,
+    value: float | None,
+    threshold: float,
+    champion: float | None,
+    *,
+    higher_is_better: bool,
+) -> GateResult:
     if value is None:
         return GateResult(
             gate=gate, passed=False, detail=f"{gate}: not measured", threshold=threshold
         )
-    passed = value <= threshold
+    passed = value >= threshold if higher_is_better else value <= threshold
+    sign = {(True, True): ">=", (True, False): "<", (False, True): "<=", (False, False): ">"}
     return GateResult(
         gate=gate,
         passed=passed,
-        detail=f"{gate}: {value:.4g} {'<=' if passed else '>'} {threshold:.4g}",
+        detail=f"{gate}: {value:.4g} {sign[higher_is_better, passed]} {threshold:.4g}",
         candidate=value,
         champion=champion,
         threshold=threshold,
