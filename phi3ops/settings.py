@@ -107,6 +107,55 @@ class Settings(BaseSettings):
         ),
     )
 
+    # Monitoring (stage 5): inference records are MLflow traces; the suite's thresholds.
+    inference_experiment_name: str = Field(
+        default="phi3ops-inference",
+        min_length=1,
+        description="MLflow experiment that `phi3ops serve` writes one trace per request row to.",
+    )
+    record_prompts: bool = Field(
+        default=False,
+        description="Store the prompt text in inference traces (off by default, for privacy).",
+    )
+    monitor_window_minutes: int = Field(
+        default=60, ge=1, description="How far back the monitor reads inference traces."
+    )
+    monitor_min_records: int = Field(
+        default=20,
+        ge=1,
+        description="Fewer records than this in the window is 'insufficient data', not a pass.",
+    )
+    monitor_min_response_chars: int = Field(default=1, ge=0)
+    monitor_max_response_chars: int = Field(default=16000, ge=1)
+    monitor_max_length_finish_rate: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="Highest share of answers cut off by max_tokens (finish_reason 'length').",
+    )
+    monitor_max_latency_p95_s: float = Field(default=30.0, gt=0, description="Latency SLO, p95.")
+    monitor_max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    monitor_max_drift_ratio: float = Field(
+        default=2.0,
+        gt=1,
+        description=(
+            "Drift bound: the window's median completion tokens must lie within [baseline / r, "
+            "baseline * r] and its median seconds per token below baseline * r, where the "
+            "baseline is the champion's evaluation on the default eval set."
+        ),
+    )
+    monitor_rollback_on_failure: bool = Field(
+        default=False,
+        description=(
+            "`phi3ops automations apply` adds 'run the rollback deployment' to the "
+            "monitoring-failed automation."
+        ),
+    )
+    notification_block: str = Field(
+        default="phi3ops-alerts",
+        description="Name of the Prefect notification block the automations notify through.",
+    )
+
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

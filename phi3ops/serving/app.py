@@ -1,25 +1,36 @@
-"""The ASGI app behind `phi3ops serve`: MLflow's scoring server, plus a guard for chat requests.
+"""The ASGI app behind `phi3ops serve`: MLflow's scoring server, a guard for chat requests, and
+inference records.
 
 ``mlflow models serve --env-manager local`` runs ``uvicorn mlflow.pyfunc.scoring_server.app:app``
 on a downloaded model. This module builds the very same app (``scoring_server.init``) and wraps
 it, because the serving layer is the one place that sees every request of both flavors: the
 transformers flavor's ``predict`` is MLflow's own code and happily generates from a prompt
-longer than the model's context, so that check happens here, before the model runs.
+longer than the model's context, so that check happens here, before the model runs. For the
+same reason every request row is recorded here, as an MLflow trace (`phi3ops.serving.records`).
 
 Run by uvicorn as ``phi3ops.serving.app:create_app`` (``--factory``); the model folder comes
-from ``PHI3OPS_SERVE_MODEL_PATH``.
+from ``PHI3OPS_SERVE_MODEL_PATH``, the registered name and version that records are tagged with
+from ``PHI3OPS_SERVE_MODEL_NAME`` / ``PHI3OPS_SERVE_MODEL_VERSION`` (set by `start_server`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from phi3ops.serving.records import request_rows
+
+if TYPE_CHECKING:
+    from phi3ops.serving.records import InferenceRecorder
 
 MODEL_PATH_ENV = "PHI3OPS_SERVE_MODEL_PATH"
+MODEL_NAME_ENV = "PHI3OPS_SERVE_MODEL_NAME"
+MODEL_VERSION_ENV = "PHI3OPS_SERVE_MODEL_VERSION"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -48,13 +59,15 @@ class TransformersContextLimit:
 
         return AutoTokenizer.from_pretrained(self.model_path / "components" / "tokenizer")
 
-    def problem(self, request: dict[str, Any]) -> str | None:
+    def problem(self, request: Any) -> str | None:
         """Why ``request`` cannot fit the context, or None when it fits (or is not chat)."""
-        messages = request.get("messages")
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
-        ):
-            return None  # not a well-formed chat request: MLflow's schema check answers it
+        messages = request.get("messages") if isinstance(request, dict) else None
+        if not isinstance(messages, list):
+            return None  # not a chat request: MLflow's schema check answers it
+        for i, message in enumerate(messages):
+            # MLflow's transformers predict fails with a 500 on these; they are the caller's.
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                return f"messages[{i}].content: each message needs a string 'content'."
         try:
             ids = self.tokenizer.apply_chat_template(
                 messages, tokenize=True, add_generation_prompt=True
@@ -95,7 +108,7 @@ class ChatRequestGuard:
             payload = json.loads(body or b"null")
         except ValueError:
             payload = None  # MLflow answers malformed JSON itself
-        for request in _chat_requests(payload):
+        for request in request_rows(payload):
             problem = problem or self.limit.problem(request)
         if problem:
             await _send_json(
@@ -105,15 +118,99 @@ class ChatRequestGuard:
         await self.app(scope, _replay(messages), send)
 
 
-def create_app() -> Any:
-    """MLflow's scoring app for the model at ``$PHI3OPS_SERVE_MODEL_PATH``, guarded."""
+class InferenceRecording:
+    """ASGI middleware: records every ``/invocations`` row, answered or refused, as a trace.
+
+    Outermost, so the guard's refusals are recorded too; the latency is the whole call's.
+    """
+
+    def __init__(self, app: ASGIApp, *, recorder: InferenceRecorder) -> None:
+        self.app = app
+        self.recorder = recorder
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/invocations":
+            await self.app(scope, receive, send)
+            return
+        import anyio
+
+        started, clock = time.time(), time.perf_counter()
+        body, messages = await _read_body(receive)
+        status, chunks = 500, []
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, _replay(messages), capture)
+        finally:
+            latency = time.perf_counter() - clock
+            await anyio.to_thread.run_sync(
+                lambda: self.recorder.record_exchange(
+                    _json_or_none(body),
+                    status_code=status,
+                    body=_json_or_none(b"".join(chunks)),
+                    started=started,
+                    latency_s=latency,
+                )
+            )
+
+
+def build_app(model_path: Path, *, recorder: InferenceRecorder | None = None) -> Any:
+    """MLflow's scoring app for the model at ``model_path``, guarded, recording when given one."""
     from mlflow.pyfunc import scoring_server
 
-    model_path = Path(os.environ[MODEL_PATH_ENV])
     app = scoring_server.init(scoring_server.load_model_with_mlflow_config(str(model_path)))
     if "transformers" in _mlmodel(model_path).get("flavors", {}):
         app.add_middleware(ChatRequestGuard, limit=TransformersContextLimit(model_path))
+    if recorder is not None:
+        app.add_middleware(InferenceRecording, recorder=recorder)  # added last: outermost
     return app
+
+
+def recorder_for(model_path: Path, *, model_name: str, model_version: str) -> InferenceRecorder:
+    """A recorder writing to the inference experiment of the project's tracking store."""
+    from phi3ops.serving.records import InferenceRecorder
+    from phi3ops.settings import get_settings
+    from phi3ops.tracking import configure_tracking
+
+    settings = get_settings()
+    return InferenceRecorder(
+        model_name=model_name,
+        model_version=model_version,
+        experiment_id=configure_tracking(settings.inference_experiment_name),
+        record_prompts=settings.record_prompts,
+        context_tokens=context_tokens(model_path),
+    )
+
+
+def create_app() -> Any:
+    """The app for ``$PHI3OPS_SERVE_MODEL_PATH``; it records when the served version is known."""
+    model_path = Path(os.environ[MODEL_PATH_ENV])
+    name, version = os.environ.get(MODEL_NAME_ENV), os.environ.get(MODEL_VERSION_ENV)
+    recorder = (
+        recorder_for(model_path, model_name=name, model_version=version)
+        if name and version
+        else None
+    )
+    return build_app(model_path, recorder=recorder)
+
+
+def context_tokens(model_path: Path) -> int | None:
+    """The served model's context window (prompt plus answer), for either flavor."""
+    flavors = _mlmodel(model_path).get("flavors", {})
+    if "transformers" in flavors:
+        return TransformersContextLimit(model_path).context
+    for config in model_path.rglob("genai_config.json"):
+        from phi3ops.serving.onnx_chat_model import usable_context
+
+        return usable_context(json.loads(config.read_text())["model"])
+    return None
 
 
 def _mlmodel(model_path: Path) -> dict[str, Any]:
@@ -122,16 +219,11 @@ def _mlmodel(model_path: Path) -> dict[str, Any]:
     return yaml.safe_load((model_path / "MLmodel").read_text())
 
 
-def _chat_requests(payload: Any) -> list[dict[str, Any]]:
-    """The chat-shaped requests in any payload form the scoring server accepts."""
-    if not isinstance(payload, dict):
-        return []
-    if "messages" in payload:
-        return [payload]
-    rows = payload.get("inputs", payload.get("dataframe_records", payload.get("instances")))
-    if isinstance(rows, dict):
-        rows = [rows]
-    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+def _json_or_none(data: bytes) -> Any:
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return None
 
 
 async def _read_body(receive: Receive) -> tuple[bytes, list[Message]]:

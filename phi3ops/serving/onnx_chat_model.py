@@ -368,7 +368,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
 
         self._model = og.Model(model_dir)
         self._tokenizer = og.Tokenizer(self._model)
-        self.context_length = _usable_context(genai_config)
+        self.context_length = usable_context(genai_config)
         eos = genai_config["eos_token_id"]
         self.eos_token_ids = frozenset(int(t) for t in (eos if isinstance(eos, list) else [eos]))
         self._pad_token_id = int(genai_config.get("pad_token_id", min(self.eos_token_ids)))
@@ -647,7 +647,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
             yield last
 
 
-def _usable_context(genai_config: dict[str, Any]) -> int:
+def usable_context(genai_config: dict[str, Any]) -> int:
     """Tokens a sequence may hold (prompt plus answer) on onnxruntime-genai 0.18.
 
     ``context_length`` normally. But when the decoder declares a sliding window whose KV cache

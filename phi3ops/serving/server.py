@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 from phi3ops.errors import InvalidInputError
-from phi3ops.serving.app import MODEL_PATH_ENV
+from phi3ops.serving.app import MODEL_NAME_ENV, MODEL_PATH_ENV, MODEL_VERSION_ENV
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
 
@@ -62,6 +62,28 @@ def download_model(model_uri: str, target: Path) -> Path:
         ) from exc
 
 
+def registered_version(model_uri: str) -> tuple[str, str] | None:
+    """(name, version) that ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` points at
+    now; None for any other URI (its requests are served but not recorded)."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
+    if not match:
+        return None
+    name, alias, version = match.groups()
+    if version:
+        return name, version
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    configure_tracking()
+    try:
+        return name, str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        raise InvalidInputError(
+            f"Cannot load {model_uri}: {exc.message} Check the name and alias with `mlflow ui` "
+            f"(or the registry of MLFLOW_TRACKING_URI)."
+        ) from exc
+
+
 def serve_command(model_path: Path, *, host: str, port: int, workers: int = 1) -> list[str]:
     """The uvicorn command line serving the downloaded model at ``model_path``."""
     if not 0 < port < 65536:
@@ -95,14 +117,20 @@ def start_server(
     """Download ``model_uri`` and start serving it in the background.
 
     The server gets a session of its own, so `stop_server` can stop uvicorn's workers with it.
+    A registered version's requests are recorded as MLflow traces (`phi3ops.serving.records`);
+    the alias is resolved once, here, so records name the version actually served.
     """
     command = serve_command(Path("."), host=host, port=port, workers=workers)  # check first
     parent = get_settings().data_dir / "serving"
     parent.mkdir(parents=True, exist_ok=True)
     download_dir = Path(tempfile.mkdtemp(prefix="model-", dir=parent))
     try:
-        model_path = download_model(model_uri, download_dir)
+        served = registered_version(model_uri) if _MODEL_URI.match(model_uri) else None
+        pinned = f"models:/{served[0]}/{served[1]}" if served else model_uri
+        model_path = download_model(pinned, download_dir)
         env = {**os.environ, **(extra_env or {}), MODEL_PATH_ENV: str(model_path)}
+        if served is not None:
+            env[MODEL_NAME_ENV], env[MODEL_VERSION_ENV] = served
         process = subprocess.Popen(command, env=env, start_new_session=True, **popen_kwargs)
     except BaseException:
         shutil.rmtree(download_dir, ignore_errors=True)

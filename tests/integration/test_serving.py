@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,6 +155,29 @@ def test_malformed_requests_get_4xx_and_server_keeps_serving(server, body, raw, 
     for word in words:
         assert word in message
     assert _post(url, CHAT).status_code == 200  # still answering good requests
+
+
+@pytest.mark.slow
+def test_every_request_row_is_recorded_as_a_trace_of_the_served_version(
+    server, packaged, monkeypatch
+) -> None:
+    from phi3ops.settings import get_settings
+    from tasks.monitoring import load_records
+
+    flavor, url = server
+    started = time.time()
+    _completion(_post(url, CHAT))
+    assert _post(url, {"messages": [{"role": "user"}]}).status_code == 400
+    monkeypatch.setenv("PHI3OPS_DATA_DIR", packaged["data_dir"])  # the server's store
+    get_settings.cache_clear()
+    records, deadline = [], time.monotonic() + 30
+    while len(records) < 2 and time.monotonic() < deadline:  # the server writes them async
+        records = load_records(f"phi3-{flavor}", "1", start=started, end=time.time() + 1)
+        time.sleep(0.5)
+    answered, refused = records
+    assert answered.status_code == 200 and answered.response and answered.error is None
+    assert answered.completion_tokens <= 8 and answered.finish_reason in {"stop", "length"}
+    assert refused.status_code == 400 and refused.response is None and "content" in refused.error
 
 
 @pytest.mark.slow
