@@ -28,7 +28,7 @@ from tasks.monitoring import (
     window_bounds,
 )
 from tasks.promotion import emit, resolve_version
-from tasks.registry import CHAMPION_ALIAS, resolve_model_name
+from tasks.registry import CHAMPION_ALIAS, artifact_key, resolve_model_name
 
 _EVENTS = {
     "passed": PASSED_EVENT,
@@ -76,7 +76,7 @@ def monitor_flow(
     if report.checks:
         create_table_artifact(
             table=checks_table(report),
-            key=f"monitor-{_key(name)}",
+            key=artifact_key("monitor", name),
             description=f"Monitoring of {name} v{version}: {report.outcome}",
         )
     emit(
@@ -106,8 +106,3 @@ def report_of(result: MonitorReport | object) -> MonitorReport:
     if isinstance(result, MonitorReport):
         return result
     return result.result()  # type: ignore[union-attr]
-
-
-def _key(name: str) -> str:
-    # Prefect artifact keys: lowercase letters, digits and dashes only.
-    return "".join(c if c.isalnum() else "-" for c in name.lower())

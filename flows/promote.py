@@ -23,7 +23,7 @@ from tasks.promotion import (
     record_decision_task,
     resolve_version,
 )
-from tasks.registry import CANDIDATE_ALIAS, resolve_model_name
+from tasks.registry import CANDIDATE_ALIAS, artifact_key, resolve_model_name
 
 
 @flow(name="promote", log_prints=True)
@@ -83,7 +83,7 @@ def promote_flow(
     record_decision_task(decision, state, triggered_by=who)
     markdown = decision_markdown(decision, state, triggered_by=who)
     create_markdown_artifact(
-        markdown=markdown, key=f"promotion-{_key(name)}", description="Promotion decision"
+        markdown=markdown, key=artifact_key("promotion", name), description="Promotion decision"
     )
     emit(
         PROMOTED_EVENT if state.action == "promoted" else REJECTED_EVENT,
@@ -99,8 +99,3 @@ def promote_flow(
     )
     print(markdown)
     return decision
-
-
-def _key(name: str) -> str:
-    # Prefect artifact keys: lowercase letters, digits and dashes only.
-    return "".join(c if c.isalnum() else "-" for c in name.lower())

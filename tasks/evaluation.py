@@ -67,6 +67,7 @@ from phi3ops.evalset import resolve_eval_set as _resolve_eval_set_path
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
 from tasks.registry import CHAMPION_ALIAS, TAG_PREFIX, LineageTag, resolve_model_name
+from tasks.registry import artifact_key as registry_artifact_key
 
 __all__ = [
     "CHAMPION_ALIAS",
@@ -1276,8 +1277,7 @@ def parity_report(summary_a: EvalSummary, summary_b: EvalSummary) -> str:
 
 def artifact_key(model_name: str, version: str) -> str:
     """The Prefect artifact key of a version's evaluation: ``eval-<model>-<version>``."""
-    slug = re.sub(r"[^a-z0-9]+", "-", f"eval-{model_name}-{version}".lower()).strip("-")
-    return slug
+    return registry_artifact_key("eval", model_name, version)
 
 
 def publish_comparison(summary: EvalSummary, markdown: str, *, log_to_run: bool = True) -> str:

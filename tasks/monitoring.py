@@ -15,7 +15,6 @@ statistic is the median, the threshold a ratio (``PHI3OPS_MONITOR_MAX_DRIFT_RATI
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -575,7 +574,3 @@ def record_outcome_task(
     report: MonitorReport, validation: dict[str, Any] | None, docs_dir: Path | None
 ) -> str:
     return record_outcome(report, validation, docs_dir)
-
-
-def _dump(report: MonitorReport) -> str:
-    return json.dumps(_report_dict(report), indent=2, default=str)

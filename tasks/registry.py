@@ -271,3 +271,8 @@ def _to_registered(version, *, reused: bool) -> RegisteredVersion:
         reused=reused,
         tags=tags,
     )
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key from ``parts`` (lowercase letters, digits and dashes only)."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")

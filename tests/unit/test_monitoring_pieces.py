@@ -1,0 +1,172 @@
+"""Inference records and the monitoring suite's pieces, without a model or a store."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from phi3ops.errors import InvalidInputError
+from phi3ops.serving.records import InferenceRecord, InferenceRecorder, request_rows
+from tasks.monitoring import (
+    TEMPLATE_TOKEN_REGEX,
+    Baseline,
+    Thresholds,
+    build_expectations,
+    records_frame,
+    window_bounds,
+)
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def _recorder(record_prompts: bool = False) -> InferenceRecorder:
+    return InferenceRecorder(
+        model_name="m",
+        model_version="3",
+        experiment_id="1",
+        record_prompts=record_prompts,
+        context_tokens=4096,
+    )
+
+
+def _completion(text: str, finish: str = "stop") -> dict:
+    return {
+        "object": "chat.completion",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        ],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+    }
+
+
+@pytest.mark.parametrize(
+    ("payload", "rows"),
+    [
+        (CHAT, [CHAT]),
+        ({"inputs": [CHAT, CHAT]}, [CHAT, CHAT]),
+        ({"dataframe_records": [CHAT]}, [CHAT]),
+        ({"inputs": {"prompt": ["a", "b"]}}, [{"prompt": "a"}, {"prompt": "b"}]),
+        ({"inputs": CHAT}, [CHAT]),
+        ("not json", []),
+    ],
+)
+def test_request_rows_of_every_payload_form(payload, rows) -> None:
+    assert request_rows(payload) == rows
+
+
+def test_each_row_is_paired_with_its_answer() -> None:
+    pairs = _recorder().records_for(
+        {"inputs": [CHAT, {"prompt": "p"}]},
+        status_code=200,
+        body={"predictions": [_completion("Hello", "length"), "plain"]},
+        started=100.0,
+        latency_s=0.5,
+    )
+    (chat, _), (plain, _) = pairs
+    assert (chat.response, chat.finish_reason, chat.prompt_tokens, chat.completion_tokens) == (
+        "Hello",
+        "length",
+        7,
+        3,
+    )
+    assert (chat.batch_size, chat.context_tokens, chat.model_version) == (2, 4096, "3")
+    assert (plain.response, plain.finish_reason, plain.completion_tokens) == ("plain", None, None)
+    assert chat.prompt is None  # not recorded by default
+
+
+def test_a_refused_request_is_an_error_record_and_prompts_only_when_enabled() -> None:
+    ((record, _),) = _recorder(record_prompts=True).records_for(
+        CHAT,
+        status_code=400,
+        body={"error_code": "INVALID_PARAMETER_VALUE", "message": "max_tokens too big"},
+        started=1.0,
+        latency_s=0.01,
+    )
+    assert record.response is None and record.status_code == 400
+    assert "max_tokens too big" in record.error
+    assert record.prompt == "user: hi"
+
+
+def test_a_missing_prediction_is_an_error_not_a_silent_gap() -> None:
+    pairs = _recorder().records_for(
+        {"inputs": [CHAT, CHAT]},
+        status_code=200,
+        body={"predictions": [_completion("x")]},
+        started=1.0,
+        latency_s=0.1,
+    )
+    assert pairs[0][0].error is None
+    assert "without a prediction" in pairs[1][0].error
+
+
+def test_records_round_trip_through_the_span_attribute() -> None:
+    record = InferenceRecord(
+        timestamp=1.0,
+        model_name="m",
+        model_version="1",
+        latency_s=2.0,
+        response="r",
+        completion_tokens=4,
+    )
+    stored = {**record.__dict__, "added_later": 1}
+    assert InferenceRecord.from_attribute(stored) == record
+
+
+def test_frame_derives_seconds_per_token_only_where_tokens_were_generated() -> None:
+    base = dict(timestamp=1.0, model_name="m", model_version="1", response="r")
+    frame = records_frame(
+        [
+            InferenceRecord(**base, latency_s=2.0, completion_tokens=4),
+            InferenceRecord(**base, latency_s=1.0, completion_tokens=0),
+            InferenceRecord(**{**base, "response": None}, latency_s=1.0, error="HTTP 400"),
+        ]
+    )
+    assert frame["seconds_per_token"].iloc[0] == 0.5
+    assert math.isnan(frame["seconds_per_token"].iloc[1])
+    assert math.isnan(frame["seconds_per_token"].iloc[2])
+    assert frame["response"].iloc[2] is None
+
+
+def test_thresholds_come_from_settings_and_reject_unknown_overrides(monkeypatch) -> None:
+    from phi3ops.settings import get_settings
+
+    monkeypatch.setenv("PHI3OPS_MONITOR_MAX_ERROR_RATE", "0.01")
+    get_settings.cache_clear()
+    assert Thresholds.from_settings().max_error_rate == 0.01
+    assert Thresholds.from_settings(max_error_rate=0.5).max_error_rate == 0.5
+    with pytest.raises(InvalidInputError, match="max_eror_rate"):
+        Thresholds.from_settings(max_eror_rate=0.5)
+    with pytest.raises(InvalidInputError, match="positive"):
+        window_bounds(0)
+    start, end = window_bounds(30, end=10_000.0)
+    assert end - start == 1800
+
+
+def test_drift_checks_need_a_baseline_and_say_so() -> None:
+    thresholds = Thresholds.from_settings()
+    expectations, skipped = build_expectations(thresholds, None)
+    names = [e.meta["check"] for e in expectations]
+    assert "drift-completion-tokens" not in names
+    assert [c.name for c in skipped] == ["drift-completion-tokens", "drift-seconds-per-token"]
+    assert all(c.success is None and "no evaluation" in c.observed for c in skipped)
+
+    baseline = Baseline(
+        "run", "smoke", "h", 6, median_completion_tokens=40.0, median_seconds_per_token=0.01
+    )
+    expectations, skipped = build_expectations(thresholds, baseline)
+    by_name = {e.meta["check"]: e for e in expectations}
+    assert not skipped and len(by_name) == 9
+    assert (
+        by_name["drift-completion-tokens"].min_value,
+        by_name["drift-completion-tokens"].max_value,
+    ) == (20.0, 80.0)
+    assert by_name["drift-seconds-per-token"].max_value == pytest.approx(0.02)
+    assert all(e.meta["guards_against"] for e in expectations)
+
+
+@pytest.mark.parametrize("token", ["<|end|>", "<|assistant|>", "<|user|>", "<|endoftext|>"])
+def test_template_token_pattern_catches_phi3_markers(token) -> None:
+    assert re.search(TEMPLATE_TOKEN_REGEX, f"Paris.{token}")
+    assert not re.search(TEMPLATE_TOKEN_REGEX, "a | b < c > d")
