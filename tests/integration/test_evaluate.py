@@ -46,6 +46,7 @@ from tasks.evaluation import (
     find_evaluation,
     parity_report,
 )
+from tests.artifacts import latest_artifact_data
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -53,22 +54,6 @@ MODEL_NAME = "phi3-mini"
 SMOKE = "smoke"
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _latest_markdown(key: str) -> str:
-    """The newest Prefect artifact with this key, read back through the Prefect API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=1,
-        )
-    assert found, f"no Prefect artifact {key!r}"
-    return str(found[0].data)
 
 
 def _table(run_id: str) -> pd.DataFrame:
@@ -340,12 +325,12 @@ def store(tiny_phi3, prefect_harness, tmp_path_factory: pytest.TempPathFactory) 
 
         markdown: dict[str, str] = {}
         onnx = evaluate_flow(model_uri=f"models:/{MODEL_NAME}/1", eval_set=SMOKE)
-        markdown["onnx"] = _latest_markdown(artifact_key(MODEL_NAME, "1"))
+        markdown["onnx"] = latest_artifact_data(artifact_key(MODEL_NAME, "1"))
 
         configure_tracking()
         MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", "1")
         transformers = evaluate_flow(model_uri=f"models:/{MODEL_NAME}@candidate", eval_set=SMOKE)
-        markdown["transformers"] = _latest_markdown(artifact_key(MODEL_NAME, "2"))
+        markdown["transformers"] = latest_artifact_data(artifact_key(MODEL_NAME, "2"))
 
         configure_tracking()
         runs_before = _run_count()
@@ -356,12 +341,12 @@ def store(tiny_phi3, prefect_harness, tmp_path_factory: pytest.TempPathFactory) 
         with pytest.MonkeyPatch.context() as no_gen:
             no_gen.setattr(tasks.evaluation, "generate_outputs", no_generation)
             reused = evaluate_flow(model_uri=f"models:/{MODEL_NAME}/1", eval_set=SMOKE)
-        markdown["reused"] = _latest_markdown(artifact_key(MODEL_NAME, "1"))
+        markdown["reused"] = latest_artifact_data(artifact_key(MODEL_NAME, "1"))
         configure_tracking()
         runs_after = _run_count()
 
         other_eval = evaluate_flow(model_uri=f"models:/{MODEL_NAME}/2", eval_set=str(other_path))
-        markdown["other"] = _latest_markdown(artifact_key(MODEL_NAME, "2"))
+        markdown["other"] = latest_artifact_data(artifact_key(MODEL_NAME, "2"))
 
         yield Store(
             data_dir=data_dir,

@@ -4,6 +4,7 @@ the monitor flow: healthy traffic passes, each kind of bad traffic breaks its ex
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from phi3ops.errors import MonitoringFailedError
+from tests.artifacts import latest_artifact_data
 
 NAME = "phi3-monitored"
 SMOKE = "smoke"
@@ -167,6 +169,9 @@ def test_healthy_traffic_passes_and_is_recorded(monitored, flavor) -> None:
         ("phi3ops.monitoring.passed", version, monitored["events"][0][2])
     ]
     assert monitored["events"][0][2]["records"] == 12
+    table = json.loads(latest_artifact_data("monitor-phi3-monitored"))
+    assert [row["result"] for row in table] == ["pass"] * 9
+    assert {row["expectation"] for row in table} == {c.name for c in report.checks}
 
 
 @pytest.mark.slow
