@@ -1,14 +1,22 @@
-"""`make bench`: serving speed of the packaged Phi-3, measured side by side in one process.
+"""`make bench`: what the pipeline costs, measured side by side in one process.
 
-On a ~200M-parameter random Phi-3 built locally (ONNX int4 + bf16 PyTorch), fetched from the
-local hub and packaged exactly as the pipeline does, with the same prompts for every contender:
+Serving (``--only serving``), on a ~200M-parameter random Phi-3 built locally (ONNX int4 + bf16
+PyTorch), fetched from the local hub and packaged exactly as the pipeline does, with the same
+prompts for every contender:
 
 * tokens/s through the loaded ONNX pyfunc vs a bare onnxruntime-genai loop (target >= 0.95);
 * ONNX int4 pyfunc vs the transformers flavor on CPU (reported; expect > 2x);
 * ``mlflow.pyfunc.load_model("models:/...@candidate")`` to first token vs bare ``og.Model``.
 
-Contenders alternate prompt by prompt, so machine noise hits both sides alike. Results go to
-stdout and ``BENCHMARKS.md``.
+Contenders alternate prompt by prompt, so machine noise hits both sides alike.
+
+Orchestration (``--only orchestration``): the lifecycle flow (fetch, package, register,
+evaluate, promote) on the tiny Phi-3 vs the same task functions called as plain Python, each
+run on a fresh store so nothing is reused; the difference is what Prefect costs per run
+(target < 15 s).
+
+Results go to stdout and ``BENCHMARKS.md`` (one section per benchmark; ``--only`` keeps the
+other sections as they were).
 """
 
 from __future__ import annotations
@@ -139,36 +147,220 @@ def _package(tmp: Path, recipe_name: str) -> dict[str, object]:
     return out
 
 
+# --- orchestration: the lifecycle flow vs the same task functions as plain Python ---------------
+
+LIFECYCLE_MODEL = "bench-lifecycle"
+
+
+def _lifecycle_plain(*, eval_set: str, gates: dict[str, float]) -> dict[str, object]:
+    """The lifecycle's work with no orchestration: the plain functions its tasks wrap, in order
+    (fetch -> plan -> find or log + register -> evaluate + compare -> gates -> aliases -> record).
+    What only Prefect does (flow/task runs, markdown artifacts, events) is left out."""
+    from phi3ops.sources import ONNX_REPO_ID, Variant
+    from tasks.evaluation import evaluate_model, find_evaluation
+    from tasks.hub import fetch_snapshot
+    from tasks.packaging import Flavor, log_onnx_model, plan_package
+    from tasks.promotion import (
+        CHAMPION_ALIAS,
+        GatePolicy,
+        alias_version,
+        apply_decision,
+        evaluate_gates,
+        record_decision,
+    )
+    from tasks.registry import find_registered_version, register_version
+
+    fetched = fetch_snapshot(ONNX_REPO_ID, variant=Variant.ONNX_CPU_INT4)
+    plan = plan_package(fetched, Flavor.ONNX)
+    registered = find_registered_version(plan, model_name=LIFECYCLE_MODEL)
+    if registered is None:
+        logged = log_onnx_model(fetched)
+        registered = register_version(logged, fetched, model_name=LIFECYCLE_MODEL)
+    summary = evaluate_model(registered.model_uri, eval_set)
+    champion = alias_version(LIFECYCLE_MODEL, CHAMPION_ALIAS)
+    champion_eval = (
+        find_evaluation(LIFECYCLE_MODEL, champion, summary.eval_set_hash)
+        if champion not in (None, registered.version)
+        else None
+    )
+    decision = evaluate_gates(
+        LIFECYCLE_MODEL,
+        registered.version,
+        summary,
+        champion_eval,
+        champion_version=champion,
+        policy=GatePolicy.from_settings(**gates),
+    )
+    state = apply_decision(decision, triggered_by="bench")
+    if state.action != "unchanged":
+        record_decision(decision, state, triggered_by="bench")
+    return {"version": registered.version, "decision": state.action}
+
+
+def _lifecycle_flow(*, eval_set: str, gates: dict[str, float]) -> dict[str, object]:
+    """The same lifecycle through `flows.lifecycle.lifecycle_flow` (5 subflows, ~20 tasks)."""
+    from flows.lifecycle import GateOverrides, lifecycle_flow
+
+    result = lifecycle_flow(
+        model_name=LIFECYCLE_MODEL, eval_set=eval_set, gates=GateOverrides(**gates)
+    )
+    return {"version": result.version, "decision": result.decision}
+
+
+def _orchestration(tmp: Path, *, eval_set: str, rounds: int) -> list[tuple[str, str, float, str]]:
+    """Seconds per lifecycle run, flow vs plain functions, each run on a fresh data dir (fresh
+    snapshot folder and MLflow store, so nothing is reused), alternating A-B then B-A."""
+    import logging
+
+    from huggingface_hub.utils import close_session
+
+    from phi3ops.jobs import DEMO_GATES
+    from phi3ops.offline.local_hub import LocalHub
+    from phi3ops.offline.tiny_phi3 import PRESETS, ensure_tiny_phi3
+    from phi3ops.settings import get_settings
+    from phi3ops.sources import ONNX_REPO_ID
+
+    # Prefect's temporary server takes 13-18 s to start here (see DESIGN.md).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+    cache = Path(os.environ.get("PHI3OPS_BENCH_CACHE", REPO_ROOT / ".data" / "bench-cache"))
+    repos = ensure_tiny_phi3(cache, PRESETS["tiny"])
+    contenders = {"flow": _lifecycle_flow, "plain": _lifecycle_plain}
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    runs = 0
+    with LocalHub() as hub:
+        hub.add_repo(ONNX_REPO_ID, repos.onnx_dir)
+        os.environ["PHI3OPS_HF_ENDPOINT"] = hub.url
+
+        def timed(name: str, eval_set: str) -> float:
+            nonlocal runs
+            runs += 1
+            os.environ["PHI3OPS_DATA_DIR"] = str(tmp / f"lifecycle-{runs}-{name}")
+            get_settings.cache_clear()
+            start = time.perf_counter()
+            outcome = contenders[name](eval_set=eval_set, gates=DEMO_GATES)
+            elapsed = time.perf_counter() - start
+            assert outcome == {"version": "1", "decision": "promoted"}, (name, outcome)
+            print(f"  lifecycle {name:<5} {elapsed:6.2f} s")
+            return elapsed
+
+        # Warm-up (imports, the model's first load): the first flow also starts the server.
+        first_flow = timed("flow", "smoke")
+        timed("plain", "smoke")
+        for round_ in range(rounds):
+            order = ["flow", "plain"] if round_ % 2 == 0 else ["plain", "flow"]
+            for name in order:
+                seconds[name].append(timed(name, eval_set))
+    close_session()
+
+    pairs = list(zip(seconds["flow"], seconds["plain"], strict=True))
+    flow_s = sum(seconds["flow"]) / rounds
+    plain_s = sum(seconds["plain"]) / rounds
+    return [
+        (
+            f"seconds per lifecycle run: flow vs plain task functions (eval set {eval_set})",
+            f"{flow_s:.1f} vs {plain_s:.1f}",
+            flow_s / plain_s,
+            "report",
+        ),
+        (
+            "orchestration overhead per lifecycle run (flow - plain, s; each pair in brackets)",
+            f"{flow_s - plain_s:.1f} ({', '.join(f'{f - p:+.1f}' for f, p in pairs)})",
+            (flow_s - plain_s) / plain_s,
+            "< 15 s",
+        ),
+        (
+            "first flow run in a fresh process, incl. starting Prefect's temporary server (s)",
+            f"{first_flow:.1f}",
+            first_flow / plain_s,
+            "report (once per process)",
+        ),
+    ]
+
+
+# --- the report ------------------------------------------------------------------------------
+
+SECTIONS = {
+    "serving": "Serving: the packaged Phi-3",
+    "orchestration": "Orchestration: the lifecycle flow vs plain Python",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--only",
+        choices=sorted(SECTIONS),
+        action="append",
+        help="Run only this benchmark (repeatable); the other sections of the report are kept.",
+    )
     parser.add_argument("--preset", choices=["bench", "tiny"], default="bench")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--lifecycle-eval-set", default="phi3-default", help="Eval set of the lifecycle runs."
+    )
+    parser.add_argument("--lifecycle-rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    chosen = args.only or list(SECTIONS)
 
+    sections: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="phi3ops-bench-") as tmp:
-        packaged = _package(Path(tmp), args.preset)
-        recipe = packaged["recipe"]
-        # Load-to-first-token, measured back to back on the same files.
-        bare, bare_load = _bare_og(packaged["onnx_model_dir"])
-        onnx, onnx_load = _pyfunc(packaged["onnx"])
-        tps = _side_by_side(
-            {"bare onnxruntime-genai": bare, "onnx pyfunc": onnx},
-            max_tokens=args.max_tokens,
-            rounds=args.rounds,
-        )
-        batched, single = _batched_vs_single(
-            packaged["onnx"], max_tokens=args.max_tokens, rounds=args.rounds
-        )
-        transformers, tf_load = _pyfunc(packaged["transformers"])
-        tps_flavors = _side_by_side(
-            {"onnx pyfunc": onnx, "transformers flavor": transformers},
-            max_tokens=args.max_tokens,
-            rounds=1,
-        )
+        if "serving" in chosen:
+            rows, recipe = _serving(Path(tmp), args)
+            params = getattr(recipe, "num_parameters", None)
+            sections["serving"] = _section(
+                "serving",
+                f"preset `{args.preset}`, {params:,} parameters; {len(PROMPTS)} prompts x "
+                f"{args.rounds} rounds, max_tokens={args.max_tokens}, greedy. Contenders run "
+                "alternately, prompt by prompt, in one process.",
+                rows,
+            )
+        if "orchestration" in chosen:
+            rows = _orchestration(
+                Path(tmp), eval_set=args.lifecycle_eval_set, rounds=args.lifecycle_rounds
+            )
+            sections["orchestration"] = _section(
+                "orchestration",
+                f"tiny Phi-3 (warm caches), {args.lifecycle_rounds} rounds after a warm-up, "
+                "each run on a fresh data dir (snapshot + SQLite MLflow store) so nothing is "
+                "reused: fetch from the local hub, package + register, evaluate, promote. "
+                "Contenders alternate (A-B, B-A) in one process; the flow runs against Prefect's "
+                "temporary server, started once.",
+                rows,
+            )
+    report = _merge(args.output, sections)
+    print(report)
+    args.output.write_text(report)
+    print(f"written to {args.output}")
+    return 0
 
+
+def _serving(tmp: Path, args) -> tuple[list[tuple[str, str, float, str]], object]:
+    packaged = _package(tmp, args.preset)
+    recipe = packaged["recipe"]
+    # Load-to-first-token, measured back to back on the same files.
+    bare, bare_load = _bare_og(packaged["onnx_model_dir"])
+    onnx, onnx_load = _pyfunc(packaged["onnx"])
+    tps = _side_by_side(
+        {"bare onnxruntime-genai": bare, "onnx pyfunc": onnx},
+        max_tokens=args.max_tokens,
+        rounds=args.rounds,
+    )
+    batched, single = _batched_vs_single(
+        packaged["onnx"], max_tokens=args.max_tokens, rounds=args.rounds
+    )
+    transformers, tf_load = _pyfunc(packaged["transformers"])
+    tps_flavors = _side_by_side(
+        {"onnx pyfunc": onnx, "transformers flavor": transformers},
+        max_tokens=args.max_tokens,
+        rounds=1,
+    )
     rows = [
         (
             "tokens/s: ONNX pyfunc vs bare onnxruntime-genai loop",
@@ -201,24 +393,16 @@ def main(argv: list[str] | None = None) -> int:
             "report",
         ),
     ]
-    report = _markdown(rows, recipe, args)
-    print(report)
-    args.output.write_text(report)
-    print(f"written to {args.output}")
-    return 0
+    return rows, recipe
 
 
-def _markdown(rows: list[tuple[str, str, float, str]], recipe: object, args) -> str:
-    params = getattr(recipe, "num_parameters", None)
+def _section(key: str, setup: str, rows: list[tuple[str, str, float, str]]) -> str:
     lines = [
-        "# Benchmarks",
+        f"## {SECTIONS[key]}",
         "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}; `make bench` "
-        f"(preset `{args.preset}`, {params:,} parameters; {len(PROMPTS)} prompts x "
-        f"{args.rounds} rounds, max_tokens={args.max_tokens}, greedy).",
-        "Contenders run alternately, prompt by prompt, in one process: the ratios are what "
-        "counts; absolute numbers move with the machine's load.",
+        f"`python -m bench --only {key}`, measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+        f"{setup}",
         "",
         "| measure | values | ratio | target |",
         "|---|---|---|---|",
@@ -227,6 +411,32 @@ def _markdown(rows: list[tuple[str, str, float, str]], recipe: object, args) -> 
         f"| {name} | {values} | {ratio:.2f} | {target} |" for name, values, ratio, target in rows
     ]
     return "\n".join(lines) + "\n"
+
+
+def _merge(path: Path, fresh: dict[str, str]) -> str:
+    """The report: the sections just measured, and the others as the last run left them."""
+    kept: dict[str, str] = {}
+    if path.exists():
+        text = path.read_text()
+        for key, title in SECTIONS.items():
+            head = f"## {title}\n"
+            if head in text:
+                body = text.split(head, 1)[1].split("\n## ", 1)[0]
+                kept[key] = head + body.rstrip("\n") + "\n"
+        if not kept and "| measure |" in text:  # a report from before there were sections
+            body = text.removeprefix("# Benchmarks").strip("\n")
+            kept["serving"] = f"## {SECTIONS['serving']}\n\n{body}\n"
+    sections = [fresh.get(key) or kept.get(key) for key in SECTIONS]
+    return "\n".join(
+        [
+            "# Benchmarks",
+            "",
+            "Contenders are measured side by side in one process: the ratios are what counts; "
+            "absolute numbers move with the machine's load. `make bench` runs every section.",
+            "",
+            *(section for section in sections if section),
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -231,20 +231,132 @@ def serve(
     _run(serve_forever)
 
 
-@app.command()
-def run() -> None:
-    """The main job on the real Phi-3 from the Hugging Face hub (`make run`)."""
-    from phi3ops import jobs
-
-    _run(jobs.main_job)
+EVAL_SET_OPTION = typer.Option(
+    None, help="Eval set name in evals/ or path of a .jsonl file (default: phi3-default)."
+)
 
 
 @app.command()
-def demo() -> None:
-    """The main job fully offline, on a tiny random Phi-3 served from a local hub (`make demo`)."""
+def run(
+    repo_id: str | None = typer.Option(
+        None, help="Hub repository; defaults to the variant's Microsoft repo."
+    ),
+    revision: str = typer.Option("main", help="Branch, tag or commit sha."),
+    flavor: FlavorOption = typer.Option(
+        FlavorOption.ONNX, help="onnx (onnxruntime-genai pyfunc) or transformers (llm/v1/chat)."
+    ),
+    variant: Variant | None = typer.Option(
+        None, help="What to fetch; defaults to onnx-cpu-int4 for onnx, pytorch for transformers."
+    ),
+    model_name: str | None = MODEL_NAME_OPTION,
+    eval_set: str | None = EVAL_SET_OPTION,
+    gate: list[str] = typer.Option(
+        [], help="Override a gate for this run, e.g. --gate min_pass_rate=0.7 (repeatable)."
+    ),
+    evaluate_champion: bool = typer.Option(
+        True, help="Evaluate the champion on the eval set first when it has no evaluation."
+    ),
+) -> None:
+    """The main job: the lifecycle (fetch, package, register, evaluate, promote) on the real
+    Phi-3 ONNX int4 from the Hugging Face hub (`make run`)."""
     from phi3ops import jobs
 
-    _run(jobs.demo_job)
+    def main() -> object:
+        return jobs.main_job(
+            repo_id=repo_id,
+            revision=revision,
+            flavor=flavor.value,
+            variant=variant,
+            model_name=model_name,
+            eval_set=eval_set,
+            gates=jobs.parse_gate_overrides(gate),
+            evaluate_champion=evaluate_champion,
+        )
+
+    _run(main)
+
+
+@app.command()
+def demo(eval_set: str | None = EVAL_SET_OPTION) -> None:
+    """The main job fully offline, on a tiny random Phi-3 served from a local hub (`make demo`);
+    its quality gates are relaxed because the tiny model's weights are random."""
+    from phi3ops import jobs
+
+    _run(jobs.demo_job, eval_set=eval_set)
+
+
+@app.command()
+def monitor(
+    model_name: str | None = MODEL_NAME_OPTION,
+    alias: str = typer.Option("champion", help="Alias (or version) whose records to check."),
+    window_minutes: int | None = typer.Option(
+        None, help="How far back to read (default: PHI3OPS_MONITOR_WINDOW_MINUTES)."
+    ),
+    baseline_eval_set: str | None = typer.Option(
+        None, help="Eval set whose evaluation of the version is the drift baseline."
+    ),
+    threshold: list[str] = typer.Option(
+        [], help="Override a threshold, e.g. --threshold max_error_rate=0.01 (repeatable)."
+    ),
+) -> None:
+    """Check a version's recent inference records against the expectation suite (exit 2 when
+    it fails, 3 when there are too few records to judge)."""
+    from phi3ops import jobs
+
+    report = _run(
+        jobs.monitor_job,
+        model_name=model_name,
+        alias=alias,
+        window_minutes=window_minutes,
+        baseline_eval_set=baseline_eval_set,
+        thresholds=threshold,
+    )
+    if report.outcome == "insufficient_data":
+        raise typer.Exit(code=3)
+
+
+automations_app = typer.Typer(
+    help="The pipeline's Prefect automations (deployments/automations.py).",
+    no_args_is_help=True,
+)
+app.add_typer(automations_app, name="automations")
+
+
+@automations_app.command("apply")
+def automations_apply(
+    rollback: bool | None = typer.Option(
+        None,
+        "--rollback/--no-rollback",
+        help="Also run the rollback deployment when monitoring fails "
+        "(default: PHI3OPS_MONITOR_ROLLBACK_ON_FAILURE).",
+    ),
+    notification_block: str | None = typer.Option(
+        None, help="Notification block to notify through (default: PHI3OPS_NOTIFICATION_BLOCK)."
+    ),
+    create_webhook_block: str | None = typer.Option(
+        None,
+        "--create-webhook-block",
+        metavar="URL",
+        help="First save a custom-webhook notification block under that name, POSTing JSON "
+        "{subject, body} to URL (replaces a block of that name).",
+    ),
+) -> None:
+    """Create or update (by name) the automations on the Prefect server at PREFECT_API_URL:
+    promoted -> run the monitor deployment; monitoring failed -> notify (and roll back)."""
+    from deployments import automations
+
+    def apply() -> list[automations.AppliedAutomation]:
+        if create_webhook_block:
+            block_id = automations.create_webhook_block(
+                create_webhook_block, name=notification_block
+            )
+            typer.echo(f"notification block {block_id} -> {create_webhook_block}")
+        return automations.apply_automations(
+            rollback_on_failure=rollback, notification_block=notification_block
+        )
+
+    for applied in _run(apply):
+        typer.echo(f"{applied.action} automation {applied.name} ({applied.id})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,519 @@
+"""End to end, the way a user deploys: a real `prefect server start`, `prefect deploy --all`
+from prefect.yaml, `phi3ops automations apply`, a process worker, and the lifecycle deployment
+run on the tiny Phi-3 from a local hub; then the registry, the schedules, the automations and
+what they trigger are checked.
+
+Every process started here (server, worker, the worker's flow-run processes) carries a marker
+in its environment and is stopped at the end, on failure too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent  # the venv's bin: prefect, phi3ops
+MARKER = "PHI3OPS_E2E_RUN"
+EVAL_SET = "smoke"  # 6 items: the tiny model answers them in seconds
+LIFECYCLE_PARAMETERS = {"source", "model_name", "eval_set", "gates", "evaluate_champion"}
+
+T = TypeVar("T")
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+class Processes:
+    """Starts commands in their own process groups, logs each to a file, and stops them all:
+    their groups, then any process left that carries this run's marker (flow-run processes a
+    worker starts in sessions of their own)."""
+
+    def __init__(self, log_dir: Path, marker: str) -> None:
+        self.log_dir = log_dir
+        self.marker = marker
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with (self.log_dir / f"{name}.log").open("wb") as log:
+            process = subprocess.Popen(
+                args,
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.started.append(process)
+        return process
+
+    def run(self, args: list[str], env: dict[str, str], *, timeout: float = 120) -> str:
+        """Run a command to completion (in its own group, stopped on timeout); its output."""
+        process = subprocess.Popen(
+            args,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.started.append(process)
+        try:
+            out, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(process, signal.SIGKILL)
+            out, _ = process.communicate()
+            pytest.fail(f"{' '.join(args)} timed out after {timeout}s:\n{out.decode()[-4000:]}")
+        text = out.decode(errors="replace")
+        if process.returncode != 0:
+            pytest.fail(f"{' '.join(args)} exited {process.returncode}:\n{text[-4000:]}")
+        return text
+
+    def log(self, name: str, chars: int = 6000) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            if process.poll() is None:
+                _kill_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for process in reversed(self.started):
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill_group(process, signal.SIGKILL)
+                process.wait(timeout=5)
+        for _ in range(3):  # stragglers: flow-run processes in sessions of their own
+            pids = _marked_pids(self.marker)
+            if not pids:
+                return
+            for pid in pids:
+                _signal_pid(pid, signal.SIGKILL)
+            time.sleep(0.5)
+
+
+def _kill_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):  # start_new_session: the group id is the leader's pid
+        os.killpg(process.pid, sig)
+
+
+def _signal_pid(pid: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _marked_pids(marker: str) -> list[int]:
+    """Processes whose environment carries ``PHI3OPS_E2E_RUN=<marker>`` (Linux /proc)."""
+    needle = f"{MARKER}={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+# --- a webhook receiver for the notification block -------------------------------------------
+
+
+class WebhookReceiver:
+    """Collects the JSON bodies POSTed to it (what the custom-webhook block sends)."""
+
+    def __init__(self) -> None:
+        received: list[dict[str, Any]] = []
+        self.received = received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received.append(json.loads(body or b"{}"))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+# --- the stack -----------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    api_url: str
+    env: dict[str, str]
+    data_dir: Path
+    processes: Processes
+    webhook: WebhookReceiver
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def client(self) -> Iterator[Any]:
+        """A Prefect client of this stack's server (not of the test session's harness)."""
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with (
+            temporary_settings({PREFECT_API_URL: self.api_url}),
+            get_client(sync_client=True) as client,
+        ):
+            yield client
+
+    def prefect(self, *args: str, timeout: float = 120) -> str:
+        return self.processes.run([str(BIN / "prefect"), *args], self.env, timeout=timeout)
+
+    def wait(self, what: str, probe: Callable[[], T | None], *, timeout: float) -> T:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = probe()
+            if value is not None:
+                return value
+            time.sleep(1)
+        pytest.fail(
+            f"timed out after {timeout}s waiting for {what}\n--- worker log:\n"
+            f"{self.processes.log('worker')}\n--- server log:\n{self.processes.log('server')}"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[Stack]:
+    """Server + work pool + `prefect deploy --all` + automations + worker, all torn down after."""
+    from phi3ops.offline.local_hub import LocalHub
+    from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    marker = uuid.uuid4().hex
+    processes = Processes(tmp, marker)
+    hub = LocalHub()
+    webhook = WebhookReceiver()
+    try:
+        hub.add_repo(ONNX_REPO_ID, tiny_phi3.onnx_dir)
+        hub.add_repo(PYTORCH_REPO_ID, tiny_phi3.pytorch_dir)
+        port = _free_port()
+        api_url = f"http://127.0.0.1:{port}/api"
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("PREFECT_", "PHI3OPS_", "MLFLOW_"))
+        }
+        env.update(
+            {
+                MARKER: marker,
+                "PREFECT_HOME": str(tmp / "prefect-home"),
+                "PREFECT_API_URL": api_url,
+                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}/prefect.db",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_CLI_PROMPT": "false",
+                "PREFECT_WORKER_QUERY_SECONDS": "2",
+                "PREFECT_LOGGING_TO_API_ENABLED": "false",
+                # What the worker's flow runs see: the tiny model on the local hub, a data dir
+                # of their own, and gates the random weights can pass.
+                "PHI3OPS_DATA_DIR": str(tmp / "data"),
+                "PHI3OPS_HF_ENDPOINT": hub.url,
+                "PHI3OPS_GATE_MIN_PASS_RATE": "0",
+                "PHI3OPS_GATE_MIN_TOKENS_PER_S": "0",
+                "HF_TOKEN": "",
+                "HF_HOME": str(tmp / "hf-home"),
+                "MLFLOW_DISABLE_TELEMETRY": "true",
+                "GX_ANALYTICS_ENABLED": "false",
+            }
+        )
+        stack = Stack(api_url, env, tmp / "data", processes, webhook)
+        t0 = time.monotonic()
+
+        server = processes.start(
+            "server",
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env,
+        )
+        deadline = time.monotonic() + 120
+        while not _healthy(api_url):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"prefect server did not start:\n{processes.log('server')}")
+            time.sleep(0.5)
+        stack.timings["server"] = time.monotonic() - t0
+
+        t = time.monotonic()
+        stack.prefect("work-pool", "create", "phi3ops-process", "--type", "process")
+        stack.prefect("--no-prompt", "deploy", "--all", timeout=300)
+        stack.timings["deploy"] = time.monotonic() - t
+
+        t = time.monotonic()
+        out = processes.run(
+            [
+                str(BIN / "phi3ops"),
+                "automations",
+                "apply",
+                "--rollback",
+                "--create-webhook-block",
+                webhook.url,
+            ],
+            env,
+        )
+        assert out.count("created automation") == 2, out
+        stack.timings["automations"] = time.monotonic() - t
+
+        processes.start(
+            "worker",
+            [str(BIN / "prefect"), "worker", "start", "--pool", "phi3ops-process", "-n", "e2e"],
+            env,
+        )
+        yield stack
+    finally:
+        processes.stop_all()
+        webhook.close()
+        hub.close()
+        assert not _marked_pids(marker), "a process started by the e2e test outlived it"
+
+
+def _run_id(cli_output: str) -> uuid.UUID:
+    match = re.search(r"UUID: ([0-9a-f-]{36})", cli_output)
+    assert match, cli_output
+    return uuid.UUID(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def lifecycle_run(stack: Stack):
+    """The lifecycle deployment run the documented way, waited for until it ends."""
+    t = time.monotonic()
+    out = stack.prefect(
+        "deployment", "run", "lifecycle/lifecycle", "--param", f"eval_set={EVAL_SET}"
+    )
+    run_id = _run_id(out)
+    with stack.client() as client:
+
+        def final():
+            run = client.read_flow_run(run_id)
+            return run if run.state and run.state.is_final() else None
+
+        run = stack.wait("the lifecycle flow run", final, timeout=300)
+    stack.timings["lifecycle run"] = time.monotonic() - t
+    return run
+
+
+# --- the checks ------------------------------------------------------------------------------
+
+
+def test_deployments_are_as_declared_in_prefect_yaml(stack: Stack) -> None:
+    with stack.client() as client:
+        deployments = {
+            name: client.read_deployment_by_name(name)
+            for name in (
+                "lifecycle/lifecycle",
+                "evaluate/nightly-eval",
+                "monitor/monitor",
+                "rollback/rollback",
+                "fetch/fetch",
+            )
+        }
+    for name, deployment in deployments.items():
+        assert deployment.work_pool_name == "phi3ops-process", name
+        assert "phi3ops" in deployment.tags, name
+        assert deployment.description, name
+        # The pull step resolved at deploy time to this clone, where the worker runs flows.
+        assert deployment.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO_ROOT)}}
+        ], name
+
+    crons = {
+        name: [(s.schedule.cron, s.active) for s in d.schedules] for name, d in deployments.items()
+    }
+    assert crons["evaluate/nightly-eval"] == [("0 2 * * *", True)]
+    assert crons["monitor/monitor"] == [("*/30 * * * *", True)]
+    assert crons["lifecycle/lifecycle"] == crons["rollback/rollback"] == []
+
+    nightly = deployments["evaluate/nightly-eval"].parameters
+    assert nightly["model_uri"] == "models:/phi3-mini@champion"
+    assert nightly["reuse"] is False
+
+    schema = deployments["lifecycle/lifecycle"].parameter_openapi_schema
+    assert set(schema["properties"]) == LIFECYCLE_PARAMETERS
+    assert {"Source", "GateOverrides"} <= set(schema["definitions"])
+    assert deployments["lifecycle/lifecycle"].enforce_parameter_schema
+
+    for name in ("lifecycle/lifecycle", "rollback/rollback"):
+        limit = deployments[name].global_concurrency_limit
+        assert limit is not None and limit.limit == 1, name
+
+
+def test_automations_are_registered(stack: Stack) -> None:
+    from deployments.automations import MONITOR_AFTER_PROMOTION, ON_MONITORING_FAILED
+
+    with stack.client() as client:
+        monitor_id = client.read_deployment_by_name("monitor/monitor").id
+        rollback_id = client.read_deployment_by_name("rollback/rollback").id
+        (promoted,) = client.read_automations_by_name(MONITOR_AFTER_PROMOTION)
+        (failed,) = client.read_automations_by_name(ON_MONITORING_FAILED)
+
+    assert promoted.enabled and failed.enabled
+    assert promoted.trigger.expect == {"phi3ops.model.promoted"}
+    assert [a.deployment_id for a in promoted.actions] == [monitor_id]
+    assert failed.trigger.expect == {"phi3ops.monitoring.failed"}
+    assert [a.type for a in failed.actions] == ["send-notification", "run-deployment"]
+    assert failed.actions[1].deployment_id == rollback_id
+
+    # Applying again updates them in place.
+    out = stack.processes.run(
+        [str(BIN / "phi3ops"), "automations", "apply", "--rollback"], stack.env
+    )
+    assert out.count("updated automation") == 2, out
+    with stack.client() as client:
+        assert len(client.read_automations()) == 2
+
+
+def test_lifecycle_deployment_promotes_the_tiny_phi3(
+    stack: Stack, lifecycle_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert lifecycle_run.state.is_completed(), (
+        f"{lifecycle_run.state}\n{stack.processes.log('worker')}"
+    )
+    assert lifecycle_run.parameters["eval_set"] == EVAL_SET
+
+    from mlflow import MlflowClient
+
+    from phi3ops.evalset import load_eval_set, resolve_eval_set
+    from phi3ops.settings import get_settings
+    from phi3ops.tracking import configure_tracking
+
+    monkeypatch.setenv("PHI3OPS_DATA_DIR", str(stack.data_dir))  # the worker's MLflow store
+    get_settings.cache_clear()
+    configure_tracking()
+    champion = MlflowClient().get_model_version_by_alias("phi3-mini", "champion")
+
+    assert str(champion.version) == "1"
+    tags = champion.tags
+    assert tags["phi3ops.source_repo"] == "microsoft/Phi-3-mini-4k-instruct-onnx"
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["phi3ops.commit_sha"])
+    assert tags["phi3ops.flavor"] == "onnx"
+    assert tags["phi3ops.promotion.decision"] == "promoted"
+    assert tags["phi3ops.promotion.triggered_by"].startswith("deployment lifecycle")
+    eval_hash = load_eval_set(resolve_eval_set(EVAL_SET)).content_hash
+    assert f"phi3ops.eval.{eval_hash[:12]}" in tags
+
+
+def test_promotion_triggers_a_monitor_run(stack: Stack, lifecycle_run) -> None:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    assert lifecycle_run.state.is_completed()
+    with stack.client() as client:
+        monitor_id = client.read_deployment_by_name("monitor/monitor").id
+
+        def triggered_run():
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[monitor_id]))
+            )
+            # The automation passes the model name from the event (scheduled runs do not).
+            runs = [r for r in runs if r.parameters.get("model_name") == "phi3-mini"]
+            return runs[0] if runs else None
+
+        run = stack.wait("the monitor run the promotion triggers", triggered_run, timeout=60)
+        assert run.parameters["alias"] == "champion"
+
+        def ended():
+            current = client.read_flow_run(run.id)
+            return current if current.state and current.state.is_final() else None
+
+        run = stack.wait("the monitor run to end", ended, timeout=120)
+    # No inference traffic yet: the monitor ends "insufficient data", which is not a failure.
+    assert run.state.is_completed(), f"{run.state}\n{stack.processes.log('worker')}"
+
+
+def test_monitoring_failure_notifies_and_starts_a_rollback(stack: Stack) -> None:
+    stack.prefect(
+        "event",
+        "emit",
+        "phi3ops.monitoring.failed",
+        "--resource",  # as tasks.promotion.emit labels it
+        json.dumps(
+            {
+                "prefect.resource.id": "phi3ops.model.phi3-mini.1",
+                "prefect.resource.name": "phi3-mini v1",
+                "phi3ops.model_name": "phi3-mini",
+                "phi3ops.model_version": "1",
+            }
+        ),
+        "--payload",
+        json.dumps({"outcome": "failed", "broken": ["latency_p95_s"]}),
+    )
+
+    notes = stack.wait(
+        "the webhook notification", lambda: stack.webhook.received or None, timeout=60
+    )
+    (note,) = notes
+    assert note["subject"] == "phi3ops: monitoring failed for phi3-mini v1"
+    assert "latency_p95_s" in note["body"]
+    assert "rollback/rollback was started" in note["body"]
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with stack.client() as client:
+        rollback_id = client.read_deployment_by_name("rollback/rollback").id
+        run = stack.wait(
+            "the rollback run",
+            lambda: next(
+                iter(
+                    client.read_flow_runs(
+                        deployment_filter=DeploymentFilter(
+                            id=DeploymentFilterId(any_=[rollback_id])
+                        )
+                    )
+                ),
+                None,
+            ),
+            timeout=60,
+        )
+    assert run.parameters["model_name"] == "phi3-mini"
+    assert run.parameters["triggered_by"].startswith("automation phi3ops-on-monitoring-failed")
+
+
+def test_timings(stack: Stack) -> None:
+    """Not a check: prints where the e2e time goes (pytest -s)."""
+    print({k: round(v, 1) for k, v in stack.timings.items()})
