@@ -78,7 +78,8 @@ class Thresholds:
             raise InvalidInputError(
                 f"Unknown monitoring threshold(s) {', '.join(unknown)}; known: {', '.join(values)}."
             )
-        return cls(**{**values, **overrides})
+        # Keep each field's type: an override of min_records given as 5.0 is still 5 records.
+        return cls(**{**values, **{k: type(values[k])(v) for k, v in overrides.items()}})
 
 
 @dataclass(frozen=True)
