@@ -7,6 +7,7 @@ it, because the serving layer is the one place that sees every request of both f
 transformers flavor's ``predict`` is MLflow's own code and happily generates from a prompt
 longer than the model's context, so that check happens here, before the model runs. For the
 same reason every request row is recorded here, as an MLflow trace (`phi3ops.serving.records`).
+It also streams (``"stream": true``) as server-sent events, which the scoring server cannot.
 
 Run by uvicorn as ``phi3ops.serving.app:create_app`` (``--factory``); the model folder comes
 from ``PHI3OPS_SERVE_MODEL_PATH``, the registered name and version that records are tagged with
@@ -17,13 +18,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from phi3ops.serving.records import request_rows
+from phi3ops.serving.records import completion_from_events, request_rows
 
 if TYPE_CHECKING:
     from phi3ops.serving.records import InferenceRecorder
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 MODEL_PATH_ENV = "PHI3OPS_SERVE_MODEL_PATH"
 MODEL_NAME_ENV = "PHI3OPS_SERVE_MODEL_NAME"
 MODEL_VERSION_ENV = "PHI3OPS_SERVE_MODEL_VERSION"
+SSE_CONTENT_TYPE = "text/event-stream"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -118,10 +122,87 @@ class ChatRequestGuard:
         await self.app(scope, _replay(messages), send)
 
 
+class ChatStreaming:
+    """ASGI middleware: a chat request with ``"stream": true`` is answered as OpenAI-style
+    server-sent events (``data: <chat.completion.chunk>``..., ``data: [DONE]``) from the
+    model's ``predict_stream``; MLflow's scoring server itself cannot stream.
+
+    A model without ``predict_stream`` (MLflow's transformers flavor) or an invalid request
+    gets a 400 before any event is sent.
+    """
+
+    def __init__(self, app: ASGIApp, *, model: Any) -> None:
+        self.app = app
+        self.model = model
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/invocations":
+            await self.app(scope, receive, send)
+            return
+        body, messages = await _read_body(receive)
+        request = _json_or_none(body)
+        if not (isinstance(request, dict) and "messages" in request and request.get("stream")):
+            await self.app(scope, _replay(messages), send)
+            return
+        import anyio
+        from mlflow.exceptions import MlflowException
+
+        request = {k: v for k, v in request.items() if k != "stream"}
+        chunks = _iterate_in_thread(lambda: self.model.predict_stream(request))
+        # The first chunk before any header: the request is validated when iteration starts.
+        kind, value = await anyio.to_thread.run_sync(chunks.get)
+        if kind == "error":
+            if not isinstance(value, MlflowException):
+                raise value
+            message = value.message
+            if "predict_stream" in message:
+                message = f"This model cannot stream ({message}); send the request without stream."
+            await _send_json(send, 400, {"error_code": value.error_code, "message": message})
+            return
+        headers = [(b"content-type", SSE_CONTENT_TYPE.encode()), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        while kind == "chunk":
+            event = f"data: {json.dumps(value)}\n\n".encode()
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            kind, value = await anyio.to_thread.run_sync(chunks.get)
+        if kind == "error":  # headers are gone: the error can only be the last event
+            error = {"error": {"message": str(value)}}
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": f"data: {json.dumps(error)}\n\n".encode(),
+                    "more_body": True,
+                }
+            )
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+def _iterate_in_thread(start: Callable[[], Any]) -> queue.Queue:
+    """Runs ``start()`` and iterates what it returns in one thread of its own, putting
+    ("chunk", item)..., then ("end", None) or ("error", exception) on the returned queue.
+
+    One thread for the whole iteration: MLflow's ``predict_stream`` generator sets a context
+    variable around each step, which fails when the steps run in different threads' contexts.
+    """
+    chunks: queue.Queue = queue.Queue()
+
+    def produce() -> None:
+        try:
+            for item in start():
+                chunks.put(("chunk", item))
+            chunks.put(("end", None))
+        except Exception as exc:
+            chunks.put(("error", exc))
+
+    threading.Thread(target=produce, name="phi3ops-stream", daemon=True).start()
+    return chunks
+
+
 class InferenceRecording:
     """ASGI middleware: records every ``/invocations`` row, answered or refused, as a trace.
 
-    Outermost, so the guard's refusals are recorded too; the latency is the whole call's.
+    Outermost, so the guard's refusals are recorded too; the latency is the whole call's, and
+    a streamed answer's time to first token is when its first text reached the client.
     """
 
     def __init__(self, app: ASGIApp, *, recorder: InferenceRecorder) -> None:
@@ -136,27 +217,34 @@ class InferenceRecording:
 
         started, clock = time.time(), time.perf_counter()
         body, messages = await _read_body(receive)
-        status, chunks = 500, []
+        status, streamed, chunks = 500, False, []
 
         async def capture(message: Message) -> None:
-            nonlocal status
+            nonlocal status, streamed
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                streamed = content_type.split(b";")[0] == SSE_CONTENT_TYPE.encode()
             await send(message)
+            if message["type"] == "http.response.body":  # with when it was sent
+                chunks.append((time.perf_counter() - clock, message.get("body", b"")))
 
         try:
             await self.app(scope, _replay(messages), capture)
         finally:
             latency = time.perf_counter() - clock
+            if streamed:
+                answer, ttft = completion_from_events(chunks)
+            else:
+                answer, ttft = _json_or_none(b"".join(data for _, data in chunks)), None
             await anyio.to_thread.run_sync(
                 lambda: self.recorder.record_exchange(
                     _json_or_none(body),
                     status_code=status,
-                    body=_json_or_none(b"".join(chunks)),
+                    body=answer,
                     started=started,
                     latency_s=latency,
+                    ttft_s=ttft,
                 )
             )
 
@@ -165,7 +253,9 @@ def build_app(model_path: Path, *, recorder: InferenceRecorder | None = None) ->
     """MLflow's scoring app for the model at ``model_path``, guarded, recording when given one."""
     from mlflow.pyfunc import scoring_server
 
-    app = scoring_server.init(scoring_server.load_model_with_mlflow_config(str(model_path)))
+    model = scoring_server.load_model_with_mlflow_config(str(model_path))
+    app = scoring_server.init(model)
+    app.add_middleware(ChatStreaming, model=model)
     if "transformers" in _mlmodel(model_path).get("flavors", {}):
         app.add_middleware(ChatRequestGuard, limit=TransformersContextLimit(model_path))
     if recorder is not None:

@@ -9,9 +9,10 @@ model name and version so the monitor finds a version's records with ``mlflow.se
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 RECORD_SPAN_NAME = "phi3ops.inference"
@@ -132,7 +133,14 @@ class InferenceRecorder:
         return out
 
     def record_exchange(
-        self, payload: Any, *, status_code: int, body: Any, started: float, latency_s: float
+        self,
+        payload: Any,
+        *,
+        status_code: int,
+        body: Any,
+        started: float,
+        latency_s: float,
+        ttft_s: float | None = None,
     ) -> int:
         """Record every row of one HTTP exchange; never raises (serving must not fail for it)."""
         written = 0
@@ -140,6 +148,8 @@ class InferenceRecorder:
             for record, row in self.records_for(
                 payload, status_code=status_code, body=body, started=started, latency_s=latency_s
             ):
+                if ttft_s is not None:
+                    record = replace(record, ttft_s=ttft_s)
                 self.record(record, request=row)
                 written += 1
         except Exception:  # a broken tracking store must not take serving down
@@ -162,6 +172,48 @@ def request_rows(payload: Any) -> list[Any]:
             return [{k: v[i] for k, v in rows.items()} for i in range(n)]
         return [rows]
     return list(rows) if isinstance(rows, list) else []
+
+
+def completion_from_events(
+    events: list[tuple[float, bytes]],
+) -> tuple[dict[str, Any] | None, float | None]:
+    """A streamed answer (server-sent ``chat.completion.chunk`` events, each with the second it
+    was sent) as the ``chat.completion`` it adds up to, and the time its first text was sent."""
+    text, finish, usage, ttft, seen = [], None, {}, None, False
+    buffer = b""
+    for sent, data in events:
+        buffer += data
+        *complete, buffer = buffer.split(b"\n\n")
+        for event in complete:
+            payload = event.decode("utf-8", "replace").removeprefix("data: ").strip()
+            if not payload or payload == "[DONE]":
+                continue
+            try:
+                chunk = json.loads(payload)
+            except ValueError:
+                continue
+            seen = True
+            choice = (chunk.get("choices") or [{}])[0]
+            piece = (choice.get("delta") or {}).get("content") or ""
+            if piece and ttft is None:
+                ttft = sent
+            text.append(piece)
+            finish = choice.get("finish_reason") or finish
+            usage = chunk.get("usage") or usage
+    if not seen:
+        return None, None
+    completion = {
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(text)},
+                "finish_reason": finish,
+            }
+        ],
+        "usage": usage,
+    }
+    return completion, ttft
 
 
 def _answers(body: Any, n: int) -> list[Any]:

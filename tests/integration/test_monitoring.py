@@ -257,3 +257,34 @@ def test_injected_bad_answers_break_their_expectation(monitored, kind, broken) -
     with pytest.raises(MonitoringFailedError, match=broken[0]):
         _monitor(version)
     assert monitored["events"][0][2]["broken"] == broken
+
+
+@pytest.mark.slow
+def test_streamed_answers_are_server_sent_events_recorded_with_time_to_first_token(
+    monitored,
+) -> None:
+    body = {**_smoke_requests()[0], "stream": True}
+    response = monitored["clients"]["onnx"].post("/invocations", json=body)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
+
+    refused = monitored["clients"]["transformers"].post("/invocations", json=body)
+    assert refused.status_code == 400 and "cannot stream" in refused.json()["message"]
+
+    (record,) = _records(monitored["versions"]["onnx"])
+    assert (
+        record.response == text
+        and record.finish_reason == chunks[-1]["choices"][0]["finish_reason"]
+    )
+    assert record.completion_tokens == chunks[-1]["usage"]["completion_tokens"]
+    assert 0 < record.ttft_s <= record.latency_s
+    (refusal,) = _records(monitored["versions"]["transformers"])
+    assert refusal.status_code == 400 and "cannot stream" in refusal.error
+    bad = {"messages": [{"role": "wizard", "content": "hi"}], "stream": True}
+    invalid = monitored["clients"]["onnx"].post("/invocations", json=bad)
+    assert invalid.status_code == 400 and "wizard" in invalid.json()["message"]

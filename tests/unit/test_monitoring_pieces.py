@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
 import pytest
 
 from phi3ops.errors import InvalidInputError
-from phi3ops.serving.records import InferenceRecord, InferenceRecorder, request_rows
+from phi3ops.serving.records import (
+    InferenceRecord,
+    InferenceRecorder,
+    completion_from_events,
+    request_rows,
+)
 from tasks.monitoring import (
     TEMPLATE_TOKEN_REGEX,
     Baseline,
@@ -170,3 +176,31 @@ def test_drift_checks_need_a_baseline_and_say_so() -> None:
 def test_template_token_pattern_catches_phi3_markers(token) -> None:
     assert re.search(TEMPLATE_TOKEN_REGEX, f"Paris.{token}")
     assert not re.search(TEMPLATE_TOKEN_REGEX, "a | b < c > d")
+
+
+def test_streamed_events_add_up_to_a_completion_with_time_to_first_token() -> None:
+    def event(delta: dict, finish=None, usage=None) -> bytes:
+        chunk = {
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        if usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+    split = event({"content": "lo"})
+    events = [
+        (0.1, event({"role": "assistant"})),
+        (0.2, event({"content": "Hel"})),
+        (0.3, split[:10]),  # an event may arrive in pieces
+        (0.4, split[10:]),
+        (0.5, event({}, "stop", {"prompt_tokens": 3, "completion_tokens": 2})),
+        (0.6, b"data: [DONE]\n\n"),
+    ]
+    completion, ttft = completion_from_events(events)
+    assert ttft == 0.2
+    ((record, _),) = _recorder().records_for(
+        CHAT, status_code=200, body=completion, started=1.0, latency_s=0.6
+    )
+    assert (record.response, record.finish_reason, record.completion_tokens) == ("Hello", "stop", 2)
+    assert completion_from_events([(0.1, b"not an event")]) == (None, None)
