@@ -333,21 +333,23 @@ def apply_decision(decision: Decision, *, triggered_by: str) -> AliasState:
         client = _client()
         champion = alias_version(name, CHAMPION_ALIAS)
         previous = alias_version(name, PREVIOUS_ALIAS)
-        if not decision.promote:
-            state = AliasState(
-                model_name=name,
-                champion=champion,
-                previous=previous,
-                changed=False,
-                action="rejected",
-            )
-        elif champion == version:
+        if champion == version:
+            # Already the champion: nothing to move, and a "rejected" tag (stricter gates now)
+            # would contradict the alias it keeps.
             state = AliasState(
                 model_name=name,
                 champion=champion,
                 previous=previous,
                 changed=False,
                 action="unchanged",
+            )
+        elif not decision.promote:
+            state = AliasState(
+                model_name=name,
+                champion=champion,
+                previous=previous,
+                changed=False,
+                action="rejected",
             )
         else:
             if champion is not None:

@@ -96,6 +96,16 @@ def test_rerunning_the_same_promotion_is_a_no_op(registry) -> None:
     assert registry.get_model_version(NAME, "2").tags["phi3ops.promotion.at"] == stamp
 
 
+def test_the_champion_failing_stricter_gates_is_not_tagged_rejected(registry) -> None:
+    _promote("1")
+    stamp = registry.get_model_version(NAME, "1").tags["phi3ops.promotion.at"]
+    state = _promote("1", GOOD | {"error_rate": 0.5})
+    assert (state.action, state.changed) == ("unchanged", False)
+    tags = registry.get_model_version(NAME, "1").tags
+    assert tags["phi3ops.promotion.decision"] == "promoted"
+    assert tags["phi3ops.promotion.at"] == stamp
+
+
 def test_racing_promotions_leave_a_consistent_state(registry) -> None:
     _promote("1")
     start = threading.Barrier(2)
