@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 RECORD_SPAN_NAME = "phi3ops.inference"
@@ -100,6 +100,7 @@ class InferenceRecorder:
         body: Any,
         started: float,
         latency_s: float,
+        ttft_s: float | None = None,
     ) -> list[tuple[InferenceRecord, Any]]:
         """Pair each request row of an HTTP exchange with its answer (or the call's error)."""
         rows = request_rows(payload)
@@ -126,33 +127,22 @@ class InferenceRecorder:
                 prompt_tokens=_int(usage.get("prompt_tokens")),
                 completion_tokens=_int(usage.get("completion_tokens")),
                 context_tokens=self.context_tokens,
+                ttft_s=ttft_s,
                 batch_size=len(rows),
                 prompt=prompt_text,
             )
             out.append((record, row))
         return out
 
-    def record_exchange(
-        self,
-        payload: Any,
-        *,
-        status_code: int,
-        body: Any,
-        started: float,
-        latency_s: float,
-        ttft_s: float | None = None,
-    ) -> int:
-        """Record every row of one HTTP exchange; never raises (serving must not fail for it)."""
+    def record_exchange(self, payload: Any, **exchange: Any) -> int:
+        """Record every row of one HTTP exchange (`records_for`'s arguments); never raises:
+        serving must not fail because the tracking store does."""
         written = 0
         try:
-            for record, row in self.records_for(
-                payload, status_code=status_code, body=body, started=started, latency_s=latency_s
-            ):
-                if ttft_s is not None:
-                    record = replace(record, ttft_s=ttft_s)
+            for record, row in self.records_for(payload, **exchange):
                 self.record(record, request=row)
                 written += 1
-        except Exception:  # a broken tracking store must not take serving down
+        except Exception:
             _log.exception("Could not write inference records to MLflow")
         return written
 
