@@ -387,6 +387,8 @@ def _print_summary(result: LifecycleResult) -> None:
         f"  MLflow UI:      mlflow ui --backend-store-uri {tracking_uri()}",
         f"  Prefect UI:     {prefect_ui}",
         f"  serve it:       PHI3OPS_DATA_DIR={settings.data_dir} phi3ops serve "
+        f"--model-name {result.model_name}   (records every request as a trace)",
+        f"  monitor it:     PHI3OPS_DATA_DIR={settings.data_dir} phi3ops monitor "
         f"--model-name {result.model_name}",
     ]
     print("\n".join(lines))
