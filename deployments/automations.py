@@ -5,6 +5,8 @@
 * ``phi3ops-on-monitoring-failed``: ``phi3ops.monitoring.failed`` -> a notification through the
   notification block named by ``PHI3OPS_NOTIFICATION_BLOCK``, and, with
   ``PHI3OPS_MONITOR_ROLLBACK_ON_FAILURE=true``, a run of the ``rollback`` deployment too.
+* ``phi3ops-on-regression``: ``phi3ops.model.regressed`` (the nightly re-evaluation found the
+  champion worse than before) -> a notification through the same block.
 
 The definitions are pure functions of the ids they point at (`build_automations`);
 `apply_automations` looks those ids up on the Prefect API (``PREFECT_API_URL``) and creates or
@@ -26,7 +28,7 @@ from prefect.automations import Automation, EventTrigger, RunDeployment, SendNot
 from phi3ops.errors import OrchestrationError
 from phi3ops.settings import get_settings
 from tasks.monitoring import FAILED_EVENT as MONITORING_FAILED_EVENT
-from tasks.promotion import PROMOTED_EVENT
+from tasks.promotion import PROMOTED_EVENT, REGRESSED_EVENT
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -36,6 +38,7 @@ __all__ = [
     "MONITOR_AFTER_PROMOTION",
     "MONITOR_DEPLOYMENT",
     "ON_MONITORING_FAILED",
+    "ON_REGRESSION",
     "ROLLBACK_DEPLOYMENT",
     "AppliedAutomation",
     "apply_automations",
@@ -43,6 +46,7 @@ __all__ = [
     "create_webhook_block",
     "monitor_after_promotion",
     "on_monitoring_failed",
+    "on_regression",
 ]
 
 # Deployments the automations run, as `prefect deployment run` names them (<flow>/<deployment>).
@@ -51,6 +55,7 @@ ROLLBACK_DEPLOYMENT = "rollback/rollback"
 
 MONITOR_AFTER_PROMOTION = "phi3ops-monitor-after-promotion"
 ON_MONITORING_FAILED = "phi3ops-on-monitoring-failed"
+ON_REGRESSION = "phi3ops-on-regression"
 TAGS = ["phi3ops"]
 
 # Every phi3ops model event is about the resource `phi3ops.model.<name>.<version>`, labelled
@@ -154,6 +159,31 @@ def on_monitoring_failed(
     )
 
 
+def on_regression(notification_block_id: UUID) -> Automation:
+    """``phi3ops.model.regressed`` -> notify (a person decides whether to roll back)."""
+    return Automation(
+        name=ON_REGRESSION,
+        description=(
+            f"When the nightly re-evaluation finds the champion regressed ({REGRESSED_EVENT}), "
+            "notify. Managed by `phi3ops automations apply`."
+        ),
+        tags=TAGS,
+        trigger=_on_each(REGRESSED_EVENT),
+        actions=[
+            SendNotification(
+                block_document_id=notification_block_id,
+                subject=f"phi3ops: {MODEL} regressed",
+                body=(
+                    f"The nightly re-evaluation of {MODEL} failed its gates at "
+                    "{{ event.occurred }}:\n{{ event.payload.reasons | join('\n') }}\n\n"
+                    f"Roll back with `prefect deployment run {ROLLBACK_DEPLOYMENT} --param "
+                    f'model_name="{MODEL_NAME}"` (or `phi3ops rollback`) if it is the model.'
+                ),
+            )
+        ],
+    )
+
+
 def build_automations(
     *,
     monitor_deployment_id: UUID,
@@ -171,6 +201,7 @@ def build_automations(
     return [
         monitor_after_promotion(monitor_deployment_id),
         on_monitoring_failed(notification_block_id, rollback_deployment_id=rollback_deployment_id),
+        on_regression(notification_block_id),
     ]
 
 

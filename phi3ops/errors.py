@@ -107,6 +107,10 @@ class EvaluationError(Phi3OpsError, RuntimeError):
     recorded no verdicts...). Failed requests are not this: they are recorded per item."""
 
 
+class RegressionError(Phi3OpsError, RuntimeError):
+    """A fresh re-evaluation of a version fails its gates, or is worse than its earlier one."""
+
+
 class MonitoringFailedError(Phi3OpsError, RuntimeError):
     """The champion's recent inference records broke expectations of the monitoring suite."""
 

@@ -35,6 +35,9 @@ PREVIOUS_ALIAS = "previous"
 PROMOTED_EVENT = "phi3ops.model.promoted"
 REJECTED_EVENT = "phi3ops.model.rejected"
 ROLLED_BACK_EVENT = "phi3ops.model.rolled-back"
+#: A scheduled re-evaluation of the champion: still passing its gates, or regressed.
+REEVALUATED_EVENT = "phi3ops.model.re-evaluated"
+REGRESSED_EVENT = "phi3ops.model.regressed"
 
 # Metric names the evaluation stage logs (tasks/evaluation.py).
 PASS_RATE = "pass_rate"
@@ -178,14 +181,7 @@ def evaluate_gates(
         return _decision(model_name, version, gates, candidate, champion, champion_version)
 
     m = candidate.metrics
-    gates += [
-        _at_least("pass_rate", m.get(PASS_RATE), policy.min_pass_rate),
-        _at_most("latency_p95_s", m.get(LATENCY_P95), policy.max_latency_p95_s),
-        _at_least("tokens_per_s", m.get(TOKENS_PER_S), policy.min_tokens_per_s),
-        _at_most("error_rate", m.get(ERROR_RATE), policy.max_error_rate),
-    ]
-    for tag, minimum in sorted(policy.min_tag_pass_rate.items()):
-        gates.append(_at_least(f"pass_rate.{tag}", m.get(TAG_PASS_RATE_PREFIX + tag), minimum))
+    gates += _absolute_gates(m, policy)
 
     if champion_version is not None and champion_version != version:
         if champion is None or champion.eval_set_hash != candidate.eval_set_hash:
@@ -199,36 +195,68 @@ def evaluate_gates(
                 )
             )
         else:
-            gates += _versus_champion(m, champion.metrics, policy)
+            gates += _versus_baseline(m, champion.metrics, policy, against="champion")
     return _decision(model_name, version, gates, candidate, champion, champion_version)
 
 
-def _versus_champion(
-    cand: dict[str, float], champ: dict[str, float], policy: GatePolicy
+def check_regression(
+    model_name: str,
+    version: str,
+    fresh: Evaluation,
+    earlier: Evaluation | None,
+    *,
+    policy: GatePolicy,
+) -> Decision:
+    """Whether a fresh re-evaluation of ``version`` still passes the gates: the absolute ones,
+    and "not worse than its own earlier evaluation on the same eval set by more than a margin".
+
+    ``promote`` of the result means "no regression"; nothing here moves an alias.
+    """
+    gates = _absolute_gates(fresh.metrics, policy)
+    if earlier is not None and earlier.eval_set_hash == fresh.eval_set_hash:
+        gates += _versus_baseline(fresh.metrics, earlier.metrics, policy, against="earlier run")
+    return _decision(model_name, version, gates, fresh, earlier, champion_version=version)
+
+
+def _absolute_gates(m: dict[str, float], policy: GatePolicy) -> list[GateResult]:
+    gates = [
+        _at_least("pass_rate", m.get(PASS_RATE), policy.min_pass_rate),
+        _at_most("latency_p95_s", m.get(LATENCY_P95), policy.max_latency_p95_s),
+        _at_least("tokens_per_s", m.get(TOKENS_PER_S), policy.min_tokens_per_s),
+        _at_most("error_rate", m.get(ERROR_RATE), policy.max_error_rate),
+    ]
+    for tag, minimum in sorted(policy.min_tag_pass_rate.items()):
+        gates.append(_at_least(f"pass_rate.{tag}", m.get(TAG_PASS_RATE_PREFIX + tag), minimum))
+    return gates
+
+
+def _versus_baseline(
+    cand: dict[str, float], base: dict[str, float], policy: GatePolicy, *, against: str
 ) -> list[GateResult]:
+    """The margin gates against a baseline evaluation (the champion's, or an earlier run's)."""
     gates = []
     for key in sorted(k for k in cand if k == PASS_RATE or k.startswith(TAG_PASS_RATE_PREFIX)):
-        if key in champ:
-            floor = champ[key] - policy.max_pass_rate_drop
-            gates.append(_at_least(f"{key} vs champion", cand[key], floor, champ[key]))
-    if LATENCY_P95 in champ:
-        ceiling = champ[LATENCY_P95] * (1 + policy.max_latency_increase)
+        if key in base:
+            floor = base[key] - policy.max_pass_rate_drop
+            gates.append(_at_least(f"{key} vs {against}", cand[key], floor, base[key]))
+    if LATENCY_P95 in base:
+        ceiling = base[LATENCY_P95] * (1 + policy.max_latency_increase)
         gates.append(
             _at_most(
-                "latency_p95_s vs champion", cand.get(LATENCY_P95), ceiling, champ[LATENCY_P95]
+                f"latency_p95_s vs {against}", cand.get(LATENCY_P95), ceiling, base[LATENCY_P95]
             )
         )
-    if TOKENS_PER_S in champ:
-        floor = champ[TOKENS_PER_S] * (1 - policy.max_tokens_per_s_drop)
+    if TOKENS_PER_S in base:
+        floor = base[TOKENS_PER_S] * (1 - policy.max_tokens_per_s_drop)
         gates.append(
             _at_least(
-                "tokens_per_s vs champion", cand.get(TOKENS_PER_S), floor, champ[TOKENS_PER_S]
+                f"tokens_per_s vs {against}", cand.get(TOKENS_PER_S), floor, base[TOKENS_PER_S]
             )
         )
-    if ERROR_RATE in champ:
-        ceiling = champ[ERROR_RATE] + policy.max_error_rate_increase
+    if ERROR_RATE in base:
+        ceiling = base[ERROR_RATE] + policy.max_error_rate_increase
         gates.append(
-            _at_most("error_rate vs champion", cand.get(ERROR_RATE), ceiling, champ[ERROR_RATE])
+            _at_most(f"error_rate vs {against}", cand.get(ERROR_RATE), ceiling, base[ERROR_RATE])
         )
     return gates
 

@@ -298,7 +298,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[Stack
             ],
             env,
         )
-        assert out.count("created automation") == 2, out
+        assert out.count("created automation") == 3, out
         stack.timings["automations"] = time.monotonic() - t
 
         processes.start(
@@ -348,7 +348,7 @@ def test_deployments_are_as_declared_in_prefect_yaml(stack: Stack) -> None:
             name: client.read_deployment_by_name(name)
             for name in (
                 "lifecycle/lifecycle",
-                "evaluate/nightly-eval",
+                "reevaluate/nightly-eval",
                 "monitor/monitor",
                 "rollback/rollback",
                 "fetch/fetch",
@@ -366,13 +366,11 @@ def test_deployments_are_as_declared_in_prefect_yaml(stack: Stack) -> None:
     crons = {
         name: [(s.schedule.cron, s.active) for s in d.schedules] for name, d in deployments.items()
     }
-    assert crons["evaluate/nightly-eval"] == [("0 2 * * *", True)]
+    assert crons["reevaluate/nightly-eval"] == [("0 2 * * *", True)]
     assert crons["monitor/monitor"] == [("*/30 * * * *", True)]
     assert crons["lifecycle/lifecycle"] == crons["rollback/rollback"] == []
 
-    nightly = deployments["evaluate/nightly-eval"].parameters
-    assert nightly["model_uri"] == "models:/phi3-mini@champion"
-    assert nightly["reuse"] is False
+    assert deployments["reevaluate/nightly-eval"].parameters["alias"] == "champion"
 
     schema = deployments["lifecycle/lifecycle"].parameter_openapi_schema
     assert set(schema["properties"]) == LIFECYCLE_PARAMETERS
@@ -385,15 +383,22 @@ def test_deployments_are_as_declared_in_prefect_yaml(stack: Stack) -> None:
 
 
 def test_automations_are_registered(stack: Stack) -> None:
-    from deployments.automations import MONITOR_AFTER_PROMOTION, ON_MONITORING_FAILED
+    from deployments.automations import (
+        MONITOR_AFTER_PROMOTION,
+        ON_MONITORING_FAILED,
+        ON_REGRESSION,
+    )
 
     with stack.client() as client:
         monitor_id = client.read_deployment_by_name("monitor/monitor").id
         rollback_id = client.read_deployment_by_name("rollback/rollback").id
         (promoted,) = client.read_automations_by_name(MONITOR_AFTER_PROMOTION)
         (failed,) = client.read_automations_by_name(ON_MONITORING_FAILED)
+        (regressed,) = client.read_automations_by_name(ON_REGRESSION)
 
-    assert promoted.enabled and failed.enabled
+    assert promoted.enabled and failed.enabled and regressed.enabled
+    assert regressed.trigger.expect == {"phi3ops.model.regressed"}
+    assert [a.type for a in regressed.actions] == ["send-notification"]
     assert promoted.trigger.expect == {"phi3ops.model.promoted"}
     assert [a.deployment_id for a in promoted.actions] == [monitor_id]
     assert failed.trigger.expect == {"phi3ops.monitoring.failed"}
@@ -404,9 +409,9 @@ def test_automations_are_registered(stack: Stack) -> None:
     out = stack.processes.run(
         [str(BIN / "phi3ops"), "automations", "apply", "--rollback"], stack.env
     )
-    assert out.count("updated automation") == 2, out
+    assert out.count("updated automation") == 3, out
     with stack.client() as client:
-        assert len(client.read_automations()) == 2
+        assert len(client.read_automations()) == 3
 
 
 def test_lifecycle_deployment_promotes_the_tiny_phi3(

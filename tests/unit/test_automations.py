@@ -56,6 +56,17 @@ def test_monitoring_failure_notifies_only_by_default() -> None:
     assert "prefect deployment run rollback/rollback" in action.body
 
 
+def test_a_nightly_regression_notifies() -> None:
+    from tasks.promotion import REGRESSED_EVENT
+
+    auto = _by_name()[automations.ON_REGRESSION]
+    assert auto.trigger.expect == {REGRESSED_EVENT} == {"phi3ops.model.regressed"}
+    (action,) = auto.actions
+    assert isinstance(action, SendNotification) and action.block_document_id == BLOCK_ID
+    assert "event.payload.reasons" in action.body
+    assert "rollback/rollback" in action.body
+
+
 def test_monitoring_failure_also_rolls_back_when_enabled() -> None:
     auto = _by_name(rollback_deployment_id=ROLLBACK_ID)[automations.ON_MONITORING_FAILED]
 
@@ -175,10 +186,10 @@ def test_apply_creates_then_updates_by_name_never_duplicates(fake_api) -> None:
     first = automations.apply_automations()
     second = automations.apply_automations()
 
-    assert [a.action for a in first] == ["created", "created"]
-    assert [a.action for a in second] == ["updated", "updated"]
+    assert [a.action for a in first] == ["created"] * 3
+    assert [a.action for a in second] == ["updated"] * 3
     assert [a.id for a in first] == [a.id for a in second]
-    assert len(fake_api.automations) == 2
+    assert len(fake_api.automations) == 3
 
 
 def test_apply_removes_duplicates_of_a_name(fake_api) -> None:
@@ -190,7 +201,11 @@ def test_apply_removes_duplicates_of_a_name(fake_api) -> None:
 
     assert ("delete", stray.id) in fake_api.calls
     assert sorted(a.name for a in fake_api.automations) == sorted(
-        [automations.MONITOR_AFTER_PROMOTION, automations.ON_MONITORING_FAILED]
+        [
+            automations.MONITOR_AFTER_PROMOTION,
+            automations.ON_MONITORING_FAILED,
+            automations.ON_REGRESSION,
+        ]
     )
 
 
@@ -243,7 +258,7 @@ def test_apply_names_the_fix_for_a_missing_or_unusable_block(fake_api, monkeypat
 
     fake_api.blocks.append(_block("team-pager", ["notify"], type_name="Slack Webhook"))
     applied = automations.apply_automations()
-    assert [a.action for a in applied] == ["created", "created"]
+    assert [a.action for a in applied] == ["created"] * 3
 
 
 def test_no_prefect_server_configured_is_a_clear_error(monkeypatch) -> None:
@@ -264,6 +279,7 @@ def test_cli_apply_reports_each_automation(fake_api) -> None:
     assert result.exit_code == 0, result.output
     assert f"created automation {automations.MONITOR_AFTER_PROMOTION}" in result.output
     assert f"created automation {automations.ON_MONITORING_FAILED}" in result.output
+    assert f"created automation {automations.ON_REGRESSION}" in result.output
 
 
 def test_cli_apply_error_is_a_message_and_exit_code_2(fake_api) -> None:

@@ -56,9 +56,9 @@ def test_schedules_and_concurrency() -> None:
         "rollback": [],
         "fetch": [],
     }
-    nightly = deployments["nightly-eval"]["parameters"]
-    assert nightly["model_uri"] == "models:/phi3-mini@champion"
-    assert nightly["reuse"] is False  # generate again, or a regression would not show
+    nightly = deployments["nightly-eval"]
+    assert nightly["entrypoint"] == "flows/reevaluate.py:reevaluate_flow"  # from scratch
+    assert nightly["parameters"]["alias"] == "champion"
     for name in ("lifecycle", "rollback"):  # alias moves of one model must not race
         assert deployments[name]["concurrency_limit"]["limit"] == 1, name
 

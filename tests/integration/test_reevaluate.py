@@ -1,0 +1,80 @@
+"""The nightly re-evaluation of the champion: a fresh run, compared with its earlier one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from phi3ops.errors import RegressionError
+from tests.artifacts import latest_artifact_data
+
+NAME = "phi3-nightly"
+# The tiny Phi-3 answers gibberish (pass rate 0) and its speed is noise on a shared machine:
+# these gates keep only what a regression of this model could break here.
+STEADY = {
+    "min_pass_rate": 0.0,
+    "min_tokens_per_s": 0.0,
+    "max_tokens_per_s_drop": 1.0,
+    "max_latency_increase": 100.0,
+}
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+@pytest.fixture
+def champion(tiny_phi3, monkeypatch) -> Iterator[dict]:
+    """The tiny ONNX Phi-3 as @champion of NAME, evaluated once on the smoke set."""
+    from mlflow import MlflowClient
+
+    import flows.reevaluate
+    from phi3ops.offline.packaged import register_both_flavors
+    from tasks.evaluation import evaluate_model
+
+    monkeypatch.setenv("PHI3OPS_EVAL_TTFT_SAMPLES", "0")
+    version = register_both_flavors(tiny_phi3, model_name=NAME)["onnx"].version
+    earlier = evaluate_model(f"models:/{NAME}/{version}", "smoke")
+    MlflowClient().set_registered_model_alias(NAME, "champion", version)
+    events: list[tuple[str, str, dict]] = []
+    monkeypatch.setattr(
+        flows.reevaluate,
+        "emit",
+        lambda event, *, model_name, version, payload: events.append((event, version, payload)),
+    )
+    yield {"version": version, "earlier": earlier, "events": events}
+
+
+def test_a_steady_champion_is_re_evaluated_from_scratch(champion) -> None:
+    from flows.reevaluate import reevaluate_flow
+    from tasks.evaluation import find_evaluation
+
+    decision = reevaluate_flow(model_name=NAME, eval_set="smoke", gates=STEADY)
+    assert decision.promote, decision.reasons
+    gates = {g.gate for g in decision.gates}
+    assert {"pass_rate vs earlier run", "error_rate vs earlier run"} <= gates
+    ((event, version, payload),) = champion["events"]
+    assert (event, version) == ("phi3ops.model.re-evaluated", champion["version"])
+    assert payload["earlier_run_id"] == champion["earlier"].run_id
+    fresh = find_evaluation(NAME, champion["version"], champion["earlier"].eval_set_hash)
+    assert fresh.run_id == payload["fresh_run_id"] != champion["earlier"].run_id  # generated anew
+    assert "no regression" in latest_artifact_data("reevaluation-phi3-nightly")
+
+
+def test_a_champion_below_its_gates_fails_the_run_and_says_why(champion) -> None:
+    from flows.reevaluate import reevaluate_flow
+
+    with pytest.raises(RegressionError, match=r"pass_rate: 0 < 0\.5"):
+        reevaluate_flow(model_name=NAME, eval_set="smoke", gates=STEADY | {"min_pass_rate": 0.5})
+    ((event, _, payload),) = champion["events"]
+    assert event == "phi3ops.model.regressed"
+    assert any("pass_rate" in reason for reason in payload["reasons"])
+    assert "REGRESSED" in latest_artifact_data("reevaluation-phi3-nightly")
+
+
+def test_bad_gate_names_fail_before_any_work(champion) -> None:
+    from flows.reevaluate import reevaluate_flow
+    from phi3ops.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="min_pass_rat"):
+        reevaluate_flow(model_name=NAME, gates={"min_pass_rat": 0.5})
+    assert champion["events"] == []
