@@ -40,7 +40,14 @@ def configure_tracking(experiment_name: str | None = None) -> str:
         if uri.startswith("sqlite:///"):
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             artifact_location = (settings.data_dir / "mlartifacts").as_uri()
-        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+        try:
+            experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+        except mlflow.exceptions.MlflowException:
+            # Another process (a second server worker, a parallel flow run) created it first.
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

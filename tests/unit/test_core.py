@@ -136,3 +136,22 @@ def test_manifest_digest_is_order_independent_and_content_sensitive() -> None:
         "o/r", "f" * 40, [a, changed]
     )
     assert manifest_digest("o/r", "f" * 40, [a]) != manifest_digest("o/r", "e" * 40, [a])
+
+
+def test_configure_tracking_survives_another_process_creating_the_experiment(monkeypatch) -> None:
+    """Two server workers start at once: the second to create the experiment must use it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
+
+    from phi3ops.tracking import configure_tracking
+
+    create = mlflow.create_experiment
+
+    def lose_the_race(name, **kwargs):
+        create(name, **kwargs)  # the other process wins...
+        raise MlflowException(f"Experiment {name!r} already exists.", RESOURCE_ALREADY_EXISTS)
+
+    monkeypatch.setattr(mlflow, "create_experiment", lose_the_race)
+    experiment_id = configure_tracking("raced")
+    assert mlflow.get_experiment_by_name("raced").experiment_id == experiment_id
