@@ -184,7 +184,8 @@ def records_frame(records: list[InferenceRecord]) -> pd.DataFrame:
     import numpy as np
     import pandas as pd
 
-    frame = pd.DataFrame([asdict(record) for record in records], columns=_RECORD_COLUMNS)
+    columns = list(InferenceRecord.__dataclass_fields__)  # an empty window keeps its columns
+    frame = pd.DataFrame([asdict(record) for record in records], columns=columns)
     for column in ("latency_s", "prompt_tokens", "completion_tokens", "context_tokens", "ttft_s"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
     for column in ("response", "error", "finish_reason"):
@@ -192,9 +193,6 @@ def records_frame(records: list[InferenceRecord]) -> pd.DataFrame:
     tokens = frame["completion_tokens"].where(frame["completion_tokens"] > 0)
     frame["seconds_per_token"] = (frame["latency_s"] / tokens).replace([np.inf], np.nan)
     return frame
-
-
-_RECORD_COLUMNS = list(InferenceRecord.__dataclass_fields__)
 
 
 # --- the baseline -----------------------------------------------------------------------------
