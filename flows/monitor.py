@@ -19,7 +19,6 @@ from tasks.monitoring import (
     FAILED_EVENT,
     INSUFFICIENT_DATA_EVENT,
     PASSED_EVENT,
-    MonitorReport,
     Thresholds,
     checks_table,
     find_baseline_task,
@@ -57,7 +56,8 @@ def monitor_flow(
 
     Returns:
         The report; a failed suite fails the flow run (`MonitoringFailedError`), and too few
-        records ends it in a Completed state named ``InsufficientData``.
+        records ends it in a Completed state named ``InsufficientData`` (calling the flow still
+        returns the report: Prefect hands back a returned state's data).
     """
     name = resolve_model_name(model_name)
     limits = Thresholds.from_settings(**(thresholds or {}))  # bad input fails before any work
@@ -99,10 +99,3 @@ def monitor_flow(
     if report.outcome == "insufficient_data":
         return Completed(name="InsufficientData", message=report.summary(), data=report)
     return report
-
-
-def report_of(result: MonitorReport | object) -> MonitorReport:
-    """The report, whether the flow returned it or a Completed state carrying it."""
-    if isinstance(result, MonitorReport):
-        return result
-    return result.result()  # type: ignore[union-attr]

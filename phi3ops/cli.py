@@ -42,9 +42,18 @@ class FlavorOption(StrEnum):
     TRANSFORMERS = "transformers"
 
 
-# Shared by every command that works on a registered model.
+# Options shared by several commands.
 MODEL_NAME_OPTION = typer.Option(
     None, help="Registered model name (default: PHI3OPS_REGISTERED_MODEL_NAME)."
+)
+EVAL_SET_OPTION = typer.Option(
+    None, help="Eval set name in evals/ or path of a .jsonl file (default: phi3-default)."
+)
+GATE_OPTION = typer.Option(
+    [], help="Override a gate for this run, e.g. --gate min_pass_rate=0.7 (repeatable)."
+)
+EVALUATE_CHAMPION_OPTION = typer.Option(
+    True, help="Evaluate the champion on the eval set first when it has no evaluation."
 )
 
 
@@ -119,9 +128,7 @@ def evaluate(
         help="models:/<name>@<alias> or models:/<name>/<version> "
         "(default: models:/<PHI3OPS_REGISTERED_MODEL_NAME>@candidate).",
     ),
-    eval_set: str | None = typer.Option(
-        None, help="Eval set name in evals/ or path of a .jsonl file (default: phi3-default)."
-    ),
+    eval_set: str | None = EVAL_SET_OPTION,
     compare_to: str = typer.Option("champion", help="Alias whose evaluation to compare with."),
     force: bool = typer.Option(
         False, "--force", help="Evaluate again even if this version has an evaluation on the set."
@@ -153,12 +160,8 @@ def promote(
     model_name: str | None = MODEL_NAME_OPTION,
     candidate: str = typer.Option("candidate", help="Version number or alias to promote."),
     eval_set: str | None = typer.Option(None, help="Eval set both evaluations must share."),
-    gate: list[str] = typer.Option(
-        [], help="Override a gate for this run, e.g. --gate min_pass_rate=0.7 (repeatable)."
-    ),
-    evaluate_champion: bool = typer.Option(
-        True, help="Evaluate the champion on the eval set first when it has no evaluation."
-    ),
+    gate: list[str] = GATE_OPTION,
+    evaluate_champion: bool = EVALUATE_CHAMPION_OPTION,
 ) -> None:
     """Promote a version to @champion if its gates pass (old champion -> @previous)."""
     from phi3ops import jobs
@@ -231,11 +234,6 @@ def serve(
     _run(serve_forever)
 
 
-EVAL_SET_OPTION = typer.Option(
-    None, help="Eval set name in evals/ or path of a .jsonl file (default: phi3-default)."
-)
-
-
 @app.command()
 def run(
     repo_id: str | None = typer.Option(
@@ -250,12 +248,8 @@ def run(
     ),
     model_name: str | None = MODEL_NAME_OPTION,
     eval_set: str | None = EVAL_SET_OPTION,
-    gate: list[str] = typer.Option(
-        [], help="Override a gate for this run, e.g. --gate min_pass_rate=0.7 (repeatable)."
-    ),
-    evaluate_champion: bool = typer.Option(
-        True, help="Evaluate the champion on the eval set first when it has no evaluation."
-    ),
+    gate: list[str] = GATE_OPTION,
+    evaluate_champion: bool = EVALUATE_CHAMPION_OPTION,
 ) -> None:
     """The main job: the lifecycle (fetch, package, register, evaluate, promote) on the real
     Phi-3 ONNX int4 from the Hugging Face hub (`make run`)."""

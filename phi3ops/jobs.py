@@ -161,16 +161,14 @@ def monitor_job(
     Thresholds.from_settings(**overrides)  # unknown names fail before Prefect starts
     window_bounds(window_minutes)
     load_eval_set(resolve_eval_set(baseline_eval_set))
-    from flows.monitor import monitor_flow, report_of
+    from flows.monitor import monitor_flow
 
-    return report_of(
-        monitor_flow(
-            model_name=model_name,
-            alias=alias,
-            window_minutes=window_minutes,
-            baseline_eval_set=baseline_eval_set,
-            thresholds=overrides,
-        )
+    return monitor_flow(
+        model_name=model_name,
+        alias=alias,
+        window_minutes=window_minutes,
+        baseline_eval_set=baseline_eval_set,
+        thresholds=overrides,
     )
 
 

@@ -102,16 +102,14 @@ def _send(client, bodies: list[dict], *, expect: int = 200) -> list:
 
 
 def _monitor(version: str, **thresholds):
-    from flows.monitor import monitor_flow, report_of
+    from flows.monitor import monitor_flow
 
-    return report_of(
-        monitor_flow(
-            model_name=NAME,
-            alias=version,
-            window_minutes=10,
-            baseline_eval_set=SMOKE,
-            thresholds={**TINY_THRESHOLDS, **thresholds},
-        )
+    return monitor_flow(
+        model_name=NAME,
+        alias=version,
+        window_minutes=10,
+        baseline_eval_set=SMOKE,
+        thresholds={**TINY_THRESHOLDS, **thresholds},
     )
 
 
