@@ -162,19 +162,17 @@ class ChatStreaming:
         headers = [(b"content-type", SSE_CONTENT_TYPE.encode()), (b"cache-control", b"no-cache")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         while kind == "chunk":
-            event = f"data: {json.dumps(value)}\n\n".encode()
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+            await _send_event(send, json.dumps(value))
             kind, value = await anyio.to_thread.run_sync(chunks.get)
         if kind == "error":  # headers are gone: the error can only be the last event
-            error = {"error": {"message": str(value)}}
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": f"data: {json.dumps(error)}\n\n".encode(),
-                    "more_body": True,
-                }
-            )
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            await _send_event(send, json.dumps({"error": {"message": str(value)}}))
+        await _send_event(send, "[DONE]", last=True)
+
+
+async def _send_event(send: Send, data: str, *, last: bool = False) -> None:
+    """One server-sent event, ``data: <data>``."""
+    body = f"data: {data}\n\n".encode()
+    await send({"type": "http.response.body", "body": body, "more_body": not last})
 
 
 def _iterate_in_thread(start: Callable[[], Any]) -> queue.Queue:
