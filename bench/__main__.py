@@ -133,8 +133,8 @@ def _side_by_side(
 
 def _package(tmp: Path, recipe_name: str) -> dict[str, object]:
     """Build, serve, fetch and register both flavors like the pipeline does; return URIs."""
-    from phi3ops.offline.packaged import register_both_flavors
-    from phi3ops.offline.tiny_phi3 import PRESETS, ensure_tiny_phi3
+    from offline.packaged import register_both_flavors
+    from offline.tiny_phi3 import PRESETS, ensure_tiny_phi3
     from phi3ops.settings import get_settings
 
     cache = Path(os.environ.get("PHI3OPS_BENCH_CACHE", REPO_ROOT / ".data" / "bench-cache"))
@@ -155,19 +155,16 @@ LIFECYCLE_MODEL = "bench-lifecycle"
 def _lifecycle_plain(*, eval_set: str, gates: dict[str, float]) -> dict[str, object]:
     """The lifecycle's work with no orchestration: the plain functions its tasks wrap, in order
     (fetch -> plan -> find or log + register -> evaluate + compare -> gates -> aliases -> record).
-    What only Prefect does (flow/task runs, markdown artifacts, events) is left out."""
-    from phi3ops.sources import ONNX_REPO_ID, Variant
+    What only Prefect does (flow/task runs, markdown artifacts, events) is left out.
+    """
+    from phi3ops.names import CHAMPION_ALIAS
+    from phi3ops.registry import alias_version
+    from phi3ops.settings import get_settings
+    from phi3ops.sources import ONNX_REPO_ID, Flavor, Variant
     from tasks.evaluation import evaluate_model, find_evaluation
     from tasks.hub import fetch_snapshot
-    from tasks.packaging import Flavor, log_onnx_model, plan_package
-    from tasks.promotion import (
-        CHAMPION_ALIAS,
-        GatePolicy,
-        alias_version,
-        apply_decision,
-        evaluate_gates,
-        record_decision,
-    )
+    from tasks.packaging import log_onnx_model, plan_package
+    from tasks.promotion import apply_decision, evaluate_gates, record_decision
     from tasks.registry import find_registered_version, register_version
 
     fetched = fetch_snapshot(ONNX_REPO_ID, variant=Variant.ONNX_CPU_INT4)
@@ -189,7 +186,7 @@ def _lifecycle_plain(*, eval_set: str, gates: dict[str, float]) -> dict[str, obj
         summary,
         champion_eval,
         champion_version=champion,
-        policy=GatePolicy.from_settings(**gates),
+        policy=get_settings().gates.with_overrides(gates),
     )
     state = apply_decision(decision, triggered_by="bench")
     if state.action != "unchanged":
@@ -199,7 +196,8 @@ def _lifecycle_plain(*, eval_set: str, gates: dict[str, float]) -> dict[str, obj
 
 def _lifecycle_flow(*, eval_set: str, gates: dict[str, float]) -> dict[str, object]:
     """The same lifecycle through `flows.lifecycle.lifecycle_flow` (5 subflows, ~20 tasks)."""
-    from flows.lifecycle import GateOverrides, lifecycle_flow
+    from flows.lifecycle import lifecycle_flow
+    from phi3ops.policies import GateOverrides
 
     result = lifecycle_flow(
         model_name=LIFECYCLE_MODEL, eval_set=eval_set, gates=GateOverrides(**gates)
@@ -209,14 +207,15 @@ def _lifecycle_flow(*, eval_set: str, gates: dict[str, float]) -> dict[str, obje
 
 def _orchestration(tmp: Path, *, eval_set: str, rounds: int) -> list[tuple[str, str, float, str]]:
     """Seconds per lifecycle run, flow vs plain functions, each run on a fresh data dir (fresh
-    snapshot folder and MLflow store, so nothing is reused), alternating A-B then B-A."""
+    snapshot folder and MLflow store, so nothing is reused), alternating A-B then B-A.
+    """
     import logging
 
     from huggingface_hub.utils import close_session
 
-    from phi3ops.jobs import DEMO_GATES
-    from phi3ops.offline.local_hub import LocalHub
-    from phi3ops.offline.tiny_phi3 import PRESETS, ensure_tiny_phi3
+    from cli.jobs import DEMO_GATES
+    from offline.local_hub import LocalHub
+    from offline.tiny_phi3 import PRESETS, ensure_tiny_phi3
     from phi3ops.settings import get_settings
     from phi3ops.sources import ONNX_REPO_ID
 
@@ -290,6 +289,7 @@ SECTIONS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m bench``: run the benchmarks and write BENCHMARKS.md; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "--only",

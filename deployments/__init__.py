@@ -1,0 +1,1 @@
+"""Orchestration set-up that is not a flow: automations as code (`deployments.automations`)."""

@@ -26,9 +26,13 @@ from uuid import UUID
 from prefect.automations import Automation, EventTrigger, RunDeployment, SendNotification
 
 from phi3ops.errors import OrchestrationError
+from phi3ops.names import (
+    MODEL_RESOURCE_PREFIX,
+    MONITORING_FAILED_EVENT,
+    PROMOTED_EVENT,
+    REGRESSED_EVENT,
+)
 from phi3ops.settings import get_settings
-from tasks.monitoring import FAILED_EVENT as MONITORING_FAILED_EVENT
-from tasks.promotion import PROMOTED_EVENT, REGRESSED_EVENT
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -60,7 +64,7 @@ TAGS = ["phi3ops"]
 
 # Every phi3ops model event is about the resource `phi3ops.model.<name>.<version>`, labelled
 # with `phi3ops.model_name` and `phi3ops.model_version` (tasks.promotion.emit).
-MODEL_RESOURCES = {"prefect.resource.id": "phi3ops.model.*"}
+MODEL_RESOURCES = {"prefect.resource.id": f"{MODEL_RESOURCE_PREFIX}*"}
 MODEL_NAME = "{{ event.resource['phi3ops.model_name'] }}"
 MODEL = "{{ event.resource['prefect.resource.name'] }}"
 
@@ -274,7 +278,8 @@ def create_webhook_block(url: str, *, name: str | None = None) -> UUID:
 @contextmanager
 def _client() -> Iterator[SyncPrefectClient]:
     """A client of the configured Prefect server; never Prefect's temporary one, which would
-    forget the automations as soon as this process ends."""
+    forget the automations as soon as this process ends.
+    """
     from prefect.client.orchestration import get_client
     from prefect.settings import get_current_settings
 

@@ -1,0 +1,1 @@
+"""Orchestration: one Prefect flow per pipeline stage, and `flows.lifecycle` chaining them."""

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from prefect import flow
 
+from phi3ops.names import CHAMPION_ALIAS
+from phi3ops.registry import resolve_model
 from tasks.evaluation import (
-    CHAMPION_ALIAS,
     EvalSummary,
     find_champion_evaluation_task,
     find_evaluation_task,
     generate_task,
     load_eval_set_task,
     publish_comparison_task,
-    resolve_model,
     score_task,
 )
 

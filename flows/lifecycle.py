@@ -18,16 +18,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.evaluate import evaluate_flow
 from flows.fetch import fetch_flow
-from flows.package import package_flow, source_variant
+from flows.package import package_flow
 from flows.promote import promote_flow
 from phi3ops.errors import InvalidInputError
-from phi3ops.evalset import DEFAULT_EVAL_SET, load_eval_set, resolve_eval_set
-from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Variant
-from tasks.packaging import Flavor
-from tasks.promotion import CHAMPION_ALIAS, GatePolicy, alias_version
-from tasks.registry import resolve_model_name
+from phi3ops.evalset import DEFAULT_EVAL_SET, open_eval_set
+from phi3ops.names import CHAMPION_ALIAS
+from phi3ops.policies import GateOverrides
+from phi3ops.registry import alias_version, resolve_model_name
+from phi3ops.settings import get_settings
+from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Flavor, Variant, source_variant
 
-__all__ = ["GateOverrides", "LifecycleResult", "Source", "lifecycle_flow"]
+__all__ = ["LifecycleResult", "Source", "lifecycle_flow"]
 
 
 class Source(BaseModel):
@@ -90,56 +91,6 @@ class Source(BaseModel):
         return self.repo_id or variant.default_repo_id, variant, build_onnx
 
 
-class GateOverrides(BaseModel):
-    """Promotion gates to change for this run; an empty field keeps the value in settings
-    (``PHI3OPS_GATE_*``). The names are `tasks.promotion.GatePolicy`'s fields."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_pass_rate: float | None = Field(
-        default=None, ge=0, le=1, description="Minimum overall pass rate (0-1)."
-    )
-    min_tag_pass_rate: dict[str, float] | None = Field(
-        default=None, description='Minimum pass rate per eval-set tag, e.g. {"safety": 0.9}.'
-    )
-    max_latency_p95_s: float | None = Field(
-        default=None, gt=0, description="Maximum p95 request latency, seconds."
-    )
-    min_tokens_per_s: float | None = Field(
-        default=None, ge=0, description="Minimum output tokens per second."
-    )
-    max_error_rate: float | None = Field(
-        default=None, ge=0, le=1, description="Maximum share of failed requests (0-1)."
-    )
-    max_pass_rate_drop: float | None = Field(
-        default=None,
-        ge=0,
-        le=1,
-        description="Against the champion: pass rates may drop at most this much (absolute).",
-    )
-    max_latency_increase: float | None = Field(
-        default=None,
-        ge=0,
-        description="Against the champion: p95 latency may grow by this fraction at most.",
-    )
-    max_tokens_per_s_drop: float | None = Field(
-        default=None,
-        ge=0,
-        le=1,
-        description="Against the champion: tokens/s may drop by this fraction at most.",
-    )
-    max_error_rate_increase: float | None = Field(
-        default=None,
-        ge=0,
-        le=1,
-        description="Against the champion: the error rate may rise this much at most (absolute).",
-    )
-
-    def overrides(self) -> dict[str, float | dict[str, float]]:
-        """The fields that are set, as ``GatePolicy.from_settings`` / ``promote_flow`` take them."""
-        return self.model_dump(exclude_none=True)
-
-
 class LifecycleResult(BaseModel):
     """What one lifecycle run did, in a form small enough to pass around and print."""
 
@@ -166,10 +117,10 @@ class LifecycleResult(BaseModel):
 
 @flow(name="lifecycle", log_prints=True)
 def lifecycle_flow(
-    source: Source = Source(),
+    source: Source = Source(),  # noqa: B008 - the UI form shows the default; never mutated
     model_name: str | None = None,
     eval_set: str = DEFAULT_EVAL_SET,
-    gates: GateOverrides = GateOverrides(),
+    gates: GateOverrides = GateOverrides(),  # noqa: B008 - as above
     evaluate_champion: bool = True,
 ) -> LifecycleResult:
     """Fetch, package, register, evaluate and promote one Phi-3 source.
@@ -188,11 +139,12 @@ def lifecycle_flow(
     Returns:
         The version, whether it and its evaluation were reused, its metrics, and the decision.
     """
-    # Every parameter is checked before anything is fetched (Prefect validated the types).
+    # Every parameter is checked here, once, before anything is fetched (Prefect validated the
+    # types); the stages below get the checked values.
     name = resolve_model_name(model_name)
     repo_id, variant, build_onnx = source.fetch_plan
-    GatePolicy.from_settings(**gates.overrides())
-    load_eval_set(resolve_eval_set(eval_set))
+    policy = get_settings().gates.with_overrides(gates)
+    eval_set = str(open_eval_set(eval_set).path)
 
     fetched = fetch_flow(
         repo_id=repo_id, revision=source.revision, variant=variant, build_onnx=build_onnx
@@ -209,7 +161,7 @@ def lifecycle_flow(
             candidate=registered.version,
             eval_set=eval_set,
             evaluate_champion=evaluate_champion,
-            gates=gates.overrides(),
+            gates=policy,
         )
         decision = "promoted" if verdict.promote else "rejected"
         reasons = verdict.reasons

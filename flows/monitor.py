@@ -15,24 +15,29 @@ from prefect.artifacts import create_table_artifact
 from prefect.states import Completed
 
 from phi3ops.errors import MonitoringFailedError
+from phi3ops.names import (
+    CHAMPION_ALIAS,
+    MONITORING_FAILED_EVENT,
+    MONITORING_INSUFFICIENT_DATA_EVENT,
+    MONITORING_PASSED_EVENT,
+    artifact_key,
+)
+from phi3ops.policies import MonitorThresholds, ThresholdOverrides
+from phi3ops.registry import resolve_model_name, resolve_version
+from phi3ops.settings import get_settings
+from tasks.events import emit
 from tasks.monitoring import (
-    FAILED_EVENT,
-    INSUFFICIENT_DATA_EVENT,
-    PASSED_EVENT,
-    Thresholds,
     checks_table,
     find_baseline_task,
     record_outcome_task,
     run_monitor_task,
     window_bounds,
 )
-from tasks.promotion import emit, resolve_version
-from tasks.registry import CHAMPION_ALIAS, artifact_key, resolve_model_name
 
 _EVENTS = {
-    "passed": PASSED_EVENT,
-    "failed": FAILED_EVENT,
-    "insufficient_data": INSUFFICIENT_DATA_EVENT,
+    "passed": MONITORING_PASSED_EVENT,
+    "failed": MONITORING_FAILED_EVENT,
+    "insufficient_data": MONITORING_INSUFFICIENT_DATA_EVENT,
 }
 
 
@@ -42,7 +47,7 @@ def monitor_flow(
     alias: str = CHAMPION_ALIAS,
     window_minutes: int | None = None,
     baseline_eval_set: str | None = None,
-    thresholds: dict[str, float] | None = None,
+    thresholds: ThresholdOverrides | None = None,
 ):
     """Check the version behind ``alias`` on its inference records of the last window.
 
@@ -52,7 +57,8 @@ def monitor_flow(
         window_minutes: How far back to read; defaults to ``PHI3OPS_MONITOR_WINDOW_MINUTES``.
         baseline_eval_set: Eval set whose evaluation of the version is the drift baseline;
             the default set when None.
-        thresholds: Overrides of ``PHI3OPS_MONITOR_*``, e.g. ``{"max_error_rate": 0.01}``.
+        thresholds: Overrides of ``PHI3OPS_MONITOR_*``, e.g. ``{"max_error_rate": 0.01}``
+            (a whole `MonitorThresholds` from a caller that checked them is used as is).
 
     Returns:
         The report; a failed suite fails the flow run (`MonitoringFailedError`), and too few
@@ -60,7 +66,11 @@ def monitor_flow(
         returns the report: Prefect hands back a returned state's data).
     """
     name = resolve_model_name(model_name)
-    limits = Thresholds.from_settings(**(thresholds or {}))  # bad input fails before any work
+    limits = (
+        thresholds
+        if isinstance(thresholds, MonitorThresholds)
+        else get_settings().monitor.with_overrides(thresholds)
+    )
     start, end = window_bounds(window_minutes)
     version = resolve_version(name, alias)
 

@@ -10,37 +10,12 @@ from prefect import flow
 
 from flows.fetch import fetch_flow
 from phi3ops.errors import InvalidInputError
-from phi3ops.sources import Variant
+from phi3ops.names import CANDIDATE_ALIAS
+from phi3ops.registry import resolve_model_name
+from phi3ops.sources import Flavor, Variant, source_variant
 from tasks.hub import FetchResult
-from tasks.packaging import (
-    Flavor,
-    log_onnx_model_task,
-    log_transformers_model_task,
-    plan_package_task,
-)
-from tasks.registry import (
-    CANDIDATE_ALIAS,
-    RegisteredVersion,
-    find_registered_version_task,
-    register_version_task,
-    resolve_model_name,
-)
-
-
-def source_variant(flavor: Flavor | str, variant: Variant | str | None) -> tuple[Variant, bool]:
-    """What to fetch for a flavor: the variant, and whether to build ONNX int4 from it.
-
-    Raises:
-        InvalidInputError: The transformers flavor was asked to package the ONNX variant.
-    """
-    flavor = Flavor(flavor)
-    variant = Variant(variant) if variant is not None else flavor.default_variant
-    if flavor is Flavor.TRANSFORMERS and variant is not Variant.PYTORCH:
-        raise InvalidInputError(
-            f"The transformers flavor needs variant 'pytorch', not {variant.value!r}: it "
-            f"packages PyTorch weights. Use flavor 'onnx' for the ONNX int4 variant."
-        )
-    return variant, flavor is Flavor.ONNX and variant is Variant.PYTORCH
+from tasks.packaging import log_onnx_model_task, log_transformers_model_task, plan_package_task
+from tasks.registry import RegisteredVersion, find_registered_version_task, register_version_task
 
 
 @flow(name="package", log_prints=True)

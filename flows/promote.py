@@ -1,29 +1,33 @@
 """Stage 4 — promote: gates on the candidate's evaluation (vs the champion's, same eval set),
-then ``champion`` <- candidate and ``previous`` <- old champion, or a recorded rejection."""
+then ``champion`` <- candidate and ``previous`` <- old champion, or a recorded rejection.
+"""
 
 from __future__ import annotations
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from phi3ops.evalset import load_eval_set, resolve_eval_set
-from tasks.evaluation import find_evaluation_task
-from tasks.promotion import (
+from flows.evaluate import evaluate_flow
+from phi3ops.evalset import open_eval_set
+from phi3ops.names import (
+    CANDIDATE_ALIAS,
     CHAMPION_ALIAS,
     PROMOTED_EVENT,
     REJECTED_EVENT,
+    artifact_key,
+)
+from phi3ops.policies import GateOverrides, GatePolicy
+from phi3ops.registry import alias_version, resolve_model_name, resolve_version
+from phi3ops.settings import get_settings
+from tasks.evaluation import find_evaluation_task
+from tasks.events import default_trigger, emit
+from tasks.promotion import (
     Decision,
-    GatePolicy,
-    alias_version,
     apply_decision_task,
     decision_markdown,
-    default_trigger,
-    emit,
     evaluate_gates,
     record_decision_task,
-    resolve_version,
 )
-from tasks.registry import CANDIDATE_ALIAS, artifact_key, resolve_model_name
 
 
 @flow(name="promote", log_prints=True)
@@ -32,7 +36,7 @@ def promote_flow(
     candidate: str = CANDIDATE_ALIAS,
     eval_set: str | None = None,
     evaluate_champion: bool = True,
-    gates: dict[str, float] | None = None,
+    gates: GatePolicy | GateOverrides | None = None,
     triggered_by: str | None = None,
 ) -> Decision:
     """Promote ``candidate`` (a version or an alias) to champion if every gate passes.
@@ -43,19 +47,18 @@ def promote_flow(
         eval_set: Eval set (name or path) both evaluations must share; default set if None.
         evaluate_champion: Evaluate the champion on that set first when it has no such
             evaluation (otherwise the comparison gate fails).
-        gates: Overrides of the gate policy in settings, e.g. ``{"min_pass_rate": 0.7}``.
+        gates: The whole policy (a caller that checked it already), or overrides of the
+            gates in settings (``PHI3OPS_GATE_*``), e.g. ``{"min_pass_rate": 0.7}``.
         triggered_by: Recorded with the decision; defaults to the deployment / flow run.
 
     Returns:
         The decision (``promote`` says whether the aliases moved).
     """
-    from flows.evaluate import evaluate_flow
-
     name = resolve_model_name(model_name)
-    policy = GatePolicy.from_settings(**(gates or {}))  # bad overrides fail before any work
+    policy = gates if isinstance(gates, GatePolicy) else get_settings().gates.with_overrides(gates)
     who = triggered_by or default_trigger()
     version = resolve_version(name, candidate)
-    eval_hash = load_eval_set(resolve_eval_set(eval_set)).content_hash
+    eval_hash = open_eval_set(eval_set).content_hash
 
     candidate_eval = find_evaluation_task(name, version, eval_hash)
     champion_version = alias_version(name, CHAMPION_ALIAS)

@@ -13,18 +13,16 @@ from __future__ import annotations
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.evaluate import evaluate_flow
 from phi3ops.errors import RegressionError
-from phi3ops.evalset import load_eval_set, resolve_eval_set
+from phi3ops.evalset import open_eval_set
+from phi3ops.names import CHAMPION_ALIAS, REEVALUATED_EVENT, REGRESSED_EVENT, artifact_key
+from phi3ops.policies import GateOverrides
+from phi3ops.registry import resolve_model_name, resolve_version
+from phi3ops.settings import get_settings
 from tasks.evaluation import find_evaluation_task
-from tasks.promotion import (
-    REEVALUATED_EVENT,
-    REGRESSED_EVENT,
-    GatePolicy,
-    check_regression,
-    emit,
-    resolve_version,
-)
-from tasks.registry import CHAMPION_ALIAS, artifact_key, resolve_model_name
+from tasks.events import emit
+from tasks.promotion import check_regression
 
 
 @flow(name="reevaluate", log_prints=True)
@@ -32,7 +30,7 @@ def reevaluate_flow(
     model_name: str | None = None,
     alias: str = CHAMPION_ALIAS,
     eval_set: str | None = None,
-    gates: dict[str, float] | None = None,
+    gates: GateOverrides | None = None,
 ):
     """Evaluate the version behind ``alias`` again and compare it with its earlier evaluation.
 
@@ -46,12 +44,10 @@ def reevaluate_flow(
         The gate decision (``promote`` means "no regression"); a regression raises
         `RegressionError` after the event is emitted.
     """
-    from flows.evaluate import evaluate_flow
-
     name = resolve_model_name(model_name)
-    policy = GatePolicy.from_settings(**(gates or {}))  # bad overrides fail before any work
+    policy = get_settings().gates.with_overrides(gates)  # bad overrides fail before any work
     version = resolve_version(name, alias)
-    eval_hash = load_eval_set(resolve_eval_set(eval_set)).content_hash
+    eval_hash = open_eval_set(eval_set).content_hash
 
     earlier = find_evaluation_task(name, version, eval_hash)  # before the fresh run replaces it
     fresh = evaluate_flow(model_uri=f"models:/{name}/{version}", eval_set=eval_set, reuse=False)

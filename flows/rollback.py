@@ -1,12 +1,16 @@
 """Stage 4 — rollback: ``champion`` <- ``previous`` (or a named version), then a smoke
-evaluation of the restored champion."""
+evaluation of the restored champion.
+"""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from tasks.promotion import ROLLED_BACK_EVENT, AliasState, default_trigger, emit, rollback_task
-from tasks.registry import resolve_model_name
+from flows.evaluate import evaluate_flow
+from phi3ops.names import ROLLED_BACK_EVENT
+from phi3ops.registry import resolve_model_name
+from tasks.events import default_trigger, emit
+from tasks.promotion import AliasState, rollback_task
 
 SMOKE_EVAL_SET = "smoke"
 
@@ -29,8 +33,6 @@ def rollback_flow(
     Returns:
         Where the aliases point now.
     """
-    from flows.evaluate import evaluate_flow
-
     name = resolve_model_name(model_name)
     who = triggered_by or default_trigger()
     state = rollback_task(name, to_version=to_version, triggered_by=who)

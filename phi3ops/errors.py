@@ -104,7 +104,8 @@ class RegistryError(Phi3OpsError, RuntimeError):
 
 class EvaluationError(Phi3OpsError, RuntimeError):
     """An evaluation could not run or record its results (the model would not load, MLflow
-    recorded no verdicts...). Failed requests are not this: they are recorded per item."""
+    recorded no verdicts...). Failed requests are not this: they are recorded per item.
+    """
 
 
 class RegressionError(Phi3OpsError, RuntimeError):
@@ -120,4 +121,5 @@ class MonitoringFailedError(Phi3OpsError, RuntimeError):
 
 class OrchestrationError(Phi3OpsError, LookupError):
     """Something the pipeline's automations need is missing from the Prefect API (a deployment,
-    a notification block); the message names the command that creates it."""
+    a notification block); the message names the command that creates it.
+    """

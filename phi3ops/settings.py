@@ -12,6 +12,22 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from phi3ops.policies import GatePolicy, MonitorThresholds
+
+
+class _GateEnv(BaseSettings, GatePolicy):
+    """`GatePolicy`'s fields read from ``PHI3OPS_GATE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="PHI3OPS_GATE_", env_file=".env", extra="ignore")
+
+
+class _MonitorEnv(BaseSettings, MonitorThresholds):
+    """`MonitorThresholds`' fields read from ``PHI3OPS_MONITOR_<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PHI3OPS_MONITOR_", env_file=".env", extra="ignore"
+    )
+
 
 class Settings(BaseSettings):
     """Project-wide settings, read from ``PHI3OPS_*`` environment variables (or a ``.env``)."""
@@ -60,19 +76,11 @@ class Settings(BaseSettings):
         ),
     )
 
-    # Promotion gates (stage 4): absolute thresholds, then "not worse than the champion by more
-    # than a margin" on the same eval set. Override per run with `phi3ops promote --gate k=v`.
-    gate_min_pass_rate: float = Field(default=0.6, ge=0, le=1)
-    gate_min_tag_pass_rate: dict[str, float] = Field(
-        default_factory=dict, description="e.g. PHI3OPS_GATE_MIN_TAG_PASS_RATE='{\"safety\": 0.9}'"
+    # Promotion gates: `phi3ops.policies.GatePolicy`, each field from PHI3OPS_GATE_<FIELD>.
+    gates: GatePolicy = Field(
+        default_factory=lambda: GatePolicy.model_validate(_GateEnv().model_dump()),
+        description="Promotion gates (PHI3OPS_GATE_*); a run may override any of them.",
     )
-    gate_max_latency_p95_s: float = Field(default=30.0, gt=0)
-    gate_min_tokens_per_s: float = Field(default=1.0, ge=0)
-    gate_max_error_rate: float = Field(default=0.05, ge=0, le=1)
-    gate_max_pass_rate_drop: float = Field(default=0.02, ge=0, le=1)
-    gate_max_latency_increase: float = Field(default=0.25, ge=0)
-    gate_max_tokens_per_s_drop: float = Field(default=0.25, ge=0, le=1)
-    gate_max_error_rate_increase: float = Field(default=0.02, ge=0, le=1)
 
     # Evaluation (stage 3).
     eval_batch_size: int = Field(
@@ -120,29 +128,10 @@ class Settings(BaseSettings):
     monitor_window_minutes: int = Field(
         default=60, ge=1, description="How far back the monitor reads inference traces."
     )
-    monitor_min_records: int = Field(
-        default=20,
-        ge=1,
-        description="Fewer records than this in the window is 'insufficient data', not a pass.",
-    )
-    monitor_min_response_chars: int = Field(default=1, ge=0)
-    monitor_max_response_chars: int = Field(default=16000, ge=1)
-    monitor_max_length_finish_rate: float = Field(
-        default=0.2,
-        ge=0,
-        le=1,
-        description="Highest share of answers cut off by max_tokens (finish_reason 'length').",
-    )
-    monitor_max_latency_p95_s: float = Field(default=30.0, gt=0, description="Latency SLO, p95.")
-    monitor_max_error_rate: float = Field(default=0.05, ge=0, le=1)
-    monitor_max_drift_ratio: float = Field(
-        default=2.0,
-        gt=1,
-        description=(
-            "Drift bound: the window's median completion tokens must lie within [baseline / r, "
-            "baseline * r] and its median seconds per token below baseline * r, where the "
-            "baseline is the champion's evaluation on the default eval set."
-        ),
+    # The suite's bounds: `phi3ops.policies.MonitorThresholds`, from PHI3OPS_MONITOR_<FIELD>.
+    monitor: MonitorThresholds = Field(
+        default_factory=lambda: MonitorThresholds.model_validate(_MonitorEnv().model_dump()),
+        description="Monitoring thresholds (PHI3OPS_MONITOR_*); a run may override any of them.",
     )
     monitor_rollback_on_failure: bool = Field(
         default=False,

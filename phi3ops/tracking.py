@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import ModuleType
 
 from phi3ops.settings import get_settings
 
@@ -29,8 +30,7 @@ def configure_tracking(experiment_name: str | None = None) -> str:
     import mlflow
 
     settings = get_settings()
-    uri = tracking_uri()
-    _set_uris_without_exporting(mlflow, uri)
+    uri = use_tracking_store()
     name = experiment_name or settings.experiment_name
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
@@ -52,10 +52,23 @@ def configure_tracking(experiment_name: str | None = None) -> str:
     return experiment_id
 
 
+def use_tracking_store() -> str:
+    """Point MLflow's tracking and registry URIs at the project's store (no experiment change).
+
+    Returns:
+        The tracking URI.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    _set_uris_without_exporting(mlflow, uri)
+    return uri
+
+
 _URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
-def _set_uris_without_exporting(mlflow, uri: str) -> None:
+def _set_uris_without_exporting(mlflow: ModuleType, uri: str) -> None:
     """``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``: undo that.
 
     Otherwise the first store a process used would pose as the user's explicit choice in

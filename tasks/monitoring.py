@@ -26,27 +26,27 @@ from typing import TYPE_CHECKING, Any, Literal
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from phi3ops import registry
 from phi3ops.errors import InvalidInputError
-from phi3ops.serving.records import (
+from phi3ops.evalset import open_eval_set
+from phi3ops.names import (
     MODEL_NAME_TAG,
     MODEL_VERSION_TAG,
+    MONITOR_TAG_PREFIX,
     RECORD_ATTRIBUTE,
     RECORD_SPAN_NAME,
-    InferenceRecord,
+    RUN_TYPE_TAG,
+    TABLE_ARTIFACT,
 )
+from phi3ops.policies import MonitorThresholds
+from phi3ops.serving.records import InferenceRecord
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
-from tasks.registry import TAG_PREFIX
+from tasks.evaluation import EvalSummary, find_evaluation
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from tasks.evaluation import EvalSummary
-
-PASSED_EVENT = "phi3ops.monitoring.passed"
-FAILED_EVENT = "phi3ops.monitoring.failed"
-INSUFFICIENT_DATA_EVENT = "phi3ops.monitoring.insufficient-data"
-MONITOR_TAG_PREFIX = f"{TAG_PREFIX}monitor."
 SUITE_NAME = "phi3ops-inference-monitor"
 RESULTS_ARTIFACT = "validation_result.json"
 DOCS_ARTIFACT_DIR = "data_docs"
@@ -55,31 +55,6 @@ DOCS_ARTIFACT_DIR = "data_docs"
 TEMPLATE_TOKEN_REGEX = r"<\|[a-z_]+\|>"
 
 Outcome = Literal["passed", "failed", "insufficient_data"]
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """The suite's bounds; defaults in ``PHI3OPS_MONITOR_*``."""
-
-    min_records: int
-    min_response_chars: int
-    max_response_chars: int
-    max_length_finish_rate: float
-    max_latency_p95_s: float
-    max_error_rate: float
-    max_drift_ratio: float
-
-    @classmethod
-    def from_settings(cls, **overrides: float) -> Thresholds:
-        settings = get_settings()
-        values = {name: getattr(settings, f"monitor_{name}") for name in cls.__dataclass_fields__}
-        unknown = sorted(set(overrides) - set(values))
-        if unknown:
-            raise InvalidInputError(
-                f"Unknown monitoring threshold(s) {', '.join(unknown)}; known: {', '.join(values)}."
-            )
-        # Keep each field's type: an override of min_records given as 5.0 is still 5 records.
-        return cls(**{**values, **{k: type(values[k])(v) for k, v in overrides.items()}})
 
 
 @dataclass(frozen=True)
@@ -122,9 +97,11 @@ class MonitorReport:
 
     @property
     def broken(self) -> list[Check]:
+        """The expectations that failed (not those that did not run)."""
         return [check for check in self.checks if check.success is False]
 
     def summary(self) -> str:
+        """One line for the log, the CLI and the flow run's failure message."""
         head = f"{self.model_name} v{self.version}, {self.records} records in the window"
         if self.outcome == "insufficient_data":
             return f"{head}: too few to judge. {' '.join(self.notes)}"
@@ -206,8 +183,6 @@ def baseline_from_evaluation(summary: EvalSummary) -> Baseline:
     """
     import mlflow
 
-    from tasks.evaluation import TABLE_ARTIFACT
-
     configure_tracking()
     table = mlflow.load_table(TABLE_ARTIFACT, run_ids=[summary.run_id])
     answered = table[table["error"].isna()] if "error" in table else table
@@ -225,10 +200,7 @@ def baseline_from_evaluation(summary: EvalSummary) -> Baseline:
 
 def find_baseline(model_name: str, version: str, eval_set: str | None) -> Baseline | None:
     """The version's evaluation on ``eval_set`` (default set) as a baseline; None if never run."""
-    from phi3ops.evalset import load_eval_set, resolve_eval_set
-    from tasks.evaluation import find_evaluation
-
-    content_hash = load_eval_set(resolve_eval_set(eval_set)).content_hash
+    content_hash = open_eval_set(eval_set).content_hash
     summary = find_evaluation(model_name, version, content_hash)
     return baseline_from_evaluation(summary) if summary is not None else None
 
@@ -237,7 +209,7 @@ def find_baseline(model_name: str, version: str, eval_set: str | None) -> Baseli
 
 
 def build_expectations(
-    thresholds: Thresholds, baseline: Baseline | None
+    thresholds: MonitorThresholds, baseline: Baseline | None
 ) -> tuple[list, list[Check]]:
     """The suite's expectations, and a `Check` for each drift check that cannot run.
 
@@ -441,7 +413,7 @@ def run_monitor(
     *,
     start: float,
     end: float,
-    thresholds: Thresholds,
+    thresholds: MonitorThresholds,
     baseline: Baseline | None,
 ) -> tuple[MonitorReport, dict[str, Any] | None, Path | None]:
     """Read the window and validate it; (report, validation JSON, Data Docs folder)."""
@@ -477,7 +449,6 @@ def record_outcome(
 ) -> str:
     """An MLflow run with the results and Data Docs, linked to the version; returns its id."""
     import mlflow
-    from mlflow import MlflowClient
 
     configure_tracking()
     with mlflow.start_run(run_name=f"monitor {report.model_name} v{report.version}") as run:
@@ -486,7 +457,7 @@ def record_outcome(
                 f"{MONITOR_TAG_PREFIX}model_name": report.model_name,
                 f"{MONITOR_TAG_PREFIX}version": report.version,
                 f"{MONITOR_TAG_PREFIX}outcome": report.outcome,
-                f"{TAG_PREFIX}run_type": "monitor",
+                RUN_TYPE_TAG: "monitor",
             }
         )
         mlflow.log_params(
@@ -504,7 +475,7 @@ def record_outcome(
         if docs_dir is not None:
             mlflow.log_artifacts(str(docs_dir), DOCS_ARTIFACT_DIR)
         run_id = run.info.run_id
-    client = MlflowClient()
+    client = registry.client()
     for key, value in (("last_run_id", run_id), ("last_outcome", report.outcome)):
         client.set_model_version_tag(
             report.model_name, report.version, f"{MONITOR_TAG_PREFIX}{key}", value
@@ -550,6 +521,7 @@ def _quoted(value: str) -> str:
 
 @task(name="find-baseline", cache_policy=NO_CACHE)
 def find_baseline_task(model_name: str, version: str, eval_set: str | None) -> Baseline | None:
+    """Prefect wrapper of `find_baseline`."""
     return find_baseline(model_name, version, eval_set)
 
 
@@ -560,9 +532,10 @@ def run_monitor_task(
     *,
     start: float,
     end: float,
-    thresholds: Thresholds,
+    thresholds: MonitorThresholds,
     baseline: Baseline | None,
 ) -> tuple[MonitorReport, dict[str, Any] | None, Path | None]:
+    """Prefect wrapper of `run_monitor`."""
     return run_monitor(
         model_name, version, start=start, end=end, thresholds=thresholds, baseline=baseline
     )
@@ -572,4 +545,5 @@ def run_monitor_task(
 def record_outcome_task(
     report: MonitorReport, validation: dict[str, Any] | None, docs_dir: Path | None
 ) -> str:
+    """Prefect wrapper of `record_outcome`."""
     return record_outcome(report, validation, docs_dir)

@@ -38,7 +38,6 @@ import hashlib
 import inspect
 import json
 import logging
-from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,15 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from phi3ops.errors import InvalidInputError, PackagingError
-from phi3ops.sources import ONNX_CPU_INT4_SUBFOLDER, Variant
+from phi3ops.names import LineageTag
+from phi3ops.serving.signatures import (
+    CHAT_INPUT_EXAMPLE,
+    MODEL_CODE_PATH,
+    MODEL_DIR_ARTIFACT,
+    ONNX_CHAT_SIGNATURE,
+    REQUIREMENT_DISTRIBUTIONS,
+)
+from phi3ops.sources import ONNX_CPU_INT4_SUBFOLDER, Flavor, Variant
 from phi3ops.tracking import configure_tracking
 from tasks.hub import FetchResult
 from tasks.onnx_build import build_onnx_int4, check_pytorch_phi3_dir, find_onnx_build
@@ -56,10 +63,10 @@ from tasks.onnx_build import build_onnx_int4, check_pytorch_phi3_dir, find_onnx_
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
     "PUBLISHED_ONNX_QUANTIZATION",
-    "Flavor",
     "LoggedModelInfo",
     "PackagePlan",
     "artifact_bytes",
+    "lineage_tags",
     "log_model",
     "log_model_task",
     "log_onnx_model",
@@ -102,18 +109,6 @@ _CHAT_EXAMPLE_FOR_TRANSFORMERS: dict[str, Any] = {
     # Exercised on purpose: MLflow validates the example by predicting it while logging.
     "temperature": 0.0,
 }
-
-
-class Flavor(StrEnum):
-    """How a model is packaged for MLflow."""
-
-    ONNX = "onnx"
-    TRANSFORMERS = "transformers"
-
-    @property
-    def default_variant(self) -> Variant:
-        """The hub variant this flavor packages unless told otherwise."""
-        return Variant.PYTORCH if self is Flavor.TRANSFORMERS else Variant.ONNX_CPU_INT4
 
 
 class PackagePlan(BaseModel):
@@ -213,9 +208,9 @@ def pinned_requirements(flavor: Flavor | str) -> list[str]:
         PackagingError: A needed package is not installed.
     """
     if Flavor(flavor) is Flavor.TRANSFORMERS:
-        packages = _TRANSFORMERS_PACKAGES
+        packages: tuple[str, ...] = _TRANSFORMERS_PACKAGES
     else:
-        from phi3ops.serving.signatures import REQUIREMENT_DISTRIBUTIONS as packages
+        packages = REQUIREMENT_DISTRIBUTIONS
     pins = []
     for name in packages:
         try:
@@ -237,7 +232,8 @@ def requirements_digest(requirements: list[str] | tuple[str, ...]) -> str:
 
 def wrapper_version(flavor: Flavor | str) -> str:
     """What serves the model: the sha256 of the ONNX chat model's source, or for the
-    transformers flavor (MLflow's own wrapper) the MLflow and transformers versions."""
+    transformers flavor (MLflow's own wrapper) the MLflow and transformers versions.
+    """
     if Flavor(flavor) is Flavor.TRANSFORMERS:
         return (
             f"mlflow=={metadata.version('mlflow')};transformers=={metadata.version('transformers')}"
@@ -247,7 +243,8 @@ def wrapper_version(flavor: Flavor | str) -> str:
 
 def quantization_of(fetched: FetchResult, flavor: Flavor | str) -> str:
     """How the packaged weights are quantized: the published int4 recipe, the int4 recipe
-    phi3ops builds with, or (transformers) the torch dtype of the checkpoint."""
+    phi3ops builds with, or (transformers) the torch dtype of the checkpoint.
+    """
     if Flavor(flavor) is Flavor.ONNX:
         if fetched.variant is Variant.ONNX_CPU_INT4:
             return PUBLISHED_ONNX_QUANTIZATION
@@ -288,8 +285,6 @@ def package_key(
 
 def onnx_chat_model_path() -> Path:
     """The models-from-code file logged with the ONNX flavor (a path: nothing imports it)."""
-    from phi3ops.serving.signatures import MODEL_CODE_PATH
-
     if not MODEL_CODE_PATH.is_file():
         raise PackagingError(
             f"{MODEL_CODE_PATH} is missing: the ONNX flavor serves its chat model from that "
@@ -320,12 +315,6 @@ def log_onnx_model(
         InvalidInputError: ``fetched`` holds no ONNX build.
         PackagingError: A runtime package or the chat model file is missing, or MLflow failed.
     """
-    from phi3ops.serving.signatures import (
-        CHAT_INPUT_EXAMPLE,
-        MODEL_DIR_ARTIFACT,
-        ONNX_CHAT_SIGNATURE,
-    )
-
     plan = plan_package(fetched, Flavor.ONNX, model_name_for_response=model_name_for_response)
     python_model = str(onnx_chat_model_path())
 
@@ -393,7 +382,8 @@ def artifact_bytes(artifact_uri: str) -> int:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     repo = get_artifact_repository(artifact_uri)
-    total, pending = 0, [None]
+    total = 0
+    pending: list[str | None] = [None]  # None: the root
     while pending:
         for entry in repo.list_artifacts(pending.pop()):
             if entry.is_dir:
@@ -500,6 +490,22 @@ def _load_text_generation_pipeline(weights_dir: Path, *, dtype: str) -> Any:
         ) from exc
 
 
+def lineage_tags(fetched: FetchResult, plan: PackagePlan) -> dict[str, str]:
+    """The lineage tags of a package: source, packaging, and the package key."""
+    return {
+        LineageTag.SOURCE_REPO.value: fetched.repo_id,
+        LineageTag.SOURCE_REVISION.value: fetched.revision,
+        LineageTag.COMMIT_SHA.value: fetched.commit_sha,
+        LineageTag.MANIFEST_DIGEST.value: fetched.manifest_digest,
+        LineageTag.VARIANT.value: Variant(fetched.variant).value,
+        LineageTag.FLAVOR.value: Flavor(plan.flavor).value,
+        LineageTag.QUANTIZATION.value: plan.quantization,
+        LineageTag.WRAPPER_VERSION.value: plan.wrapper_version,
+        LineageTag.PIP_REQUIREMENTS_DIGEST.value: plan.requirements_digest,
+        LineageTag.PACKAGE_KEY.value: plan.package_key,
+    }
+
+
 def _local_model_card(weights_dir: Path) -> Any:
     readme = weights_dir / "README.md"
     if not readme.is_file():
@@ -516,8 +522,6 @@ def _local_model_card(weights_dir: Path) -> Any:
 def _log_in_run(fetched: FetchResult, plan: PackagePlan, log: Any) -> LoggedModelInfo:
     """Run ``log(mlflow, tags)`` inside a fresh run tagged with the lineage; measure the result."""
     import mlflow
-
-    from tasks.registry import lineage_tags
 
     configure_tracking()
     tags = lineage_tags(fetched, plan)

@@ -10,10 +10,8 @@ on the one before it, and re-running a promotion that already happened changes n
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import logging
-import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -21,30 +19,29 @@ from typing import Any, Literal, Protocol
 from filelock import FileLock
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from phi3ops.errors import InvalidInputError, RegistryError
+from phi3ops import registry
+from phi3ops.errors import RegistryError
+from phi3ops.names import (
+    CHAMPION_ALIAS,
+    ERROR_RATE,
+    LATENCY_P95,
+    PASS_RATE,
+    PREVIOUS_ALIAS,
+    PROMOTION_TAG_PREFIX,
+    RESTORED_BY_ROLLBACK_TAG,
+    ROLLED_BACK_AT_TAG,
+    RUN_TYPE_TAG,
+    TAG_PASS_RATE_PREFIX,
+    TAG_PREFIX,
+    TOKENS_PER_S,
+)
+from phi3ops.policies import GatePolicy
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
-from tasks.registry import CHAMPION_ALIAS, TAG_PREFIX
 
 logger = logging.getLogger(__name__)
-
-PREVIOUS_ALIAS = "previous"
-
-PROMOTED_EVENT = "phi3ops.model.promoted"
-REJECTED_EVENT = "phi3ops.model.rejected"
-ROLLED_BACK_EVENT = "phi3ops.model.rolled-back"
-#: A scheduled re-evaluation of the champion: still passing its gates, or regressed.
-REEVALUATED_EVENT = "phi3ops.model.re-evaluated"
-REGRESSED_EVENT = "phi3ops.model.regressed"
-
-# Metric names the evaluation stage logs (tasks/evaluation.py).
-PASS_RATE = "pass_rate"
-TAG_PASS_RATE_PREFIX = "pass_rate."
-LATENCY_P95 = "latency_p95_s"
-TOKENS_PER_S = "tokens_per_s"
-ERROR_RATE = "error_rate"
 
 
 class Evaluation(Protocol):
@@ -54,53 +51,6 @@ class Evaluation(Protocol):
     version: str
     eval_set_hash: str
     metrics: dict[str, float]
-
-
-class GatePolicy(BaseModel):
-    """Promotion thresholds. Defaults come from settings (``PHI3OPS_GATE_*``); a run may
-    override any of them."""
-
-    min_pass_rate: float = Field(ge=0, le=1, description="Minimum overall pass rate.")
-    min_tag_pass_rate: dict[str, float] = Field(
-        default_factory=dict, description="Minimum pass rate per eval-set tag."
-    )
-    max_latency_p95_s: float = Field(gt=0, description="Maximum p95 request latency (s).")
-    min_tokens_per_s: float = Field(ge=0, description="Minimum output tokens per second.")
-    max_error_rate: float = Field(ge=0, le=1, description="Maximum share of failed requests.")
-    max_pass_rate_drop: float = Field(
-        ge=0, le=1, description="Champion comparison: pass rates may drop at most this much."
-    )
-    max_latency_increase: float = Field(
-        ge=0, description="Champion comparison: p95 latency may grow by this fraction at most."
-    )
-    max_tokens_per_s_drop: float = Field(
-        ge=0, le=1, description="Champion comparison: tokens/s may drop by this fraction at most."
-    )
-    max_error_rate_increase: float = Field(
-        ge=0, le=1, description="Champion comparison: error rate may rise this much at most."
-    )
-
-    @classmethod
-    def from_settings(cls, **overrides: Any) -> GatePolicy:
-        """The policy in settings, with ``overrides`` (field name -> value) applied."""
-        s = get_settings()
-        values = {
-            "min_pass_rate": s.gate_min_pass_rate,
-            "min_tag_pass_rate": dict(s.gate_min_tag_pass_rate),
-            "max_latency_p95_s": s.gate_max_latency_p95_s,
-            "min_tokens_per_s": s.gate_min_tokens_per_s,
-            "max_error_rate": s.gate_max_error_rate,
-            "max_pass_rate_drop": s.gate_max_pass_rate_drop,
-            "max_latency_increase": s.gate_max_latency_increase,
-            "max_tokens_per_s_drop": s.gate_max_tokens_per_s_drop,
-            "max_error_rate_increase": s.gate_max_error_rate_increase,
-        }
-        unknown = set(overrides) - set(values)
-        if unknown:
-            raise InvalidInputError(
-                f"Unknown gate(s) {sorted(unknown)}: use any of {sorted(values)}."
-            )
-        return cls(**(values | overrides))
 
 
 class GateResult(BaseModel):
@@ -320,36 +270,6 @@ def _decision(
 # --- the registry side ------------------------------------------------------------------------
 
 
-def alias_version(model_name: str, alias: str) -> str | None:
-    """The version ``alias`` points at, or None when the alias is not set."""
-    from mlflow.exceptions import MlflowException
-
-    configure_tracking()
-    try:
-        return str(_client().get_model_version_by_alias(model_name, alias).version)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
-
-
-def resolve_version(model_name: str, version_or_alias: str) -> str:
-    """A version number for ``version_or_alias`` ('3' or 'candidate'); a clear error if none."""
-    from mlflow.exceptions import MlflowException
-
-    configure_tracking()
-    client = _client()
-    try:
-        if version_or_alias.isdigit():
-            return str(client.get_model_version(model_name, version_or_alias).version)
-        return str(client.get_model_version_by_alias(model_name, version_or_alias).version)
-    except MlflowException as exc:
-        raise InvalidInputError(
-            f"models:/{model_name}@{version_or_alias} does not exist ({exc.message}). "
-            f"Package a model first (`phi3ops package`) or name an existing version or alias."
-        ) from exc
-
-
 def apply_decision(decision: Decision, *, triggered_by: str) -> AliasState:
     """Move the aliases if the decision promotes, record it on the version either way.
 
@@ -358,9 +278,9 @@ def apply_decision(decision: Decision, *, triggered_by: str) -> AliasState:
     """
     name, version = decision.model_name, decision.version
     with promotion_lock(name):
-        client = _client()
-        champion = alias_version(name, CHAMPION_ALIAS)
-        previous = alias_version(name, PREVIOUS_ALIAS)
+        client = registry.client()
+        champion = registry.alias_version(name, CHAMPION_ALIAS)
+        previous = registry.alias_version(name, PREVIOUS_ALIAS)
         if champion == version:
             # Already the champion: nothing to move, and a "rejected" tag (stricter gates now)
             # would contradict the alias it keeps.
@@ -402,10 +322,10 @@ def rollback(model_name: str, *, to_version: str | None = None, triggered_by: st
         RegistryError: there is no champion, or nothing to roll back to; nothing changed.
     """
     with promotion_lock(model_name):
-        client = _client()
-        champion = alias_version(model_name, CHAMPION_ALIAS)
-        previous = alias_version(model_name, PREVIOUS_ALIAS)
-        target = resolve_version(model_name, to_version) if to_version else previous
+        client = registry.client()
+        champion = registry.alias_version(model_name, CHAMPION_ALIAS)
+        previous = registry.alias_version(model_name, PREVIOUS_ALIAS)
+        target = registry.resolve_version(model_name, to_version) if to_version else previous
         if champion is None:
             raise RegistryError(
                 f"{model_name} has no champion to roll back: promote a version first "
@@ -424,9 +344,9 @@ def rollback(model_name: str, *, to_version: str | None = None, triggered_by: st
         if previous is not None:
             client.delete_registered_model_alias(model_name, PREVIOUS_ALIAS)
         now = _now()
-        client.set_model_version_tag(model_name, champion, f"{TAG_PREFIX}rolled_back_at", now)
+        client.set_model_version_tag(model_name, champion, ROLLED_BACK_AT_TAG, now)
         client.set_model_version_tag(
-            model_name, target, f"{TAG_PREFIX}restored_by_rollback", f"{now} by {triggered_by}"
+            model_name, target, RESTORED_BY_ROLLBACK_TAG, f"{now} by {triggered_by}"
         )
     return AliasState(
         model_name=model_name, champion=target, previous=None, changed=True, action="rolled-back"
@@ -446,35 +366,6 @@ def promotion_lock(model_name: str, *, timeout: float = 120.0) -> Iterator[None]
     with FileLock(locks / f"promote-{model_name}.lock", timeout=timeout):
         configure_tracking()
         yield
-
-
-def default_trigger() -> str:
-    """Who or what started this: the Prefect deployment / flow run if any, else user@host."""
-    try:
-        from prefect.runtime import deployment, flow_run
-
-        if flow_run.id:
-            source = f"deployment {deployment.name}" if deployment.name else "flow run"
-            return f"{source} {flow_run.name} ({flow_run.id})"
-    except Exception:  # outside Prefect the runtime answers None; never fail on provenance
-        pass
-    return f"{getpass.getuser()}@{socket.gethostname()}"
-
-
-def emit(event: str, *, model_name: str, version: str, payload: dict[str, Any]) -> None:
-    """A Prefect event about one model version (automations react to these)."""
-    from prefect.events import emit_event
-
-    emit_event(
-        event=event,
-        resource={
-            "prefect.resource.id": f"phi3ops.model.{model_name}.{version}",
-            "prefect.resource.name": f"{model_name} v{version}",
-            "phi3ops.model_name": model_name,
-            "phi3ops.model_version": version,
-        },
-        payload={"model_name": model_name, "version": version, **payload},
-    )
 
 
 def decision_markdown(decision: Decision, state: AliasState, *, triggered_by: str) -> str:
@@ -516,7 +407,7 @@ def record_decision(decision: Decision, state: AliasState, *, triggered_by: str)
 
     configure_tracking()
     tags = {
-        f"{TAG_PREFIX}run_type": "promotion",
+        RUN_TYPE_TAG: "promotion",
         f"{TAG_PREFIX}model_name": decision.model_name,
         f"{TAG_PREFIX}model_version": decision.version,
         f"{TAG_PREFIX}decision": state.action,
@@ -550,23 +441,17 @@ def _fmt(value: float | None) -> str:
 def _tag_decision(client: Any, decision: Decision, state: AliasState, *, triggered_by: str) -> None:
     name, version = decision.model_name, decision.version
     tags = {
-        "promotion.decision": state.action,
-        "promotion.at": _now(),
-        "promotion.triggered_by": triggered_by,
-        "promotion.eval_set_hash": decision.eval_set_hash or "",
-        "promotion.eval_run_id": decision.candidate_run_id or "",
-        "promotion.champion_before": decision.champion_version or "",
+        "decision": state.action,
+        "at": _now(),
+        "triggered_by": triggered_by,
+        "eval_set_hash": decision.eval_set_hash or "",
+        "eval_run_id": decision.candidate_run_id or "",
+        "champion_before": decision.champion_version or "",
         # MLflow caps tag values at 5000 characters.
-        "promotion.reasons": json.dumps(decision.reasons)[:4900],
+        "reasons": json.dumps(decision.reasons)[:4900],
     }
     for key, value in tags.items():
-        client.set_model_version_tag(name, version, TAG_PREFIX + key, value)
-
-
-def _client() -> Any:
-    from mlflow import MlflowClient
-
-    return MlflowClient()
+        client.set_model_version_tag(name, version, PROMOTION_TAG_PREFIX + key, value)
 
 
 def _now() -> str:

@@ -15,62 +15,31 @@ Nothing secret is tagged: the Hugging Face token never reaches this stage.
 from __future__ import annotations
 
 import logging
-import re
-from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from phi3ops.errors import InvalidInputError, RegistryError
-from phi3ops.settings import get_settings
-from phi3ops.sources import Variant
-from phi3ops.tracking import configure_tracking
+from phi3ops import registry
+from phi3ops.errors import RegistryError
+from phi3ops.names import CANDIDATE_ALIAS, LineageTag
+from phi3ops.sources import Flavor
 from tasks.hub import FetchResult
-from tasks.packaging import Flavor, LoggedModelInfo, PackagePlan
+from tasks.packaging import LoggedModelInfo, PackagePlan, lineage_tags
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
 
 __all__ = [
-    "CANDIDATE_ALIAS",
-    "CHAMPION_ALIAS",
-    "TAG_PREFIX",
-    "LineageTag",
     "RegisteredVersion",
     "find_registered_version",
     "find_registered_version_task",
-    "lineage_tags",
     "register_version",
     "register_version_task",
-    "resolve_model_name",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Every tag phi3ops writes starts with this.
-TAG_PREFIX = "phi3ops."
-
-#: The alias every newly registered version gets; evaluation and promotion start from it.
-CANDIDATE_ALIAS = "candidate"
-#: The version in production; promotion moves it, evaluation compares against it.
-CHAMPION_ALIAS = "champion"
-
-# Letters, digits, '.', '_' and '-': safe inside models:/<name>@<alias> and models:/<name>/<v>
-# URIs and in Unity Catalog three-level names (catalog.schema.model).
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$")
-
-
-class LineageTag(StrEnum):
-    """Tag keys on packaging runs, logged models and registered versions."""
-
-    SOURCE_REPO = f"{TAG_PREFIX}source_repo"
-    SOURCE_REVISION = f"{TAG_PREFIX}source_revision"
-    COMMIT_SHA = f"{TAG_PREFIX}commit_sha"
-    MANIFEST_DIGEST = f"{TAG_PREFIX}manifest_digest"
-    VARIANT = f"{TAG_PREFIX}variant"
-    FLAVOR = f"{TAG_PREFIX}flavor"
-    QUANTIZATION = f"{TAG_PREFIX}quantization"
-    WRAPPER_VERSION = f"{TAG_PREFIX}wrapper_version"
-    PIP_REQUIREMENTS_DIGEST = f"{TAG_PREFIX}pip_requirements_digest"
-    PACKAGE_KEY = f"{TAG_PREFIX}package_key"
 
 
 class RegisteredVersion(BaseModel):
@@ -95,39 +64,6 @@ class RegisteredVersion(BaseModel):
 # --- public API -----------------------------------------------------------------------------
 
 
-def resolve_model_name(model_name: str | None = None) -> str:
-    """The registered model name to use: ``model_name``, else ``PHI3OPS_REGISTERED_MODEL_NAME``.
-
-    Raises:
-        InvalidInputError: The name cannot be used in ``models:/`` URIs.
-    """
-    name = model_name if model_name is not None else get_settings().registered_model_name
-    if not isinstance(name, str) or not _MODEL_NAME.match(name):
-        raise InvalidInputError(
-            f"Registered model name {name!r} is not valid: use 1-256 letters, digits, '.', '_' "
-            f"or '-', starting with a letter or digit (e.g. 'phi3-mini'), so that "
-            f"models:/<name>@<alias> URIs work. Set it with --model-name or "
-            f"PHI3OPS_REGISTERED_MODEL_NAME."
-        )
-    return name
-
-
-def lineage_tags(fetched: FetchResult, plan: PackagePlan) -> dict[str, str]:
-    """The lineage tags of a package: source, packaging, and the package key."""
-    return {
-        LineageTag.SOURCE_REPO.value: fetched.repo_id,
-        LineageTag.SOURCE_REVISION.value: fetched.revision,
-        LineageTag.COMMIT_SHA.value: fetched.commit_sha,
-        LineageTag.MANIFEST_DIGEST.value: fetched.manifest_digest,
-        LineageTag.VARIANT.value: Variant(fetched.variant).value,
-        LineageTag.FLAVOR.value: Flavor(plan.flavor).value,
-        LineageTag.QUANTIZATION.value: plan.quantization,
-        LineageTag.WRAPPER_VERSION.value: plan.wrapper_version,
-        LineageTag.PIP_REQUIREMENTS_DIGEST.value: plan.requirements_digest,
-        LineageTag.PACKAGE_KEY.value: plan.package_key,
-    }
-
-
 def find_registered_version(
     plan: PackagePlan, *, model_name: str | None = None
 ) -> RegisteredVersion | None:
@@ -141,9 +77,8 @@ def find_registered_version(
         The oldest version with the plan's package key, marked ``reused``; None when there is
         none (or the registered model does not exist yet).
     """
-    name = resolve_model_name(model_name)
-    configure_tracking()
-    version = _find_by_package_key(_client(), name, plan.package_key)
+    name = registry.resolve_model_name(model_name)
+    version = registry.find_by_package_key(name, plan.package_key)
     return None if version is None else _to_registered(version, reused=True)
 
 
@@ -167,12 +102,11 @@ def register_version(
         InvalidInputError: ``model_name`` is not a valid registered model name.
         RegistryError: The registry refused to register or alias the version.
     """
-    name = resolve_model_name(model_name)
+    name = registry.resolve_model_name(model_name)
     import mlflow
 
-    configure_tracking()
-    client = _client()
-    existing = _find_by_package_key(client, name, logged.plan.package_key)
+    client = registry.client()
+    existing = registry.find_by_package_key(name, logged.plan.package_key)
     if existing is not None:
         logger.warning(
             "%s version %s already holds package %s; not registering %s again",
@@ -220,46 +154,13 @@ def register_version_task(
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _client():
-    from mlflow import MlflowClient
-
-    return MlflowClient()  # configure_tracking() has set the tracking and registry URIs
-
-
-def _find_by_package_key(client, name: str, key: str):
-    """The oldest live version of ``name`` tagged with package ``key``, or None.
-
-    The SQL store (MLflow 3.17) filters model versions by tag; a store that cannot is searched
-    by name and filtered here.
-    """
-    from mlflow.exceptions import MlflowException
-
-    tag = LineageTag.PACKAGE_KEY.value
-    try:
-        found = _search_all(client, f"name = '{name}' AND tags.`{tag}` = '{key}'")
-    except MlflowException:
-        found = [v for v in _search_all(client, f"name = '{name}'") if v.tags.get(tag) == key]
-    found = [v for v in found if v.status != "FAILED_REGISTRATION"]
-    if not found:
-        return None
-    oldest = min(found, key=lambda v: int(v.version))
-    # Search results carry no aliases: read the version itself.
-    return client.get_model_version(name, oldest.version)
-
-
-def _search_all(client, filter_string: str) -> list:
-    versions, token = [], None
-    while True:
-        page = client.search_model_versions(filter_string, max_results=1000, page_token=token)
-        versions.extend(page)
-        token = page.token
-        if not token:
-            return versions
-
-
-def _to_registered(version, *, reused: bool) -> RegisteredVersion:
+def _to_registered(version: ModelVersion, *, reused: bool) -> RegisteredVersion:
     tags = dict(version.tags or {})
     flavor = tags.get(LineageTag.FLAVOR.value)
+    if flavor is None:  # lineage_tags always sets it, but registry tags can be edited
+        raise ValueError(
+            f"{version.name} version {version.version} has no {LineageTag.FLAVOR.value} tag"
+        )
     return RegisteredVersion(
         model_name=version.name,
         version=str(version.version),
@@ -271,8 +172,3 @@ def _to_registered(version, *, reused: bool) -> RegisteredVersion:
         reused=reused,
         tags=tags,
     )
-
-
-def artifact_key(*parts: str) -> str:
-    """A Prefect artifact key from ``parts`` (lowercase letters, digits and dashes only)."""
-    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")

@@ -81,7 +81,7 @@ def prefect_harness() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_phi3():
     """The tiny random Phi-3 (PyTorch + ONNX int4 layouts), built once and cached by recipe."""
-    from phi3ops.offline.tiny_phi3 import ensure_tiny_phi3
+    from offline.tiny_phi3 import ensure_tiny_phi3
 
     return ensure_tiny_phi3(TEST_CACHE / "tiny-phi3")
 
@@ -91,7 +91,7 @@ def local_hub() -> Iterator:
     """A local hub on a free loopback port, empty; tests add the repos they need."""
     from huggingface_hub.utils import close_session
 
-    from phi3ops.offline.local_hub import LocalHub
+    from offline.local_hub import LocalHub
 
     with LocalHub() as hub:
         yield hub

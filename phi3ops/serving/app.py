@@ -9,6 +9,10 @@ longer than the model's context, so that check happens here, before the model ru
 same reason every request row is recorded here, as an MLflow trace (`phi3ops.serving.records`).
 It also streams (``"stream": true``) as server-sent events, which the scoring server cannot.
 
+One middleware, `ServingMiddleware`, does all of it for each ``/invocations`` request: parse
+once (`phi3ops.serving.request`) -> validate -> route (refuse, stream, or MLflow's app) ->
+record.
+
 Run by uvicorn as ``phi3ops.serving.app:create_app`` (``--factory``); the model folder comes
 from ``PHI3OPS_SERVE_MODEL_PATH``, the registered name and version that records are tagged with
 from ``PHI3OPS_SERVE_MODEL_NAME`` / ``PHI3OPS_SERVE_MODEL_VERSION`` (set by `start_server`).
@@ -21,26 +25,31 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from phi3ops.serving.records import completion_from_events, request_rows
-
-if TYPE_CHECKING:
-    from phi3ops.serving.records import InferenceRecorder
+from phi3ops.serving.onnx_chat_model import usable_context
+from phi3ops.serving.records import InferenceRecorder, completion_from_events
+from phi3ops.serving.request import (
+    ASGIApp,
+    Message,
+    ParsedRequest,
+    Receive,
+    Scope,
+    Send,
+    is_invocation,
+    parse_json,
+    read_request,
+)
+from phi3ops.settings import get_settings
+from phi3ops.tracking import configure_tracking
 
 MODEL_PATH_ENV = "PHI3OPS_SERVE_MODEL_PATH"
 MODEL_NAME_ENV = "PHI3OPS_SERVE_MODEL_NAME"
 MODEL_VERSION_ENV = "PHI3OPS_SERVE_MODEL_VERSION"
 SSE_CONTENT_TYPE = "text/event-stream"
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class TransformersContextLimit:
@@ -59,6 +68,7 @@ class TransformersContextLimit:
 
     @cached_property
     def tokenizer(self) -> Any:
+        """The served model's tokenizer, loaded on first use."""
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.model_path / "components" / "tokenizer")
@@ -95,60 +105,84 @@ class TransformersContextLimit:
         return None
 
 
-class ChatRequestGuard:
-    """ASGI middleware: answers 400 for chat requests that cannot fit the model's context."""
+class ServingMiddleware:
+    """ASGI middleware around MLflow's scoring app for ``/invocations``: parse the request once,
+    validate it, route it (refuse with a 400, stream, or pass to MLflow's app) and record it.
 
-    def __init__(self, app: ASGIApp, *, limit: TransformersContextLimit) -> None:
+    - Validate: with a ``limit`` (transformers flavor), a chat row that is malformed or cannot
+      fit the context is refused with a 400 before the model runs.
+    - Stream: a chat request with ``"stream": true`` is answered as OpenAI-style server-sent
+      events (``data: <chat.completion.chunk>``..., ``data: [DONE]``) from the model's
+      ``predict_stream``; MLflow's scoring server itself cannot stream. A model without
+      ``predict_stream`` (MLflow's transformers flavor) or an invalid request gets a 400 before
+      any event is sent.
+    - Record: with a ``recorder``, every row is recorded as a trace, whichever route answered
+      it, refusals too; the latency is the whole call's, and a streamed answer's time to first
+      token is when its first text reached the client.
+
+    Other paths and scopes (``/ping``, lifespan) go to MLflow's app untouched.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        model: Any,
+        limit: TransformersContextLimit | None = None,
+        recorder: InferenceRecorder | None = None,
+    ) -> None:
         self.app = app
+        self.model = model
         self.limit = limit
+        self.recorder = recorder
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/invocations":
+        """Parse once, validate, route, record (other paths pass through untouched)."""
+        if not is_invocation(scope):
             await self.app(scope, receive, send)
             return
-        body, messages = await _read_body(receive)
-        problem = None
+        started, clock = time.time(), time.perf_counter()
+        request = await read_request(scope, receive)  # the only read and parse of the body
+        if self.recorder is None:
+            await self._route(scope, request, send)
+            return
+        response = _SentResponse(send, clock)
         try:
-            payload = json.loads(body or b"null")
-        except ValueError:
-            payload = None  # MLflow answers malformed JSON itself
-        for request in request_rows(payload):
-            problem = problem or self.limit.problem(request)
+            await self._route(scope, request, response.send)
+        finally:  # an app that raised is recorded too, as a 500 unless it had answered
+            latency = time.perf_counter() - clock
+            await _record(self.recorder, request, response, started=started, latency_s=latency)
+
+    async def _route(self, scope: Scope, request: ParsedRequest, send: Send) -> None:
+        """Validates ``request``, then refuses it, streams it or hands it to MLflow's app."""
+        problem = self._problem(request)
         if problem:
             await _send_json(
                 send, 400, {"error_code": "INVALID_PARAMETER_VALUE", "message": problem}
             )
-            return
-        await self.app(scope, _replay(messages), send)
+        elif request.wants_stream:
+            await self._stream(request, send)
+        else:
+            await self.app(scope, request.replay(), send)
 
+    def _problem(self, request: ParsedRequest) -> str | None:
+        """Why the request is refused (its first bad row's reason), or None. A body that is not
+        JSON has no rows and goes on: MLflow's app answers it itself.
+        """
+        if self.limit is None:
+            return None
+        for row in request.rows:
+            problem = self.limit.problem(row)
+            if problem:
+                return problem
+        return None
 
-class ChatStreaming:
-    """ASGI middleware: a chat request with ``"stream": true`` is answered as OpenAI-style
-    server-sent events (``data: <chat.completion.chunk>``..., ``data: [DONE]``) from the
-    model's ``predict_stream``; MLflow's scoring server itself cannot stream.
-
-    A model without ``predict_stream`` (MLflow's transformers flavor) or an invalid request
-    gets a 400 before any event is sent.
-    """
-
-    def __init__(self, app: ASGIApp, *, model: Any) -> None:
-        self.app = app
-        self.model = model
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/invocations":
-            await self.app(scope, receive, send)
-            return
-        body, messages = await _read_body(receive)
-        request = _json_or_none(body)
-        if not (isinstance(request, dict) and "messages" in request and request.get("stream")):
-            await self.app(scope, _replay(messages), send)
-            return
+    async def _stream(self, request: ParsedRequest, send: Send) -> None:
         import anyio
         from mlflow.exceptions import MlflowException
 
-        request = {k: v for k, v in request.items() if k != "stream"}
-        chunks = _iterate_in_thread(lambda: self.model.predict_stream(request))
+        chat = request.without_stream()
+        chunks = _iterate_in_thread(lambda: self.model.predict_stream(chat))
         # The first chunk before any header: the request is validated when iteration starts.
         kind, value = await anyio.to_thread.run_sync(chunks.get)
         if kind == "error":
@@ -167,6 +201,59 @@ class ChatStreaming:
         if kind == "error":  # headers are gone: the error can only be the last event
             await _send_event(send, json.dumps({"error": {"message": str(value)}}))
         await _send_event(send, "[DONE]", last=True)
+
+
+class _SentResponse:
+    """Passes a response on to the client and keeps what was sent, for the record."""
+
+    def __init__(self, send: Send, clock: float) -> None:
+        self._send = send
+        self._clock = clock
+        self.status = 500  # stays so when the app raised before answering
+        self.streamed = False
+        self.parts: list[tuple[float, bytes]] = []  # (seconds since the request came, body)
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = int(message["status"])
+            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+            self.streamed = content_type.split(b";")[0] == SSE_CONTENT_TYPE.encode()
+        await self._send(message)
+        if message["type"] == "http.response.body":  # timed once the client has it
+            self.parts.append((time.perf_counter() - self._clock, message.get("body", b"")))
+
+    def answer(self) -> tuple[Any, float | None]:
+        """The answer sent (a streamed one added up to a chat completion) and its TTFT."""
+        if self.streamed:
+            return completion_from_events(self.parts)
+        answer, _ = parse_json(b"".join(data for _, data in self.parts))
+        return answer, None
+
+
+async def _record(
+    recorder: InferenceRecorder,
+    request: ParsedRequest,
+    response: _SentResponse,
+    *,
+    started: float,
+    latency_s: float,
+) -> None:
+    """Records every row of ``request`` with the ``response`` it got."""
+    import anyio
+
+    answer, ttft = response.answer()
+    # Writing to the tracking store blocks: off the event loop.
+    await anyio.to_thread.run_sync(
+        lambda: recorder.record_exchange(
+            request.payload,
+            rows=request.rows,
+            status_code=response.status,
+            body=answer,
+            started=started,
+            latency_s=latency_s,
+            ttft_s=ttft,
+        )
+    )
 
 
 async def _send_event(send: Send, data: str, *, last: bool = False) -> None:
@@ -196,77 +283,35 @@ def _iterate_in_thread(start: Callable[[], Any]) -> queue.Queue:
     return chunks
 
 
-class InferenceRecording:
-    """ASGI middleware: records every ``/invocations`` row, answered or refused, as a trace.
-
-    Outermost, so the guard's refusals are recorded too; the latency is the whole call's, and
-    a streamed answer's time to first token is when its first text reached the client.
-    """
-
-    def __init__(self, app: ASGIApp, *, recorder: InferenceRecorder) -> None:
-        self.app = app
-        self.recorder = recorder
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/invocations":
-            await self.app(scope, receive, send)
-            return
-        import anyio
-
-        started, clock = time.time(), time.perf_counter()
-        body, messages = await _read_body(receive)
-        status, streamed, chunks = 500, False, []
-
-        async def capture(message: Message) -> None:
-            nonlocal status, streamed
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
-                streamed = content_type.split(b";")[0] == SSE_CONTENT_TYPE.encode()
-            await send(message)
-            if message["type"] == "http.response.body":  # with when it was sent
-                chunks.append((time.perf_counter() - clock, message.get("body", b"")))
-
-        try:
-            await self.app(scope, _replay(messages), capture)
-        finally:
-            latency = time.perf_counter() - clock
-            if streamed:
-                answer, ttft = completion_from_events(chunks)
-            else:
-                answer, ttft = _json_or_none(b"".join(data for _, data in chunks)), None
-            await anyio.to_thread.run_sync(
-                lambda: self.recorder.record_exchange(
-                    _json_or_none(body),
-                    status_code=status,
-                    body=answer,
-                    started=started,
-                    latency_s=latency,
-                    ttft_s=ttft,
-                )
-            )
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
 
 
 def build_app(model_path: Path, *, recorder: InferenceRecorder | None = None) -> Any:
-    """MLflow's scoring app for the model at ``model_path``, guarded, recording when given one."""
+    """MLflow's scoring app for the model at ``model_path``, guarded, recording when given one.
+
+    Args:
+        model_path: A downloaded MLflow model folder (either flavor).
+        recorder: Where each request row is recorded; None records nothing.
+
+    Returns:
+        The ASGI app: MLflow's scoring app wrapped in `ServingMiddleware`.
+    """
     from mlflow.pyfunc import scoring_server
 
     model = scoring_server.load_model_with_mlflow_config(str(model_path))
     app = scoring_server.init(model)
-    app.add_middleware(ChatStreaming, model=model)
-    if "transformers" in _mlmodel(model_path).get("flavors", {}):
-        app.add_middleware(ChatRequestGuard, limit=TransformersContextLimit(model_path))
-    if recorder is not None:
-        app.add_middleware(InferenceRecording, recorder=recorder)  # added last: outermost
+    is_transformers = "transformers" in _mlmodel(model_path).get("flavors", {})
+    limit = TransformersContextLimit(model_path) if is_transformers else None
+    app.add_middleware(ServingMiddleware, model=model, limit=limit, recorder=recorder)
     return app
 
 
 def recorder_for(model_path: Path, *, model_name: str, model_version: str) -> InferenceRecorder:
     """A recorder writing to the inference experiment of the project's tracking store."""
-    from phi3ops.serving.records import InferenceRecorder
-    from phi3ops.settings import get_settings
-    from phi3ops.tracking import configure_tracking
-
     settings = get_settings()
     return InferenceRecorder(
         model_name=model_name,
@@ -295,8 +340,6 @@ def context_tokens(model_path: Path) -> int | None:
     if "transformers" in flavors:
         return TransformersContextLimit(model_path).context
     for config in model_path.rglob("genai_config.json"):
-        from phi3ops.serving.onnx_chat_model import usable_context
-
         return usable_context(json.loads(config.read_text())["model"])
     return None
 
@@ -305,36 +348,3 @@ def _mlmodel(model_path: Path) -> dict[str, Any]:
     import yaml
 
     return yaml.safe_load((model_path / "MLmodel").read_text())
-
-
-def _json_or_none(data: bytes) -> Any:
-    try:
-        return json.loads(data) if data else None
-    except ValueError:
-        return None
-
-
-async def _read_body(receive: Receive) -> tuple[bytes, list[Message]]:
-    messages, chunks = [], []
-    while True:
-        message = await receive()
-        messages.append(message)
-        chunks.append(message.get("body", b""))
-        if message["type"] != "http.request" or not message.get("more_body"):
-            return b"".join(chunks), messages
-
-
-def _replay(messages: list[Message]) -> Receive:
-    pending = list(messages)
-
-    async def receive() -> Message:
-        return pending.pop(0) if pending else {"type": "http.disconnect"}
-
-    return receive
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})

@@ -47,6 +47,7 @@ import onnxruntime_genai as og
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel, PythonModelContext  # mypy sees mlflow.pyfunc as a LazyLoader
 
 __all__ = [
     "ALLOWED_ROLES",
@@ -111,7 +112,8 @@ def _as_top_p(value: Any, name: str) -> float:
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)
         or not math.isfinite(value)
-        or not 0 < value <= 1
+        or value <= 0  # numbers.Real declares only < and <=: this is `not 0 < value <= 1`
+        or not value <= 1
     ):
         raise _invalid(f"{name} must be a number in (0, 1], got {value!r}")
     return float(value)
@@ -335,7 +337,7 @@ class _RowState:
 # --- the model ----------------------------------------------------------------------------------
 
 
-class OnnxChatModel(mlflow.pyfunc.PythonModel):
+class OnnxChatModel(PythonModel):
     """Phi-3 chat on onnxruntime-genai: ``llm/v1/chat`` requests and plain prompts.
 
     ``load_context`` loads the ONNX model and its tokenizer once. ``predict`` keeps all of its
@@ -343,7 +345,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
     from threads share only the read-only model and tokenizer.
     """
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         """Loads the ONNX model, tokenizer and generation defaults.
 
         Args:
@@ -400,7 +402,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
 
     def predict(
         self,
-        context: mlflow.pyfunc.PythonModelContext | None,
+        context: PythonModelContext | None,
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> list[dict[str, Any] | str]:
@@ -426,7 +428,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
 
     def predict_stream(
         self,
-        context: mlflow.pyfunc.PythonModelContext | None,
+        context: PythonModelContext | None,
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> Iterator[dict[str, Any] | str]:

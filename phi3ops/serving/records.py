@@ -15,10 +15,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-RECORD_SPAN_NAME = "phi3ops.inference"
-RECORD_ATTRIBUTE = "phi3ops.record"
-MODEL_NAME_TAG = "phi3ops.model_name"
-MODEL_VERSION_TAG = "phi3ops.model_version"
+from phi3ops.names import MODEL_NAME_TAG, MODEL_VERSION_TAG, RECORD_ATTRIBUTE, RECORD_SPAN_NAME
 
 _log = logging.getLogger(__name__)
 
@@ -26,7 +23,8 @@ _log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class InferenceRecord:
     """What one prediction did. Token counts and finish reason are None when the answer does
-    not carry them (a prompt-shaped request answered with a bare string, or an error)."""
+    not carry them (a prompt-shaped request answered with a bare string, or an error).
+    """
 
     timestamp: float  # when the request arrived, seconds since the epoch
     model_name: str
@@ -80,7 +78,9 @@ class InferenceRecorder:
             name=RECORD_SPAN_NAME,
             span_type="CHAT_MODEL",
             inputs=request if self.record_prompts else {"recorded": False},
-            attributes={RECORD_ATTRIBUTE: stored},
+            # MLflow annotates dict[str, str], but passes them to Span.set_attributes, which
+            # takes any JSON-serialisable value.
+            attributes={RECORD_ATTRIBUTE: stored},  # type: ignore[dict-item]
             tags={MODEL_NAME_TAG: record.model_name, MODEL_VERSION_TAG: record.model_version},
             experiment_id=self.experiment_id,
             start_time_ns=start_ns,
@@ -101,9 +101,12 @@ class InferenceRecorder:
         started: float,
         latency_s: float,
         ttft_s: float | None = None,
+        rows: list[Any] | None = None,
     ) -> list[tuple[InferenceRecord, Any]]:
-        """Pair each request row of an HTTP exchange with its answer (or the call's error)."""
-        rows = request_rows(payload)
+        """Pair each request row of an HTTP exchange with its answer (or the call's error);
+        ``rows`` are ``request_rows(payload)`` when the caller has them already.
+        """
+        rows = request_rows(payload) if rows is None else rows
         if not rows:
             rows = [payload]  # malformed: still one record, of the error the server answered
         answers = _answers(body, len(rows)) if status_code < 400 else [None] * len(rows)
@@ -136,7 +139,8 @@ class InferenceRecorder:
 
     def record_exchange(self, payload: Any, **exchange: Any) -> int:
         """Record every row of one HTTP exchange (`records_for`'s arguments); never raises:
-        serving must not fail because the tracking store does."""
+        serving must not fail because the tracking store does.
+        """
         written = 0
         try:
             for record, row in self.records_for(payload, **exchange):
@@ -168,8 +172,13 @@ def completion_from_events(
     events: list[tuple[float, bytes]],
 ) -> tuple[dict[str, Any] | None, float | None]:
     """A streamed answer (server-sent ``chat.completion.chunk`` events, each with the second it
-    was sent) as the ``chat.completion`` it adds up to, and the time its first text was sent."""
-    text, finish, usage, ttft, seen = [], None, {}, None, False
+    was sent) as the ``chat.completion`` it adds up to, and the time its first text was sent.
+    """
+    text: list[str] = []
+    finish: str | None = None
+    usage: dict[str, Any] = {}
+    ttft: float | None = None
+    seen = False
     buffer = b""
     for sent, data in events:
         buffer += data
@@ -231,8 +240,8 @@ def _answer_fields(answer: Any) -> tuple[str | None, str | None, dict[str, Any]]
     choice = choices[0] if isinstance(choices[0], dict) else {}
     message = choice.get("message") or {}
     text = message.get("content") if isinstance(message, dict) else None
-    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
-    return text, choice.get("finish_reason"), usage
+    usage = answer.get("usage")
+    return text, choice.get("finish_reason"), usage if isinstance(usage, dict) else {}
 
 
 def _prompt_text(row: Any) -> str | None:

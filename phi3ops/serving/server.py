@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -54,7 +55,9 @@ def download_model(model_uri: str, target: Path) -> Path:
 
     configure_tracking()
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=target))
+        return Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target))
+        )
     except MlflowException as exc:
         raise InvalidInputError(
             f"Cannot load {model_uri}: {exc.message} Check the name and alias/version with "
@@ -64,7 +67,8 @@ def download_model(model_uri: str, target: Path) -> Path:
 
 def registered_version(model_uri: str) -> tuple[str, str] | None:
     """(name, version) that ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` points at
-    now; None for any other URI (its requests are served but not recorded)."""
+    now; None for any other URI (its requests are served but not recorded).
+    """
     match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
     if not match:
         return None
@@ -112,7 +116,7 @@ def start_server(
     port: int = 5001,
     workers: int = 1,
     extra_env: Mapping[str, str] | None = None,
-    **popen_kwargs: object,
+    **popen_kwargs: Any,  # passed on to subprocess.Popen, whose keywords differ in type
 ) -> subprocess.Popen:
     """Download ``model_uri`` and start serving it in the background.
 

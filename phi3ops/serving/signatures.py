@@ -47,6 +47,7 @@ from mlflow.types.schema import (
     ParamSchema,
     ParamSpec,
     Schema,
+    TensorSpec,
 )
 
 __all__ = [
@@ -76,8 +77,12 @@ REQUIREMENT_DISTRIBUTIONS = ("mlflow", "onnxruntime-genai", "onnxruntime", "nump
 
 def _chat_column(name: str) -> ColSpec:
     spec = next(column for column in CHAT_MODEL_INPUT_SCHEMA.inputs if column.name == name)
+    if not isinstance(spec, ColSpec):
+        raise TypeError(f"MLflow's chat input schema has a tensor column {name!r}: {spec!r}")
     column_type = spec.type
     if name == "messages":
+        if not isinstance(column_type, Array) or not isinstance(column_type.dtype, Object):
+            raise TypeError(f"MLflow's chat 'messages' column is not an array of objects: {spec!r}")
         message = column_type.dtype
         column_type = Array(
             Object([prop for prop in message.properties if prop.name in _MESSAGE_FIELDS])
@@ -86,7 +91,7 @@ def _chat_column(name: str) -> ColSpec:
 
 
 def _input_schema() -> Schema:
-    columns = [_chat_column(name) for name in CHAT_COLUMNS]
+    columns: list[ColSpec | TensorSpec] = [_chat_column(name) for name in CHAT_COLUMNS]
     columns.insert(1, ColSpec(DataType.string, "prompt", required=False))
     return Schema(columns)
 

@@ -46,7 +46,8 @@ T = TypeVar("T")
 class Processes:
     """Starts commands in their own process groups, logs each to a file, and stops them all:
     their groups, then any process left that carries this run's marker (flow-run processes a
-    worker starts in sessions of their own)."""
+    worker starts in sessions of their own).
+    """
 
     def __init__(self, log_dir: Path, marker: str) -> None:
         self.log_dir = log_dir
@@ -226,7 +227,7 @@ def _healthy(url: str) -> bool:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[Stack]:
     """Server + work pool + `prefect deploy --all` + automations + worker, all torn down after."""
-    from phi3ops.offline.local_hub import LocalHub
+    from offline.local_hub import LocalHub
     from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID
 
     tmp = tmp_path_factory.mktemp("e2e")

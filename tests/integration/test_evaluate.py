@@ -35,17 +35,14 @@ import pytest
 
 from phi3ops.errors import InvalidInputError
 from phi3ops.evalset import EXPECTATION_KINDS, EvalSet, load_eval_set, resolve_eval_set
-from tasks.evaluation import (
+from phi3ops.names import (
     COMPARISON_ARTIFACT,
     PLOT_ARTIFACT,
     TABLE_ARTIFACT,
-    EvalSummary,
     EvalTag,
-    artifact_key,
-    evaluation_tag_key,
-    find_evaluation,
-    parity_report,
+    evaluation_artifact_key,
 )
+from tasks.evaluation import EvalSummary, evaluation_tag_key, find_evaluation, parity_report
 from tests.artifacts import latest_artifact_data
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -239,11 +236,13 @@ def test_scorers_pass_known_good_outputs_and_a_failing_batch_is_retried_row_by_r
 @pytest.mark.slow
 def test_a_full_size_eval_set_is_scored_on_sqlite_without_losing_traces() -> None:
     """The default set (50 items): mlflow.genai.evaluate's own thread count would exhaust the
-    SQLite store's connection pool and lose traces; every item must get its verdicts."""
+    SQLite store's connection pool and lose traces; every item must get its verdicts.
+    """
     import mlflow
 
+    from phi3ops.registry import resolve_model
     from phi3ops.tracking import configure_tracking
-    from tasks.evaluation import Generation, ItemGeneration, resolve_model, score_generation
+    from tasks.evaluation import Generation, ItemGeneration, score_generation
 
     configure_tracking()
     with mlflow.start_run():
@@ -299,9 +298,9 @@ def store(tiny_phi3, prefect_harness, tmp_path_factory: pytest.TempPathFactory) 
     from huggingface_hub.utils import close_session
     from mlflow import MlflowClient
 
-    import tasks.evaluation
+    import tasks.evaluation.generate
     from flows.evaluate import evaluate_flow
-    from phi3ops.offline.packaged import register_both_flavors
+    from offline.packaged import register_both_flavors
     from phi3ops.settings import get_settings
     from phi3ops.tracking import configure_tracking
 
@@ -325,12 +324,12 @@ def store(tiny_phi3, prefect_harness, tmp_path_factory: pytest.TempPathFactory) 
 
         markdown: dict[str, str] = {}
         onnx = evaluate_flow(model_uri=f"models:/{MODEL_NAME}/1", eval_set=SMOKE)
-        markdown["onnx"] = latest_artifact_data(artifact_key(MODEL_NAME, "1"))
+        markdown["onnx"] = latest_artifact_data(evaluation_artifact_key(MODEL_NAME, "1"))
 
         configure_tracking()
         MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", "1")
         transformers = evaluate_flow(model_uri=f"models:/{MODEL_NAME}@candidate", eval_set=SMOKE)
-        markdown["transformers"] = latest_artifact_data(artifact_key(MODEL_NAME, "2"))
+        markdown["transformers"] = latest_artifact_data(evaluation_artifact_key(MODEL_NAME, "2"))
 
         configure_tracking()
         runs_before = _run_count()
@@ -339,14 +338,15 @@ def store(tiny_phi3, prefect_harness, tmp_path_factory: pytest.TempPathFactory) 
             raise AssertionError("a reused evaluation must not generate")
 
         with pytest.MonkeyPatch.context() as no_gen:
-            no_gen.setattr(tasks.evaluation, "generate_outputs", no_generation)
+            # where generate_task looks it up
+            no_gen.setattr(tasks.evaluation.generate, "generate_outputs", no_generation)
             reused = evaluate_flow(model_uri=f"models:/{MODEL_NAME}/1", eval_set=SMOKE)
-        markdown["reused"] = latest_artifact_data(artifact_key(MODEL_NAME, "1"))
+        markdown["reused"] = latest_artifact_data(evaluation_artifact_key(MODEL_NAME, "1"))
         configure_tracking()
         runs_after = _run_count()
 
         other_eval = evaluate_flow(model_uri=f"models:/{MODEL_NAME}/2", eval_set=str(other_path))
-        markdown["other"] = latest_artifact_data(artifact_key(MODEL_NAME, "2"))
+        markdown["other"] = latest_artifact_data(evaluation_artifact_key(MODEL_NAME, "2"))
 
         yield Store(
             data_dir=data_dir,
@@ -467,8 +467,8 @@ def test_parity_report_across_the_two_flavors(store, registry) -> None:
 def test_unknown_models_fail_clearly_before_any_work(store, registry) -> None:
     from typer.testing import CliRunner
 
+    from cli.app import app
     from flows.evaluate import evaluate_flow
-    from phi3ops.cli import app
 
     runs = _run_count()
     cases = [
@@ -492,7 +492,7 @@ def test_unknown_models_fail_clearly_before_any_work(store, registry) -> None:
 def test_cli_prints_the_reused_summary(store, registry) -> None:
     from typer.testing import CliRunner
 
-    from phi3ops.cli import app
+    from cli.app import app
 
     result = CliRunner().invoke(
         app, ["evaluate", "--model-uri", f"models:/{MODEL_NAME}/1", "--eval-set", SMOKE]

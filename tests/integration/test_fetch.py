@@ -283,7 +283,9 @@ def test_not_enough_disk_space(onnx_repo, tmp_path: Path, monkeypatch: pytest.Mo
 
     hub, _ = onnx_repo
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr("tasks.hub.shutil.disk_usage", lambda _p: usage._replace(free=1024 * 1024))
+    monkeypatch.setattr(
+        "tasks.hub.download.shutil.disk_usage", lambda _p: usage._replace(free=1024 * 1024)
+    )
     root = tmp_path / "snapshots"
     with pytest.raises(InsufficientDiskSpaceError, match="PHI3OPS_DATA_DIR"):
         _fetch(hub, target_root=root)

@@ -70,7 +70,7 @@ def test_build_onnx_needs_the_pytorch_variant(local_hub) -> None:
 
 
 def test_task_retries_transient_errors_only(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    import tasks.hub as hub_tasks
+    import tasks.hub.fetch as hub_tasks  # fetch_snapshot_task looks fetch_snapshot up there
 
     calls: list[str] = []
     failures = iter([TransientHubError("503 from the hub"), None])
@@ -101,7 +101,7 @@ def test_task_retries_transient_errors_only(monkeypatch: pytest.MonkeyPatch, tmp
 
 def _cli(args: list[str], env: dict[str, str], timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "phi3ops.cli", *args],
+        [sys.executable, "-m", "cli.app", *args],
         env=env,
         capture_output=True,
         text=True,

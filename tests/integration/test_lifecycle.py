@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from flows.lifecycle import GateOverrides, LifecycleResult, Source, lifecycle_flow
+from cli.jobs import DEMO_GATES
+from flows.lifecycle import LifecycleResult, Source, lifecycle_flow
 from phi3ops.errors import EvalSetNotFoundError, HubUnreachableError, InvalidInputError
-from phi3ops.jobs import DEMO_GATES
+from phi3ops.names import EvalTag, LineageTag
+from phi3ops.policies import GateOverrides, GatePolicy
 from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID
-from tasks.evaluation import EvalTag, evaluation_tag_key
-from tasks.promotion import GatePolicy
-from tasks.registry import LineageTag
+from tasks.evaluation import evaluation_tag_key
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -86,7 +86,7 @@ def scenario(
     from huggingface_hub.utils import close_session
     from mlflow import MlflowClient
 
-    from phi3ops.offline.local_hub import LocalHub
+    from offline.local_hub import LocalHub
     from phi3ops.settings import get_settings
     from phi3ops.tracking import tracking_uri
 
@@ -119,7 +119,7 @@ def scenario(
             done.eval_run_tags[run_id] = dict(client.get_run(run_id).data.tags)
     close_session()
     get_settings.cache_clear()
-    yield done
+    return done
 
 
 @pytest.mark.slow
@@ -222,7 +222,10 @@ def test_deployment_parameters_arrive_as_json_and_become_models() -> None:
     source, gates = parameters["source"], parameters["gates"]
     assert isinstance(source, Source) and isinstance(gates, GateOverrides)
     assert source.fetch_plan[1:] == ("pytorch", True)  # fetch PyTorch weights, build int4
-    assert gates.overrides() == {"min_pass_rate": 0.5, "min_tag_pass_rate": {"safety": 0.9}}
+    assert gates.model_dump(exclude_none=True) == {
+        "min_pass_rate": 0.5,
+        "min_tag_pass_rate": {"safety": 0.9},
+    }
     assert lifecycle_flow.validate_parameters({})["source"].fetch_plan == (
         ONNX_REPO_ID,
         "onnx-cpu-int4",
@@ -266,7 +269,7 @@ def test_bad_parameters_fail_before_any_work(
 
 def test_the_job_checks_inputs_before_prefect_starts(monkeypatch) -> None:
     import flows.lifecycle
-    from phi3ops.jobs import lifecycle_job
+    from cli.jobs import lifecycle_job
 
     monkeypatch.setattr(flows.lifecycle, "lifecycle_flow", lambda **_: pytest.fail("ran"))
     for kwargs, error, match in [
@@ -292,7 +295,7 @@ def test_demo_prints_the_champion_and_a_second_demo_reuses_everything(
 ) -> None:
     from typer.testing import CliRunner
 
-    from phi3ops.cli import app
+    from cli.app import app
 
     # The demo builds the tiny Phi-3 under its data dir: hand it the session's build.
     cache = isolated_settings / "demo" / "cache"

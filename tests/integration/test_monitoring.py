@@ -1,5 +1,6 @@
 """Stage 5: real inference traces of the tiny Phi-3 (both flavors) through the served app, then
-the monitor flow: healthy traffic passes, each kind of bad traffic breaks its expectation."""
+the monitor flow: healthy traffic passes, each kind of bad traffic breaks its expectation.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ TINY_THRESHOLDS = {"max_length_finish_rate": 1.0, "min_records": 6}
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[dict]:
     """Both flavors registered as versions of NAME (1: ONNX, 2: transformers), each evaluated
-    on the smoke set (the drift baseline), ONNX as @champion; plus an app per flavor."""
+    on the smoke set (the drift baseline), ONNX as @champion; plus an app per flavor.
+    """
     from mlflow import MlflowClient
     from starlette.testclient import TestClient
 
-    from phi3ops.offline.packaged import register_both_flavors
+    from offline.packaged import register_both_flavors
     from phi3ops.serving.app import build_app, recorder_for
     from phi3ops.serving.server import download_model
     from phi3ops.settings import get_settings
@@ -77,7 +79,7 @@ def monitored(store, monkeypatch) -> Iterator[dict]:
         "emit",
         lambda e, *, model_name, version, payload: events.append((e, version, payload)),
     )
-    yield {**store, "events": events, "experiment_id": experiment_id}
+    return {**store, "events": events, "experiment_id": experiment_id}
 
 
 def _smoke_requests() -> list[dict]:

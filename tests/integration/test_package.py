@@ -24,10 +24,11 @@ from typing import Any
 import pytest
 
 from phi3ops.errors import InvalidInputError
-from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Variant
+from phi3ops.names import CANDIDATE_ALIAS, LineageTag
+from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Flavor, Variant
 from tasks.hub import MANIFEST_NAME, FetchResult
-from tasks.packaging import Flavor, requirements_digest
-from tasks.registry import CANDIDATE_ALIAS, LineageTag, RegisteredVersion
+from tasks.packaging import requirements_digest
+from tasks.registry import RegisteredVersion
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -83,10 +84,10 @@ def store(tiny_phi3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store
     from huggingface_hub.utils import close_session
     from typer.testing import CliRunner
 
+    from cli.app import app
     from flows.fetch import fetch_flow
     from flows.package import package_flow
-    from phi3ops.cli import app
-    from phi3ops.offline.local_hub import LocalHub
+    from offline.local_hub import LocalHub
     from phi3ops.settings import get_settings
     from phi3ops.tracking import configure_tracking
 
@@ -131,7 +132,7 @@ def store(tiny_phi3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store
     close_session()
     get_settings.cache_clear()
 
-    yield Store(
+    return Store(
         data_dir=data_dir,
         onnx_sha=onnx_sha,
         onnx_sha_v2=onnx_sha_v2,
@@ -367,7 +368,7 @@ def test_transformers_flavor_refuses_the_onnx_variant(local_hub) -> None:
 def test_cli_reports_bad_inputs_without_starting_anything(local_hub) -> None:
     from typer.testing import CliRunner
 
-    from phi3ops.cli import app
+    from cli.app import app
 
     runner = CliRunner()
     bad_name = runner.invoke(app, ["package", "--model-name", "a:b"])

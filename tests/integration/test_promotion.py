@@ -8,16 +8,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from phi3ops.errors import RegistryError
-from tasks.promotion import (
-    CHAMPION_ALIAS,
-    PREVIOUS_ALIAS,
-    AliasState,
-    GatePolicy,
-    alias_version,
-    apply_decision,
-    evaluate_gates,
-    rollback,
-)
+from phi3ops.names import CHAMPION_ALIAS, PREVIOUS_ALIAS
+from phi3ops.registry import alias_version
+from phi3ops.settings import get_settings
+from tasks.promotion import AliasState, apply_decision, evaluate_gates, rollback
 
 NAME = "phi3-promo"
 HASH = "c" * 64
@@ -55,7 +49,7 @@ def _promote(version: str, metrics: dict | None = None) -> AliasState:
         Eval(version, dict(metrics or GOOD)),
         Eval(champion) if champion else None,
         champion_version=champion,
-        policy=GatePolicy.from_settings(),
+        policy=get_settings().gates,
     )
     return apply_decision(decision, triggered_by="tests")
 
@@ -119,7 +113,7 @@ def test_racing_promotions_leave_a_consistent_state(registry) -> None:
             Eval(version),
             Eval(champion),
             champion_version=champion,
-            policy=GatePolicy.from_settings(),
+            policy=get_settings().gates,
         )
         start.wait()
         results[version] = apply_decision(decision, triggered_by=f"racer-{version}")

@@ -58,7 +58,7 @@ def test_start_server_rejects_a_bad_uri_and_an_unknown_model(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[dict[str, str]]:
     """Both flavors of the tiny Phi-3 registered in one store: {flavor: models:/...@candidate}."""
-    from phi3ops.offline.packaged import register_both_flavors
+    from offline.packaged import register_both_flavors
     from phi3ops.settings import get_settings
 
     data_dir = tmp_path_factory.mktemp("serving-data")
@@ -205,7 +205,7 @@ def test_cli_serve_answers_and_sigterm_stops_every_process(packaged) -> None:
     env.pop("MLFLOW_TRACKING_URI", None)  # the store is the one under PHI3OPS_DATA_DIR
     downloads = Path(packaged["data_dir"]) / "serving"
     before = set(downloads.iterdir()) if downloads.exists() else set()
-    command = [sys.executable, "-m", "phi3ops.cli", "serve", "--model-uri", packaged["onnx"]]
+    command = [sys.executable, "-m", "cli.app", "serve", "--model-uri", packaged["onnx"]]
     cli = subprocess.Popen(
         [*command, "--port", str(port)],
         env=env,

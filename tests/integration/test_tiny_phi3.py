@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from phi3ops.errors import InvalidInputError, OnnxBuildError
-from phi3ops.offline.tiny_phi3 import (
+from offline.tiny_phi3 import (
     BENCH,
     ONNX_CPU_INT4_FILENAME,
     ONNX_CPU_INT4_SUBFOLDER,
@@ -22,6 +21,7 @@ from phi3ops.offline.tiny_phi3 import (
     TinyPhi3Repos,
     ensure_tiny_phi3,
 )
+from phi3ops.errors import InvalidInputError, OnnxBuildError
 from tasks.onnx_build import build_onnx_int4
 
 pytestmark = pytest.mark.slow
@@ -163,7 +163,7 @@ def test_same_recipe_builds_identical_bytes(tiny_phi3: TinyPhi3Repos, tmp_path: 
     roots = []
     for name in ("one", "two"):
         subprocess.run(
-            [sys.executable, "-m", "phi3ops.offline.tiny_phi3", str(tmp_path / name)],
+            [sys.executable, "-m", "offline.tiny_phi3", str(tmp_path / name)],
             check=True,
             capture_output=True,
             timeout=300,

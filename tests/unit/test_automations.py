@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from deployments import automations
 from phi3ops.errors import OrchestrationError
-from tasks.monitoring import FAILED_EVENT
-from tasks.promotion import PROMOTED_EVENT, emit
+from phi3ops.names import MONITORING_FAILED_EVENT as FAILED_EVENT
+from phi3ops.names import PROMOTED_EVENT
+from tasks.events import emit
 
 MONITOR_ID, ROLLBACK_ID, BLOCK_ID = uuid4(), uuid4(), uuid4()
 
@@ -57,7 +58,7 @@ def test_monitoring_failure_notifies_only_by_default() -> None:
 
 
 def test_a_nightly_regression_notifies() -> None:
-    from tasks.promotion import REGRESSED_EVENT
+    from phi3ops.names import REGRESSED_EVENT
 
     auto = _by_name()[automations.ON_REGRESSION]
     assert auto.trigger.expect == {REGRESSED_EVENT} == {"phi3ops.model.regressed"}
@@ -272,7 +273,7 @@ def test_no_prefect_server_configured_is_a_clear_error(monkeypatch) -> None:
 
 
 def test_cli_apply_reports_each_automation(fake_api) -> None:
-    from phi3ops.cli import app
+    from cli.app import app
 
     result = CliRunner().invoke(app, ["automations", "apply", "--rollback"])
 
@@ -283,7 +284,7 @@ def test_cli_apply_reports_each_automation(fake_api) -> None:
 
 
 def test_cli_apply_error_is_a_message_and_exit_code_2(fake_api) -> None:
-    from phi3ops.cli import app
+    from cli.app import app
 
     fake_api.deployments.clear()
     result = CliRunner().invoke(app, ["automations", "apply"])

@@ -64,7 +64,7 @@ def test_pytorch_variant_selects_weights_configs_and_tokenizer_not_code() -> Non
 
 def test_variant_parses_from_cli_strings() -> None:
     assert Variant("onnx-cpu-int4") is Variant.ONNX_CPU_INT4
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="onnx-gpu"):
         Variant("onnx-gpu")
 
 

@@ -1,5 +1,6 @@
 """The pure pieces of the evaluation stage: batching, generation over a fake model, scorers,
-comparison and parity reports (no model, no Prefect; the MLflow store is not touched)."""
+comparison and parity reports (no model, no Prefect; the MLflow store is not touched).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import pytest
 
 from phi3ops.errors import InvalidInputError
 from phi3ops.evalset import EvalItem, EvalSet, hash_items
+from phi3ops.names import evaluation_artifact_key
+from phi3ops.registry import resolve_model
 from tasks.evaluation import (
     ChampionLookup,
     EvalSummary,
-    artifact_key,
     comparison_markdown,
     comparison_rows,
     completion_text,
@@ -22,7 +24,6 @@ from tasks.evaluation import (
     judge_scorers,
     parity_report,
     plan_batches,
-    resolve_model,
 )
 
 HASH = "a" * 64
@@ -233,7 +234,7 @@ def test_malformed_model_uris_are_refused(uri: str, message: str) -> None:
 
 
 def test_artifact_keys_are_lowercase_letters_digits_and_dashes() -> None:
-    assert artifact_key("Phi3.Mini_x", "12") == "eval-phi3-mini-x-12"
+    assert evaluation_artifact_key("Phi3.Mini_x", "12") == "eval-phi3-mini-x-12"
 
 
 # --- comparison and parity --------------------------------------------------------------------

@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 from huggingface_hub.utils import close_session, disable_progress_bars
 
-from phi3ops.offline.local_hub import LocalHub, use_hf_endpoint
+from offline.local_hub import LocalHub, use_hf_endpoint
 
 REPO = "org/tiny"
 WEIGHTS = "model.safetensors"
@@ -551,11 +551,11 @@ def test_faults_are_scoped_counted_and_clearable(hub: LocalHub, sha: str) -> Non
     assert (status, headers["retry-after"]) == (429, "0")
     hub.clear_faults()
     assert _raw(hub, "GET", config)[0] == 200
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Unknown fault"):
         hub.inject("explode")  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="status is only for server_error"):
         hub.inject("rate_limit", status=500)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="count must be >= 1"):
         hub.inject("server_error", count=0)
 
 
@@ -563,9 +563,9 @@ def test_faults_are_scoped_counted_and_clearable(hub: LocalHub, sha: str) -> Non
 
 
 def test_add_repo_validates(hub: LocalHub, repo_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Invalid repo id"):
         hub.add_repo("bad repo", repo_dir)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Invalid branch or tag name"):
         hub.add_repo(REPO, repo_dir, branch="a..b")
     with pytest.raises(NotADirectoryError):
         hub.add_repo(REPO, tmp_path / "missing")
@@ -620,7 +620,7 @@ def test_use_hf_endpoint_patches_and_restores(hub: LocalHub, sha: str, tmp_path:
 def test_cli_serves_until_interrupted(repo_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "phi3ops.offline.local_hub", "--repo", f"{REPO}={repo_dir}"],
+        [sys.executable, "-m", "offline.local_hub", "--repo", f"{REPO}={repo_dir}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from phi3ops.cli import app
+from cli.app import app
 from tasks.monitoring import MonitorReport
 
 
@@ -19,9 +19,9 @@ from tasks.monitoring import MonitorReport
     ],
 )
 def test_bad_options_exit_2_before_any_flow_runs(args, words, monkeypatch) -> None:
-    import flows.monitor
+    from cli import jobs
 
-    monkeypatch.setattr(flows.monitor, "monitor_flow", lambda **_: pytest.fail("flow ran"))
+    monkeypatch.setattr(jobs, "monitor_flow", lambda **_: pytest.fail("flow ran"))
     result = CliRunner().invoke(app, ["monitor", *args])
     assert result.exit_code == 2, result.output
     assert words in result.output
@@ -29,7 +29,7 @@ def test_bad_options_exit_2_before_any_flow_runs(args, words, monkeypatch) -> No
 
 @pytest.mark.parametrize(("outcome", "code"), [("passed", 0), ("insufficient_data", 3)])
 def test_outcome_sets_the_exit_code(outcome, code, monkeypatch) -> None:
-    import flows.monitor
+    from cli import jobs
 
     seen = {}
 
@@ -37,7 +37,8 @@ def test_outcome_sets_the_exit_code(outcome, code, monkeypatch) -> None:
         seen.update(kwargs)
         return MonitorReport("m", "1", "a", "b", records=0, outcome=outcome)
 
-    monkeypatch.setattr(flows.monitor, "monitor_flow", fake_flow)
+    monkeypatch.setattr(jobs, "monitor_flow", fake_flow)
     result = CliRunner().invoke(app, ["monitor", "--threshold", "min_records=5"])
     assert result.exit_code == code, result.output
-    assert seen["thresholds"] == {"min_records": 5.0} and seen["alias"] == "champion"
+    # The job hands the flow the checked thresholds: settings with the override applied.
+    assert seen["thresholds"].min_records == 5 and seen["alias"] == "champion"

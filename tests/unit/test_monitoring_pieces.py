@@ -18,7 +18,6 @@ from phi3ops.serving.records import (
 from tasks.monitoring import (
     TEMPLATE_TOKEN_REGEX,
     Baseline,
-    Thresholds,
     build_expectations,
     records_frame,
     window_bounds,
@@ -140,10 +139,13 @@ def test_thresholds_come_from_settings_and_reject_unknown_overrides(monkeypatch)
 
     monkeypatch.setenv("PHI3OPS_MONITOR_MAX_ERROR_RATE", "0.01")
     get_settings.cache_clear()
-    assert Thresholds.from_settings().max_error_rate == 0.01
-    assert Thresholds.from_settings(max_error_rate=0.5).max_error_rate == 0.5
+    thresholds = get_settings().monitor
+    assert thresholds.max_error_rate == 0.01
+    assert thresholds.with_overrides({"max_error_rate": 0.5}).max_error_rate == 0.5
     with pytest.raises(InvalidInputError, match="max_eror_rate"):
-        Thresholds.from_settings(max_eror_rate=0.5)
+        thresholds.with_overrides({"max_eror_rate": 0.5})
+    with pytest.raises(InvalidInputError, match="min_records"):
+        thresholds.with_overrides({"min_records": 0})  # an empty window never passes
     with pytest.raises(InvalidInputError, match="positive"):
         window_bounds(0)
     start, end = window_bounds(30, end=10_000.0)
@@ -151,7 +153,9 @@ def test_thresholds_come_from_settings_and_reject_unknown_overrides(monkeypatch)
 
 
 def test_drift_checks_need_a_baseline_and_say_so() -> None:
-    thresholds = Thresholds.from_settings()
+    from phi3ops.settings import get_settings
+
+    thresholds = get_settings().monitor
     expectations, skipped = build_expectations(thresholds, None)
     names = [e.meta["check"] for e in expectations]
     assert "drift-completion-tokens" not in names

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from phi3ops.errors import InvalidInputError
-from tasks.promotion import GatePolicy, evaluate_gates
+from phi3ops.policies import GatePolicy
+from phi3ops.settings import get_settings
+from tasks.promotion import evaluate_gates
 
 HASH = "a" * 64
 
@@ -31,7 +33,7 @@ GOOD = {
 
 
 def _policy(**overrides) -> GatePolicy:
-    return GatePolicy.from_settings(**overrides)
+    return get_settings().gates.with_overrides(overrides)
 
 
 def _decide(candidate, champion=None, champion_version=None, **policy):
@@ -151,20 +153,21 @@ def test_policy_overrides_are_checked(monkeypatch) -> None:
 
 
 def test_cli_gate_overrides_are_parsed_and_checked_before_any_flow(monkeypatch) -> None:
-    import flows.promote
-    from phi3ops.jobs import promote_job
+    from cli import jobs
 
     seen = {}
-    monkeypatch.setattr(flows.promote, "promote_flow", lambda **kw: seen.update(kw) or "ran")
-    assert promote_job(gates=["min_pass_rate=0.7", "max_error_rate = 0.1"]) == "ran"
-    assert seen["gates"] == {"min_pass_rate": 0.7, "max_error_rate": 0.1}
+    monkeypatch.setattr(jobs, "promote_flow", lambda **kw: seen.update(kw) or "ran")
+    assert jobs.promote_job(gates=["min_pass_rate=0.7", "max_error_rate = 0.1"]) == "ran"
+    # The flow gets the whole checked policy: settings with the overrides applied.
+    assert seen["gates"].min_pass_rate == 0.7 and seen["gates"].max_error_rate == 0.1
+    assert seen["gates"].max_latency_p95_s == get_settings().gates.max_latency_p95_s
     for bad, match in [
         ("min_pass_rate", "key=number"),
-        ("x=1", "Unknown gate"),
+        ("x=1", "unknown name"),
         ("min_pass_rate=high", "key=number"),
         ("min_pass_rate=2", "less than"),
     ]:
         seen.clear()
         with pytest.raises((InvalidInputError, ValueError), match=match):
-            promote_job(gates=[bad])
+            jobs.promote_job(gates=[bad])
         assert seen == {}

@@ -7,16 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from phi3ops.sources import ONNX_CPU_INT4_SUBFOLDER, ONNX_REPO_ID, Variant
+from phi3ops.names import CANDIDATE_ALIAS, LineageTag
+from phi3ops.sources import ONNX_CPU_INT4_SUBFOLDER, ONNX_REPO_ID, Flavor, Variant
 from tasks.hub import FetchResult
-from tasks.packaging import Flavor, LoggedModelInfo, plan_package
-from tasks.registry import (
-    CANDIDATE_ALIAS,
-    LineageTag,
-    find_registered_version,
-    lineage_tags,
-    register_version,
-)
+from tasks.packaging import LoggedModelInfo, lineage_tags, plan_package
+from tasks.registry import find_registered_version, register_version
 
 
 def _snapshot(root: Path, sha: str) -> FetchResult:

@@ -6,11 +6,12 @@ flows run (fetch -> log -> register), without the orchestration layer.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from phi3ops.offline.tiny_phi3 import TinyPhi3Repos
-    from tasks.registry import RegisteredVersion
+from offline.local_hub import LocalHub
+from offline.tiny_phi3 import TinyPhi3Repos
+from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Flavor, Variant
+from tasks.hub import fetch_snapshot
+from tasks.packaging import log_model
+from tasks.registry import RegisteredVersion, register_version
 
 
 def register_both_flavors(
@@ -22,12 +23,6 @@ def register_both_flavors(
     Returns:
         The registered versions, keyed by flavor value (``"onnx"``, ``"transformers"``).
     """
-    from phi3ops.offline.local_hub import LocalHub
-    from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Variant
-    from tasks.hub import fetch_snapshot
-    from tasks.packaging import Flavor, log_model
-    from tasks.registry import register_version
-
     if (model_name_prefix is None) == (model_name is None):
         raise ValueError("give exactly one of model_name_prefix and model_name")
     registered = {}

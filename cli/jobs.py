@@ -7,26 +7,38 @@ fails in seconds instead of after the orchestration layer has started.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
+from flows.evaluate import evaluate_flow
+from flows.fetch import fetch_flow
+from flows.lifecycle import LifecycleResult, Source, lifecycle_flow
+from flows.monitor import monitor_flow
+from flows.package import package_flow
+from flows.promote import promote_flow
+from flows.rollback import rollback_flow
+from offline.local_hub import LocalHub
+from offline.tiny_phi3 import ensure_tiny_phi3
+from phi3ops.errors import InvalidInputError
+from phi3ops.evalset import DEFAULT_EVAL_SET, open_eval_set
+from phi3ops.names import CANDIDATE_ALIAS, CHAMPION_ALIAS
+from phi3ops.policies import GateOverrides, ThresholdOverrides, invalid_input
+from phi3ops.registry import resolve_model, resolve_model_name
 from phi3ops.settings import get_settings
-from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Variant
-
-if TYPE_CHECKING:
-    from pydantic import ValidationError
-
-    from flows.lifecycle import LifecycleResult
-    from phi3ops.errors import InvalidInputError
-    from tasks.evaluation import EvalSummary
-    from tasks.hub import FetchResult
-    from tasks.packaging import Flavor
-    from tasks.registry import RegisteredVersion
+from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Flavor, Variant, source_variant
+from phi3ops.tracking import tracking_uri
+from tasks.evaluation import EvalSummary, find_evaluation
+from tasks.hub import FetchResult, check_fetchable, resolve_hf_token
+from tasks.monitoring import window_bounds
+from tasks.registry import RegisteredVersion
 
 
-def _check_source(repo_id: str, *, revision: str, variant: Variant, target_dir: Path | None = None):
-    from tasks.hub import check_fetchable, resolve_hf_token
-
+def _check_source(
+    repo_id: str, *, revision: str, variant: Variant, target_dir: Path | None = None
+) -> None:
     check_fetchable(
         repo_id,
         revision=revision,
@@ -46,8 +58,6 @@ def fetch_job(
 ) -> FetchResult:
     """Check the source, then run the fetch flow."""
     _check_source(repo_id, revision=revision, variant=variant, target_dir=target_dir)
-    from flows.fetch import fetch_flow
-
     return fetch_flow(
         repo_id=repo_id,
         revision=revision,
@@ -66,17 +76,13 @@ def package_job(
     model_name: str | None = None,
 ) -> RegisteredVersion:
     """Check the inputs and the source, then run the package flow (fetch -> log -> register)."""
-    from flows.package import package_flow, source_variant
-    from tasks.packaging import Flavor
-    from tasks.registry import resolve_model_name
-
     chosen = Flavor(flavor)
-    resolve_model_name(model_name)
+    name = resolve_model_name(model_name)
     fetch_variant, _ = source_variant(chosen, variant)
     repo_id = repo_id or fetch_variant.default_repo_id
     _check_source(repo_id, revision=revision, variant=fetch_variant)
     return package_flow(
-        flavor=chosen, repo_id=repo_id, revision=revision, variant=variant, model_name=model_name
+        flavor=chosen, repo_id=repo_id, revision=revision, variant=variant, model_name=name
     )
 
 
@@ -84,7 +90,7 @@ def evaluate_job(
     *,
     model_uri: str | None = None,
     eval_set: str | None = None,
-    compare_to_alias: str = "champion",
+    compare_to_alias: str = CHAMPION_ALIAS,
     force: bool = False,
 ) -> EvalSummary:
     """Check the model URI and the eval set, then run the evaluate flow.
@@ -95,81 +101,110 @@ def evaluate_job(
         compare_to_alias: Whose evaluation on the same eval set to compare with.
         force: Generate and score again even when the version has an evaluation on this set.
     """
-    from flows.evaluate import evaluate_flow
-    from phi3ops.evalset import load_eval_set, resolve_eval_set
-    from tasks.evaluation import resolve_model
-    from tasks.registry import CANDIDATE_ALIAS
-
     uri = model_uri or f"models:/{get_settings().registered_model_name}@{CANDIDATE_ALIAS}"
     resolve_model(uri)  # an unknown model, alias or version fails before Prefect starts
-    load_eval_set(resolve_eval_set(eval_set))  # so does a missing or invalid eval set
+    loaded = open_eval_set(eval_set)  # so does a missing or invalid eval set
     return evaluate_flow(
-        model_uri=uri, eval_set=eval_set, compare_to_alias=compare_to_alias, reuse=not force
+        model_uri=uri, eval_set=str(loaded.path), compare_to_alias=compare_to_alias, reuse=not force
     )
 
 
 def promote_job(
     *,
     model_name: str | None = None,
-    candidate: str = "candidate",
+    candidate: str = CANDIDATE_ALIAS,
     eval_set: str | None = None,
     gates: list[str] | None = None,
     evaluate_champion: bool = True,
-):
-    """Parse ``key=value`` gate overrides, check them, then run the promote flow."""
-    overrides = parse_gate_overrides(gates)  # unknown gates fail before Prefect starts
-    from flows.promote import promote_flow
-
+) -> Any:
+    """Check the model name, the eval set and the ``key=value`` gate overrides, then run the
+    promote flow with the checked policy.
+    """
+    name = resolve_model_name(model_name)
+    policy = get_settings().gates.with_overrides(gate_overrides(gates))
+    loaded = open_eval_set(eval_set)
     return promote_flow(
-        model_name=model_name,
+        model_name=name,
         candidate=candidate,
-        eval_set=eval_set,
+        eval_set=str(loaded.path),
         evaluate_champion=evaluate_champion,
-        gates=overrides,
+        gates=policy,
     )
 
 
 def rollback_job(
     *, model_name: str | None = None, to_version: str | None = None, smoke_eval_set: str | None
-):
-    """Run the rollback flow (champion <- previous, then a smoke evaluation)."""
-    from flows.rollback import rollback_flow
-
-    return rollback_flow(
-        model_name=model_name, to_version=to_version, smoke_eval_set=smoke_eval_set
-    )
+) -> Any:
+    """Check the model name and the smoke eval set, then run the rollback flow (champion <-
+    previous, then a smoke evaluation).
+    """
+    name = resolve_model_name(model_name)
+    smoke = str(open_eval_set(smoke_eval_set).path) if smoke_eval_set else None
+    return rollback_flow(model_name=name, to_version=to_version, smoke_eval_set=smoke)
 
 
 def monitor_job(
     *,
     model_name: str | None = None,
-    alias: str = "champion",
+    alias: str = CHAMPION_ALIAS,
     window_minutes: int | None = None,
     baseline_eval_set: str | None = None,
     thresholds: list[str] | None = None,
-):
-    """Check the threshold overrides and the baseline eval set, then run the monitor flow.
+) -> Any:
+    """Check the threshold overrides, the window and the baseline eval set, then run the
+    monitor flow with the checked thresholds.
 
     Returns:
         The monitoring report (`tasks.monitoring.MonitorReport`); a failed suite raises
         `MonitoringFailedError`.
     """
-    from phi3ops.evalset import load_eval_set, resolve_eval_set
-    from tasks.monitoring import Thresholds, window_bounds
-
-    overrides = parse_overrides(thresholds, option="--threshold", example="max_error_rate=0.01")
-    Thresholds.from_settings(**overrides)  # unknown names fail before Prefect starts
+    name = resolve_model_name(model_name)
+    overrides = _overrides(
+        ThresholdOverrides, thresholds, option="--threshold", example="max_error_rate=0.01"
+    )
+    limits = get_settings().monitor.with_overrides(overrides)
     window_bounds(window_minutes)
-    load_eval_set(resolve_eval_set(baseline_eval_set))
-    from flows.monitor import monitor_flow
-
+    loaded = open_eval_set(baseline_eval_set)
     return monitor_flow(
-        model_name=model_name,
+        model_name=name,
         alias=alias,
         window_minutes=window_minutes,
-        baseline_eval_set=baseline_eval_set,
-        thresholds=overrides,
+        baseline_eval_set=str(loaded.path),
+        thresholds=limits,
     )
+
+
+def gate_overrides(items: list[str] | Mapping[str, Any] | None) -> BaseModel:
+    """``--gate key=number`` items (or a mapping) as checked `GateOverrides`.
+
+    Raises:
+        InvalidInputError: An item is not ``key=number``, names no gate, or is out of range.
+    """
+    return _overrides(GateOverrides, items, option="--gate", example="min_pass_rate=0.7")
+
+
+def _overrides(
+    model: type[BaseModel],
+    items: list[str] | Mapping[str, Any] | None,
+    *,
+    option: str,
+    example: str,
+) -> BaseModel:
+    what = option.removeprefix("--") + "s"
+    if isinstance(items, Mapping):  # from code: pydantic names what is wrong
+        values = dict(items)
+    else:  # from the command line: say which names exist
+        values = parse_overrides(items, option=option, example=example)
+        unknown = sorted(set(values) - set(model.model_fields))
+        if unknown:
+            raise InvalidInputError(
+                f"{option}: unknown name(s) {', '.join(unknown)}; use any of "
+                f"{', '.join(model.model_fields)}."
+            )
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise invalid_input(exc, what=what) from exc
 
 
 def parse_overrides(items: list[str] | None, *, option: str, example: str) -> dict[str, float]:
@@ -179,8 +214,6 @@ def parse_overrides(items: list[str] | None, *, option: str, example: str) -> di
     Raises:
         InvalidInputError: An item is not ``key=number``.
     """
-    from phi3ops.errors import InvalidInputError
-
     overrides: dict[str, float] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -193,37 +226,6 @@ def parse_overrides(items: list[str] | None, *, option: str, example: str) -> di
                 f"{option} {item!r} is not key=number, e.g. {option} {example}."
             )
     return overrides
-
-
-def parse_gate_overrides(items: list[str] | None) -> dict[str, float]:
-    """``["min_pass_rate=0.7", ...]`` (the CLI's ``--gate``) as checked gate overrides.
-
-    Raises:
-        InvalidInputError: An item is not ``key=number``, names no gate, or is out of range.
-    """
-    from pydantic import ValidationError
-
-    from tasks.promotion import GatePolicy
-
-    overrides = parse_overrides(items, option="--gate", example="min_pass_rate=0.7")
-    try:
-        GatePolicy.from_settings(**overrides)
-    except ValidationError as exc:
-        raise _invalid_input(exc) from exc
-    return overrides
-
-
-def _invalid_input(exc: ValidationError) -> InvalidInputError:
-    """A pydantic validation error as one line per problem, naming the field."""
-    from phi3ops.errors import InvalidInputError
-
-    problems = []
-    for error in exc.errors():
-        where = ".".join(map(str, error["loc"]))
-        message = error["msg"].removeprefix("Value error, ").rstrip(".")
-        problems.append(f"{where}: {message}" if where else message)
-    what = {"GatePolicy": "gates", "GateOverrides": "gates", "Source": "source"}.get(exc.title)
-    return InvalidInputError(f"Invalid {what or exc.title}: {'; '.join(problems)}.")
 
 
 #: The gates `demo_job` relaxes. The tiny Phi-3 has random weights: it answers gibberish, so its
@@ -242,11 +244,11 @@ def lifecycle_job(
     *,
     repo_id: str | None = None,
     revision: str = "main",
-    flavor: Flavor | str = "onnx",
+    flavor: Flavor | str = Flavor.ONNX,
     variant: Variant | None = None,
     model_name: str | None = None,
     eval_set: str | None = None,
-    gates: dict[str, float] | None = None,
+    gates: list[str] | Mapping[str, Any] | None = None,
     evaluate_champion: bool = True,
 ) -> LifecycleResult:
     """Check every input and the source, then run the lifecycle flow (fetch -> package ->
@@ -259,7 +261,7 @@ def lifecycle_job(
         variant: What to fetch; None: the flavor's default.
         model_name: Registered model; None: ``PHI3OPS_REGISTERED_MODEL_NAME``.
         eval_set: Eval set name or path; None: the default set.
-        gates: Gate overrides for this run (``GatePolicy`` field -> value).
+        gates: Gate overrides for this run: ``--gate key=number`` items or a mapping.
         evaluate_champion: Evaluate the champion on the eval set first when it has none there.
 
     Raises:
@@ -267,34 +269,26 @@ def lifecycle_job(
         HubError: The source cannot be fetched (offline, unknown repo or revision), found in
             about a second, before Prefect starts.
     """
-    from pydantic import ValidationError
-
-    from flows.lifecycle import GateOverrides, Source, lifecycle_flow
-    from phi3ops.evalset import DEFAULT_EVAL_SET, load_eval_set, resolve_eval_set
-    from tasks.promotion import GatePolicy
-    from tasks.registry import resolve_model_name
-
     try:
         source = Source(repo_id=repo_id, revision=revision, flavor=flavor, variant=variant)
-        overrides = GateOverrides(**(gates or {}))
     except ValidationError as exc:
-        raise _invalid_input(exc) from exc
-    resolve_model_name(model_name)
-    GatePolicy.from_settings(**overrides.overrides())
-    eval_set = eval_set or DEFAULT_EVAL_SET
-    load_eval_set(resolve_eval_set(eval_set))
+        raise invalid_input(exc, what="source") from exc
+    overrides = gate_overrides(gates)
+    name = resolve_model_name(model_name)
+    get_settings().gates.with_overrides(overrides)
+    loaded = open_eval_set(eval_set or DEFAULT_EVAL_SET)
     fetch_repo, fetch_variant, _ = source.fetch_plan
     _check_source(fetch_repo, revision=revision, variant=fetch_variant)
     return lifecycle_flow(
         source=source,
-        model_name=model_name,
-        eval_set=eval_set,
+        model_name=name,
+        eval_set=str(loaded.path),
         gates=overrides,
         evaluate_champion=evaluate_champion,
     )
 
 
-def main_job(**options: object) -> LifecycleResult:
+def main_job(**options: Any) -> LifecycleResult:
     """The lifecycle on the real Phi-3 (by default the ONNX int4 repository, onnx flavor), with
     the gates in settings.
 
@@ -313,9 +307,6 @@ def demo_job(*, eval_set: str | None = None) -> LifecycleResult:
     Its own data dir (``<data dir>/demo``), so the tiny model never stands in for a real one;
     run it again and everything is reused.
     """
-    from phi3ops.offline.local_hub import LocalHub
-    from phi3ops.offline.tiny_phi3 import ensure_tiny_phi3
-
     saved = {name: os.environ.get(name) for name in ("PHI3OPS_DATA_DIR", "PHI3OPS_HF_ENDPOINT")}
     try:
         os.environ["PHI3OPS_DATA_DIR"] = str(get_settings().data_dir / "demo")
@@ -347,9 +338,6 @@ def demo_job(*, eval_set: str | None = None) -> LifecycleResult:
 
 def _print_summary(result: LifecycleResult) -> None:
     """The version, the decision, the champion and its metrics, and where to look at them."""
-    from phi3ops.tracking import tracking_uri
-    from tasks.evaluation import find_evaluation
-
     settings = get_settings()
     made = "reused" if result.package_reused else "registered"
     evaluated = "reused" if result.evaluation_reused else "new"

@@ -1,0 +1,5 @@
+"""``python -m cli``: the ``phi3ops`` command line."""
+
+from cli.app import app
+
+app()

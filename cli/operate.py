@@ -1,0 +1,140 @@
+"""Commands that run the served model and watch it: serve, monitor, automations.
+
+Heavy modules (MLflow, Prefect, great-expectations) are imported inside each command, so
+``phi3ops --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Annotated
+
+import typer
+
+from cli.options import ModelNameOption, ThresholdOption, run_job
+from phi3ops.names import CHAMPION_ALIAS
+from phi3ops.settings import get_settings
+
+
+def serve(
+    model_name: ModelNameOption = None,
+    alias: Annotated[str | None, typer.Option(help="Alias to serve (default: champion).")] = None,
+    version: Annotated[
+        str | None, typer.Option(help="Version to serve instead of an alias.")
+    ] = None,
+    model_uri: Annotated[
+        str | None, typer.Option(help="Any MLflow model URI instead of the above.")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on (0.0.0.0 for all).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5001,
+    workers: Annotated[
+        int, typer.Option(help="Server worker processes (each loads the model).")
+    ] = 1,
+) -> None:
+    """Serve a registered model over HTTP (MLflow's scoring server, POST /invocations)."""
+    from phi3ops.serving import server  # lazy: MLflow
+
+    def serve_forever() -> None:
+        uri = model_uri or server.model_uri_for(
+            model_name or get_settings().registered_model_name,
+            alias=None if version else (alias or CHAMPION_ALIAS),
+            version=version,
+        )
+        # SIGTERM (a supervisor, `kill`) must stop the server too, not orphan it.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        process = server.start_server(uri, host=host, port=port, workers=workers)
+        typer.echo(f"Serving {uri} on http://{host}:{port}/invocations (Ctrl-C stops)")
+        try:
+            process.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop_server(process)
+
+    run_job(serve_forever)
+
+
+def monitor(
+    model_name: ModelNameOption = None,
+    alias: Annotated[
+        str, typer.Option(help="Alias (or version) whose records to check.")
+    ] = CHAMPION_ALIAS,
+    window_minutes: Annotated[
+        int | None,
+        typer.Option(help="How far back to read (default: PHI3OPS_MONITOR_WINDOW_MINUTES)."),
+    ] = None,
+    baseline_eval_set: Annotated[
+        str | None,
+        typer.Option(help="Eval set whose evaluation of the version is the drift baseline."),
+    ] = None,
+    threshold: ThresholdOption = None,
+) -> None:
+    """Check a version's recent inference records against the expectation suite (exit 2 when
+    it fails, 3 when there are too few records to judge).
+    """
+    from cli import jobs  # lazy: Prefect, great-expectations
+
+    report = run_job(
+        jobs.monitor_job,
+        model_name=model_name,
+        alias=alias,
+        window_minutes=window_minutes,
+        baseline_eval_set=baseline_eval_set,
+        thresholds=threshold,
+    )
+    if report.outcome == "insufficient_data":
+        raise typer.Exit(code=3)
+
+
+automations_app = typer.Typer(
+    help="The pipeline's Prefect automations (deployments/automations.py).",
+    no_args_is_help=True,
+)
+
+
+@automations_app.command("apply")
+def automations_apply(
+    rollback: Annotated[
+        bool | None,
+        typer.Option(
+            "--rollback/--no-rollback",
+            help="Also run the rollback deployment when monitoring fails "
+            "(default: PHI3OPS_MONITOR_ROLLBACK_ON_FAILURE).",
+        ),
+    ] = None,
+    notification_block: Annotated[
+        str | None,
+        typer.Option(
+            help="Notification block to notify through (default: PHI3OPS_NOTIFICATION_BLOCK)."
+        ),
+    ] = None,
+    create_webhook_block: Annotated[
+        str | None,
+        typer.Option(
+            "--create-webhook-block",
+            metavar="URL",
+            help="First save a custom-webhook notification block under that name, POSTing "
+            "JSON {subject, body} to URL (replaces a block of that name).",
+        ),
+    ] = None,
+) -> None:
+    """Create or update (by name) the automations on the Prefect server at PREFECT_API_URL:
+    promoted -> run the monitor deployment; monitoring failed -> notify (and roll back).
+    """
+    from deployments import automations  # lazy: Prefect
+
+    def apply() -> list[automations.AppliedAutomation]:
+        if create_webhook_block:
+            block_id = automations.create_webhook_block(
+                create_webhook_block, name=notification_block
+            )
+            typer.echo(f"notification block {block_id} -> {create_webhook_block}")
+        return automations.apply_automations(
+            rollback_on_failure=rollback, notification_block=notification_block
+        )
+
+    for applied in run_job(apply):
+        typer.echo(f"{applied.action} automation {applied.name} ({applied.id})")

@@ -1,0 +1,174 @@
+"""The two field sets that decide things: promotion gates and monitoring thresholds.
+
+Each is declared once, here, with its defaults, bounds and descriptions. Settings read them from
+``PHI3OPS_GATE_*`` / ``PHI3OPS_MONITOR_*``; flows take their "overrides" form (every field
+optional) as typed parameters, so the Prefect UI renders a form; the CLI's ``--gate`` and
+``--threshold`` fill the same overrides.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar, cast
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic.fields import FieldInfo
+
+from phi3ops.errors import InvalidInputError
+
+Policy = TypeVar("Policy", bound="_Policy")
+
+
+class _Policy(BaseModel):
+    """A field set with defaults; ``with_overrides`` applies a run's changes, checked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: What the CLI and error messages call it ("gate", "monitoring threshold").
+    noun: ClassVar[str]
+
+    def with_overrides(self: Policy, overrides: dict[str, Any] | BaseModel | None) -> Policy:
+        """A copy with ``overrides`` (field name -> value, or an overrides model) applied.
+
+        Raises:
+            InvalidInputError: An unknown name, or a value out of its field's bounds.
+        """
+        if isinstance(overrides, BaseModel):
+            overrides = overrides.model_dump(exclude_none=True)
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(type(self).model_fields))
+        if unknown:
+            raise InvalidInputError(
+                f"Unknown {self.noun}(s) {', '.join(unknown)}: use any of "
+                f"{', '.join(type(self).model_fields)}."
+            )
+        try:
+            return type(self).model_validate(self.model_dump() | overrides)
+        except ValidationError as exc:
+            raise invalid_input(exc, what=f"{self.noun}s") from exc
+
+
+class GatePolicy(_Policy):
+    """Promotion gates: absolute thresholds on the candidate's evaluation, then "not worse than
+    the champion by more than a margin" on the same eval set.
+    """
+
+    noun: ClassVar[str] = "gate"
+
+    min_pass_rate: float = Field(default=0.6, ge=0, le=1, description="Minimum overall pass rate.")
+    min_tag_pass_rate: dict[str, float] = Field(
+        default_factory=dict,
+        description='Minimum pass rate per eval-set tag, e.g. {"safety": 0.9}.',
+    )
+    max_latency_p95_s: float = Field(
+        default=30.0, gt=0, description="Maximum p95 request latency, seconds."
+    )
+    min_tokens_per_s: float = Field(
+        default=1.0, ge=0, description="Minimum output tokens per second."
+    )
+    max_error_rate: float = Field(
+        default=0.05, ge=0, le=1, description="Maximum share of failed requests (0-1)."
+    )
+    max_pass_rate_drop: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="Against the champion: pass rates may drop at most this much (absolute).",
+    )
+    max_latency_increase: float = Field(
+        default=0.25,
+        ge=0,
+        description="Against the champion: p95 latency may grow by this fraction at most.",
+    )
+    max_tokens_per_s_drop: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="Against the champion: tokens/s may drop by this fraction at most.",
+    )
+    max_error_rate_increase: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="Against the champion: the error rate may rise this much at most (absolute).",
+    )
+
+
+class MonitorThresholds(_Policy):
+    """The monitoring suite's bounds on a window of inference records."""
+
+    noun: ClassVar[str] = "monitoring threshold"
+
+    min_records: int = Field(
+        default=20,
+        ge=1,
+        description="Fewer records than this in the window is 'insufficient data', not a pass.",
+    )
+    min_response_chars: int = Field(
+        default=1, ge=0, description="Shortest acceptable answer, characters."
+    )
+    max_response_chars: int = Field(
+        default=16000, ge=1, description="Longest acceptable answer, characters."
+    )
+    max_length_finish_rate: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="Highest share of answers cut off by max_tokens (finish_reason 'length').",
+    )
+    max_latency_p95_s: float = Field(default=30.0, gt=0, description="Latency SLO, p95 seconds.")
+    max_error_rate: float = Field(
+        default=0.05, ge=0, le=1, description="Highest share of failed requests (0-1)."
+    )
+    max_drift_ratio: float = Field(
+        default=2.0,
+        gt=1,
+        description=(
+            "Drift bound: the window's median completion tokens must lie within [baseline / r, "
+            "baseline * r] and its median seconds per token below baseline * r, where the "
+            "baseline is the version's evaluation on the default eval set."
+        ),
+    )
+
+
+def overrides_model(policy: type[_Policy], name: str) -> type[BaseModel]:
+    """``policy``'s fields, each optional (empty keeps the value in settings): a run's overrides.
+
+    Derived, not declared, so the bounds and descriptions stay those of ``policy``.
+    """
+    fields: dict[str, Any] = {}
+    for field_name, info in policy.model_fields.items():
+        # Field() is typed as returning its default; at runtime it returns a FieldInfo.
+        optional = cast(
+            FieldInfo,
+            Field(
+                default=None,
+                description=f"{info.description} Empty: the value in settings.",
+            ),
+        )
+        optional.metadata = list(info.metadata)  # the bounds (ge, le, gt)
+        # pydantic requires an annotation on every field, so model_fields always carry one.
+        assert info.annotation is not None
+        fields[field_name] = (info.annotation | None, optional)
+    return create_model(
+        name,
+        __config__=ConfigDict(extra="forbid"),
+        __doc__=f"{policy.noun.capitalize()}s to change for this run; an empty field keeps "
+        f"the value in settings.",
+        __module__=__name__,
+        **fields,
+    )
+
+
+#: A run's gate changes (flow parameter, ``--gate``).
+GateOverrides = overrides_model(GatePolicy, "GateOverrides")
+#: A run's monitoring threshold changes (flow parameter, ``--threshold``).
+ThresholdOverrides = overrides_model(MonitorThresholds, "ThresholdOverrides")
+
+
+def invalid_input(exc: ValidationError, *, what: str | None = None) -> InvalidInputError:
+    """A pydantic validation error as one line per problem, naming the field."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(map(str, error["loc"]))
+        message = error["msg"].removeprefix("Value error, ").rstrip(".")
+        problems.append(f"{where}: {message}" if where else message)
+    return InvalidInputError(f"Invalid {what or exc.title}: {'; '.join(problems)}.")

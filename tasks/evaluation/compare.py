@@ -1,0 +1,251 @@
+"""Comparing evaluations: a candidate with the champion on the same eval set (markdown, published
+as a Prefect artifact and in the run), and two flavors of one source (the parity report).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from phi3ops import registry
+from phi3ops.errors import InvalidInputError
+from phi3ops.names import CHAMPION_ALIAS, COMPARISON_ARTIFACT, evaluation_artifact_key
+from phi3ops.tracking import configure_tracking
+from tasks.evaluation.values import HASH_PREFIX_LENGTH, ChampionLookup, EvalSummary
+
+
+class ComparisonRow(BaseModel):
+    """One metric of two evaluations side by side."""
+
+    metric: str
+    candidate: float | None
+    baseline: float | None
+    delta: float | None  # candidate - baseline
+    ratio: float | None  # candidate / baseline
+    better: Literal["higher", "lower"]
+    change: Literal["better", "worse", "same", "n/a"]
+
+
+_LOWER_IS_BETTER = ("latency_", "ttft_", "error_rate", "n_errors", "peak_rss_mb")
+_SPEED_METRICS = (
+    "latency_p50_s",
+    "latency_p95_s",
+    "ttft_p50_s",
+    "tokens_per_s",
+    "error_rate",
+    "peak_rss_mb",
+)
+
+
+def comparison_rows(candidate: EvalSummary, baseline: EvalSummary) -> list[ComparisonRow]:
+    """The quality and speed metrics of two evaluations side by side, with deltas.
+
+    Order: ``pass_rate``, ``pass_rate.<tag>`` (every tag of either), each scorer's
+    ``<kind>/mean``, then latency p50/p95, time to first token, tokens/s, error rate, memory.
+    A metric only one of them has shows with the other side empty.
+    """
+    keys = ["pass_rate"]
+    both = candidate.metrics.keys() | baseline.metrics.keys()
+    keys += sorted(k for k in both if k.startswith("pass_rate."))
+    keys += sorted(k for k in both if k.endswith("/mean"))
+    keys += [k for k in _SPEED_METRICS if k in both]
+    return [_row(key, candidate.metrics.get(key), baseline.metrics.get(key)) for key in keys]
+
+
+def _row(metric: str, candidate: float | None, baseline: float | None) -> ComparisonRow:
+    better: Literal["higher", "lower"] = (
+        "lower" if metric.startswith(_LOWER_IS_BETTER) else "higher"
+    )
+    delta = ratio = None
+    change: Literal["better", "worse", "same", "n/a"] = "n/a"
+    if candidate is not None and baseline is not None:
+        delta = candidate - baseline
+        ratio = candidate / baseline if baseline else None
+        if math.isclose(candidate, baseline, rel_tol=1e-9, abs_tol=1e-12):
+            change = "same"
+        elif (delta > 0) == (better == "higher"):
+            change = "better"
+        else:
+            change = "worse"
+    return ComparisonRow(
+        metric=metric,
+        candidate=candidate,
+        baseline=baseline,
+        delta=delta,
+        ratio=ratio,
+        better=better,
+        change=change,
+    )
+
+
+def comparison_markdown(candidate: EvalSummary, champion: ChampionLookup) -> str:
+    """The candidate's evaluation against the champion's, as markdown (a pure function).
+
+    Side by side per metric and per tag with deltas when the champion has an evaluation on the
+    same eval set (same content hash); otherwise the candidate's own results and why there is no
+    comparison.
+    """
+    head = _heading(candidate)
+    baseline = champion.summary
+    if baseline is not None and baseline.eval_set_hash != candidate.eval_set_hash:
+        reason = (
+            f"@{champion.alias} (version {baseline.version}) was evaluated on eval set "
+            f"{baseline.eval_set!r} (hash {baseline.eval_set_hash[:HASH_PREFIX_LENGTH]}), not "
+            f"on this one (hash {candidate.eval_set_hash[:HASH_PREFIX_LENGTH]}): results are "
+            f"compared only on the same eval set."
+        )
+        baseline = None
+    else:
+        reason = champion.reason or "no champion evaluation was given."
+    if baseline is None:
+        own = [_row(r.metric, r.candidate, None) for r in comparison_rows(candidate, candidate)]
+        lines = [
+            head,
+            "",
+            "## No comparable champion evaluation",
+            "",
+            reason,
+            "",
+            f"## Results of version {candidate.version}",
+            "",
+            "| metric | value |",
+            "|---|---:|",
+            *(f"| {r.metric} | {_fmt(r.candidate)} |" for r in own),
+        ]
+        return "\n".join([*lines, *_notes(candidate)]) + "\n"
+    cand_col = f"candidate v{candidate.version} ({candidate.flavor})"
+    base_col = f"@{champion.alias} v{baseline.version} ({baseline.flavor})"
+    lines = [
+        head,
+        "",
+        f"## Against @{champion.alias} (version {baseline.version}, run `{baseline.run_id}`)",
+        "",
+        f"| metric | {cand_col} | {base_col} | delta | |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for row in comparison_rows(candidate, baseline):
+        lines.append(
+            f"| {row.metric} | {_fmt(row.candidate)} | {_fmt(row.baseline)} | "
+            f"{_fmt(row.delta, signed=True)} | {row.change} ({row.better} is better) |"
+        )
+    return "\n".join([*lines, *_notes(candidate)]) + "\n"
+
+
+def _heading(summary: EvalSummary) -> str:
+    items = summary.metrics.get("n_items")
+    count = f", {int(items)} items" if items is not None else ""
+    return (
+        f"# Evaluation of {summary.model_name} version {summary.version} ({summary.flavor})\n\n"
+        f"Eval set `{summary.eval_set}` (hash `{summary.eval_set_hash[:HASH_PREFIX_LENGTH]}`"
+        f"{count}); MLflow run `{summary.run_id}`."
+    )
+
+
+def _notes(summary: EvalSummary) -> list[str]:
+    if not summary.notes:
+        return []
+    return ["", "Notes:", "", *(f"* {note}" for note in summary.notes)]
+
+
+def _fmt(value: float | None, *, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    if value != 0 and abs(value) < 1e-3:
+        return f"{value:+.3g}" if signed else f"{value:.3g}"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def parity_report(summary_a: EvalSummary, summary_b: EvalSummary) -> str:
+    """Two evaluations of one source through two flavors (e.g. ONNX and transformers), as
+    markdown: pass rates per tag and per scorer with differences, and speed ratios (B / A).
+
+    Raises:
+        InvalidInputError: The two ran different eval sets (different content hashes).
+    """
+    if summary_a.eval_set_hash != summary_b.eval_set_hash:
+        raise InvalidInputError(
+            f"Cannot compare evaluations on different eval sets: {summary_a.eval_set!r} (hash "
+            f"{summary_a.eval_set_hash[:HASH_PREFIX_LENGTH]}) and {summary_b.eval_set!r} (hash "
+            f"{summary_b.eval_set_hash[:HASH_PREFIX_LENGTH]}). Evaluate both versions on the "
+            f"same set."
+        )
+    a = f"A: {summary_a.flavor} (v{summary_a.version})"
+    b = f"B: {summary_b.flavor} (v{summary_b.version})"
+    rows = comparison_rows(summary_b, summary_a)  # candidate = B, baseline = A
+    quality = [r for r in rows if r.metric not in _SPEED_METRICS]
+    speed = [r for r in rows if r.metric in _SPEED_METRICS]
+    lines = [
+        f"# Parity: {summary_a.flavor} vs {summary_b.flavor}",
+        "",
+        f"{summary_a.model_name} v{summary_a.version} (run `{summary_a.run_id}`) and "
+        f"{summary_b.model_name} v{summary_b.version} (run `{summary_b.run_id}`) on eval set "
+        f"`{summary_a.eval_set}` (hash `{summary_a.eval_set_hash[:HASH_PREFIX_LENGTH]}`).",
+        "",
+        "## Quality",
+        "",
+        f"| metric | {a} | {b} | B - A |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {r.metric} | {_fmt(r.baseline)} | {_fmt(r.candidate)} | "
+            f"{_fmt(r.delta, signed=True)} |"
+            for r in quality
+        ),
+        "",
+        "## Speed",
+        "",
+        f"| metric | {a} | {b} | B / A |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {r.metric} | {_fmt(r.baseline)} | {_fmt(r.candidate)} | "
+            f"{'—' if r.ratio is None else f'{r.ratio:.2f}x'} |"
+            for r in speed
+        ),
+    ]
+    notes = [f"* A: {n}" for n in summary_a.notes] + [f"* B: {n}" for n in summary_b.notes]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def publish_comparison(summary: EvalSummary, markdown: str, *, log_to_run: bool = True) -> str:
+    """Publishes the comparison as a Prefect markdown artifact (and in the MLflow run).
+
+    Args:
+        summary: The evaluation compared.
+        markdown: `comparison_markdown` of it.
+        log_to_run: Also write it to the run as ``comparison.md`` (off for a reused run, which
+            keeps the comparison it was recorded with).
+
+    Returns:
+        The artifact key.
+    """
+    from prefect.artifacts import create_markdown_artifact
+
+    key = evaluation_artifact_key(summary.model_name, summary.version)
+    create_markdown_artifact(
+        markdown=markdown,
+        key=key,
+        description=(
+            f"Evaluation of {summary.model_name} v{summary.version} on {summary.eval_set} "
+            f"against @{CHAMPION_ALIAS}"
+        ),
+    )
+    if log_to_run:
+        configure_tracking()
+        registry.client().log_text(summary.run_id, markdown, COMPARISON_ARTIFACT)
+    return key
+
+
+# --- Prefect task: no retries (nothing here is transient), no caching (stores) ----------------
+
+
+@task(name="publish-comparison", cache_policy=NO_CACHE)
+def publish_comparison_task(summary: EvalSummary, champion: ChampionLookup) -> str:
+    """`comparison_markdown` published by `publish_comparison`; returns the markdown."""
+    markdown = comparison_markdown(summary, champion)
+    publish_comparison(summary, markdown, log_to_run=not summary.reused)
+    return markdown

@@ -1,0 +1,99 @@
+"""Downloading one file into staging, verifying it, and moving it into the snapshot; disk space.
+
+Only verified files reach the snapshot folder: a file that fails verification is deleted from
+staging and the fetch fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from phi3ops.errors import InsufficientDiskSpaceError, IntegrityError
+from tasks.hub.manifest import ManifestEntry
+from tasks.hub.verify import RemoteFile, hash_file, matches
+
+
+def download_verified(
+    remote: RemoteFile,
+    *,
+    repo_id: str,
+    commit_sha: str,
+    staging_dir: Path,
+    snapshot_dir: Path,
+    endpoint: str | None,
+    token: str | None,
+) -> ManifestEntry:
+    """Downloads one file of a commit to staging, verifies it, and moves it into the snapshot.
+
+    Args:
+        remote: The file, as the hub lists it.
+        repo_id: Hub repository, ``org/name``.
+        commit_sha: The commit to download it from.
+        staging_dir: Where in-flight downloads go.
+        snapshot_dir: Where verified files go.
+        endpoint: Hub URL, or None for the default.
+        token: Hugging Face token, or None.
+
+    Returns:
+        The verified file's manifest entry.
+
+    Raises:
+        IntegrityError: The downloaded bytes do not match the checksum (the file was deleted).
+        Exception: Whatever huggingface_hub raises, untranslated (see `tasks.hub.errors`).
+    """
+    from huggingface_hub import hf_hub_download
+
+    staged = Path(
+        hf_hub_download(
+            repo_id,
+            remote.path,
+            revision=commit_sha,
+            local_dir=staging_dir,
+            endpoint=endpoint,
+            token=token or False,
+        )
+    )
+    sha256, blob_id = hash_file(staged)
+    size = staged.stat().st_size
+    if size != remote.size or not matches(remote, sha256, blob_id):
+        staged.unlink(missing_ok=True)
+        expected = remote.sha256 or remote.blob_id
+        actual = sha256 if remote.sha256 else blob_id
+        raise IntegrityError(
+            f"{repo_id}@{commit_sha[:12]}:{remote.path} failed verification "
+            f"(expected {'sha256' if remote.sha256 else 'git blob'} {expected}, {remote.size} "
+            f"bytes; got {actual}, {size} bytes). The bad file was deleted; fetch again. If it "
+            f"persists, a proxy or mirror (HF_ENDPOINT) is serving wrong bytes."
+        )
+    final = snapshot_dir / remote.path
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, final)
+    return ManifestEntry(path=remote.path, size=size, sha256=sha256)
+
+
+def check_disk_space(root: Path, needed: int, headroom: int) -> None:
+    """Fails before downloading when ``needed`` bytes plus ``headroom`` do not fit under ``root``.
+
+    Args:
+        root: The snapshots root (the nearest existing parent is measured when it is missing).
+        needed: Bytes still to download.
+        headroom: Bytes to leave free.
+
+    Raises:
+        InsufficientDiskSpaceError: Not enough free space.
+    """
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + headroom > free:
+        raise InsufficientDiskSpaceError(
+            f"Fetching needs {_gib(needed)} (+{_gib(headroom)} headroom) but {probe} has only "
+            f"{_gib(free)} free. Free some space, or point PHI3OPS_DATA_DIR at a larger disk."
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB"
