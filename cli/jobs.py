@@ -118,17 +118,18 @@ def promote_job(
     evaluate_champion: bool = True,
 ) -> Any:
     """Check the model name, the eval set and the ``key=value`` gate overrides, then run the
-    promote flow with the checked policy.
+    promote flow with the checked overrides.
     """
     name = resolve_model_name(model_name)
-    policy = get_settings().gates.with_overrides(gate_overrides(gates))
+    overrides = gate_overrides(gates)
+    get_settings().gates.with_overrides(overrides)  # out-of-range values fail here
     loaded = open_eval_set(eval_set)
     return promote_flow(
         model_name=name,
         candidate=candidate,
         eval_set=str(loaded.path),
         evaluate_champion=evaluate_champion,
-        gates=policy,
+        gates=overrides,
     )
 
 
@@ -152,7 +153,7 @@ def monitor_job(
     thresholds: list[str] | None = None,
 ) -> Any:
     """Check the threshold overrides, the window and the baseline eval set, then run the
-    monitor flow with the checked thresholds.
+    monitor flow with the checked overrides (the deployment's typed parameter).
 
     Returns:
         The monitoring report (`tasks.monitoring.MonitorReport`); a failed suite raises
@@ -162,7 +163,7 @@ def monitor_job(
     overrides = _overrides(
         ThresholdOverrides, thresholds, option="--threshold", example="max_error_rate=0.01"
     )
-    limits = get_settings().monitor.with_overrides(overrides)
+    get_settings().monitor.with_overrides(overrides)  # out-of-range values fail here
     window_bounds(window_minutes)
     loaded = open_eval_set(baseline_eval_set)
     return monitor_flow(
@@ -170,7 +171,7 @@ def monitor_job(
         alias=alias,
         window_minutes=window_minutes,
         baseline_eval_set=str(loaded.path),
-        thresholds=limits,
+        thresholds=overrides,
     )
 
 

@@ -143,7 +143,7 @@ def lifecycle_flow(
     # types); the stages below get the checked values.
     name = resolve_model_name(model_name)
     repo_id, variant, build_onnx = source.fetch_plan
-    policy = get_settings().gates.with_overrides(gates)
+    get_settings().gates.with_overrides(gates)  # out-of-range values fail before any work
     eval_set = str(open_eval_set(eval_set).path)
 
     fetched = fetch_flow(
@@ -161,7 +161,7 @@ def lifecycle_flow(
             candidate=registered.version,
             eval_set=eval_set,
             evaluate_champion=evaluate_champion,
-            gates=policy,
+            gates=gates,
         )
         decision = "promoted" if verdict.promote else "rejected"
         reasons = verdict.reasons

@@ -22,7 +22,7 @@ from phi3ops.names import (
     MONITORING_PASSED_EVENT,
     artifact_key,
 )
-from phi3ops.policies import MonitorThresholds, ThresholdOverrides
+from phi3ops.policies import ThresholdOverrides
 from phi3ops.registry import resolve_model_name, resolve_version
 from phi3ops.settings import get_settings
 from tasks.events import emit
@@ -57,8 +57,7 @@ def monitor_flow(
         window_minutes: How far back to read; defaults to ``PHI3OPS_MONITOR_WINDOW_MINUTES``.
         baseline_eval_set: Eval set whose evaluation of the version is the drift baseline;
             the default set when None.
-        thresholds: Overrides of ``PHI3OPS_MONITOR_*``, e.g. ``{"max_error_rate": 0.01}``
-            (a whole `MonitorThresholds` from a caller that checked them is used as is).
+        thresholds: Overrides of ``PHI3OPS_MONITOR_*``, e.g. ``{"max_error_rate": 0.01}``.
 
     Returns:
         The report; a failed suite fails the flow run (`MonitoringFailedError`), and too few
@@ -66,11 +65,7 @@ def monitor_flow(
         returns the report: Prefect hands back a returned state's data).
     """
     name = resolve_model_name(model_name)
-    limits = (
-        thresholds
-        if isinstance(thresholds, MonitorThresholds)
-        else get_settings().monitor.with_overrides(thresholds)
-    )
+    limits = get_settings().monitor.with_overrides(thresholds)
     start, end = window_bounds(window_minutes)
     version = resolve_version(name, alias)
 

@@ -16,7 +16,7 @@ from phi3ops.names import (
     REJECTED_EVENT,
     artifact_key,
 )
-from phi3ops.policies import GateOverrides, GatePolicy
+from phi3ops.policies import GateOverrides
 from phi3ops.registry import alias_version, resolve_model_name, resolve_version
 from phi3ops.settings import get_settings
 from tasks.evaluation import find_evaluation_task
@@ -36,7 +36,7 @@ def promote_flow(
     candidate: str = CANDIDATE_ALIAS,
     eval_set: str | None = None,
     evaluate_champion: bool = True,
-    gates: GatePolicy | GateOverrides | None = None,
+    gates: GateOverrides | None = None,
     triggered_by: str | None = None,
 ) -> Decision:
     """Promote ``candidate`` (a version or an alias) to champion if every gate passes.
@@ -47,15 +47,15 @@ def promote_flow(
         eval_set: Eval set (name or path) both evaluations must share; default set if None.
         evaluate_champion: Evaluate the champion on that set first when it has no such
             evaluation (otherwise the comparison gate fails).
-        gates: The whole policy (a caller that checked it already), or overrides of the
-            gates in settings (``PHI3OPS_GATE_*``), e.g. ``{"min_pass_rate": 0.7}``.
+        gates: Overrides of the gates in settings (``PHI3OPS_GATE_*``), e.g.
+            ``{"min_pass_rate": 0.7}``.
         triggered_by: Recorded with the decision; defaults to the deployment / flow run.
 
     Returns:
         The decision (``promote`` says whether the aliases moved).
     """
     name = resolve_model_name(model_name)
-    policy = gates if isinstance(gates, GatePolicy) else get_settings().gates.with_overrides(gates)
+    policy = get_settings().gates.with_overrides(gates)
     who = triggered_by or default_trigger()
     version = resolve_version(name, candidate)
     eval_hash = open_eval_set(eval_set).content_hash

@@ -29,16 +29,18 @@ def test_bad_options_exit_2_before_any_flow_runs(args, words, monkeypatch) -> No
 
 @pytest.mark.parametrize(("outcome", "code"), [("passed", 0), ("insufficient_data", 3)])
 def test_outcome_sets_the_exit_code(outcome, code, monkeypatch) -> None:
+    import flows.monitor
     from cli import jobs
 
     seen = {}
 
     def fake_flow(**kwargs):
+        flows.monitor.monitor_flow.validate_parameters(kwargs)  # the real flow accepts them
         seen.update(kwargs)
         return MonitorReport("m", "1", "a", "b", records=0, outcome=outcome)
 
     monkeypatch.setattr(jobs, "monitor_flow", fake_flow)
     result = CliRunner().invoke(app, ["monitor", "--threshold", "min_records=5"])
     assert result.exit_code == code, result.output
-    # The job hands the flow the checked thresholds: settings with the override applied.
+    # The job hands the flow the checked overrides, typed like the deployment's parameter.
     assert seen["thresholds"].min_records == 5 and seen["alias"] == "champion"
