@@ -29,7 +29,7 @@ from phi3ops.policies import GateOverrides, ThresholdOverrides, invalid_input
 from phi3ops.registry import resolve_model, resolve_model_name
 from phi3ops.settings import get_settings
 from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Flavor, Variant, source_variant
-from phi3ops.tracking import tracking_uri
+from phi3ops.tracking import tracking_uri, use_tracking_store
 from tasks.evaluation import EvalSummary, find_evaluation
 from tasks.hub import FetchResult, check_fetchable, resolve_hf_token
 from tasks.monitoring import window_bounds
@@ -46,6 +46,13 @@ def _check_source(
         target_root=target_dir,
         token=resolve_hf_token(),
     )
+
+
+def _registered_model(model_name: str | None) -> str:
+    """The checked model name, once the tracking store answers (in seconds, before Prefect)."""
+    name = resolve_model_name(model_name)
+    use_tracking_store()
+    return name
 
 
 def fetch_job(
@@ -77,7 +84,7 @@ def package_job(
 ) -> RegisteredVersion:
     """Check the inputs and the source, then run the package flow (fetch -> log -> register)."""
     chosen = Flavor(flavor)
-    name = resolve_model_name(model_name)
+    name = _registered_model(model_name)
     fetch_variant, _ = source_variant(chosen, variant)
     repo_id = repo_id or fetch_variant.default_repo_id
     _check_source(repo_id, revision=revision, variant=fetch_variant)
@@ -120,7 +127,7 @@ def promote_job(
     """Check the model name, the eval set and the ``key=value`` gate overrides, then run the
     promote flow with the checked overrides.
     """
-    name = resolve_model_name(model_name)
+    name = _registered_model(model_name)
     overrides = gate_overrides(gates)
     get_settings().gates.with_overrides(overrides)  # out-of-range values fail here
     loaded = open_eval_set(eval_set)
@@ -139,7 +146,7 @@ def rollback_job(
     """Check the model name and the smoke eval set, then run the rollback flow (champion <-
     previous, then a smoke evaluation).
     """
-    name = resolve_model_name(model_name)
+    name = _registered_model(model_name)
     smoke = str(open_eval_set(smoke_eval_set).path) if smoke_eval_set else None
     return rollback_flow(model_name=name, to_version=to_version, smoke_eval_set=smoke)
 
@@ -159,7 +166,7 @@ def monitor_job(
         The monitoring report (`tasks.monitoring.MonitorReport`); a failed suite raises
         `MonitoringFailedError`.
     """
-    name = resolve_model_name(model_name)
+    name = _registered_model(model_name)
     overrides = _overrides(
         ThresholdOverrides, thresholds, option="--threshold", example="max_error_rate=0.01"
     )
@@ -275,7 +282,7 @@ def lifecycle_job(
     except ValidationError as exc:
         raise invalid_input(exc, what="source") from exc
     overrides = gate_overrides(gates)
-    name = resolve_model_name(model_name)
+    name = _registered_model(model_name)
     get_settings().gates.with_overrides(overrides)
     loaded = open_eval_set(eval_set or DEFAULT_EVAL_SET)
     fetch_repo, fetch_variant, _ = source.fetch_plan

@@ -99,6 +99,10 @@ class RegistryError(Phi3OpsError, RuntimeError):
     """The MLflow model registry refused an operation (registering, tagging, aliasing)."""
 
 
+class TrackingUnreachableError(Phi3OpsError, ConnectionError):
+    """The MLflow tracking server did not answer within the configured timeout."""
+
+
 # --- evaluation --------------------------------------------------------------------------
 
 

@@ -8,9 +8,16 @@ optional) as typed parameters, so the Prefect UI renders a form; the CLI's ``--g
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Annotated, Any, ClassVar, Self, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from phi3ops.errors import InvalidInputError
@@ -54,7 +61,7 @@ class GatePolicy(_Policy):
     noun: ClassVar[str] = "gate"
 
     min_pass_rate: float = Field(default=0.6, ge=0, le=1, description="Minimum overall pass rate.")
-    min_tag_pass_rate: dict[str, float] = Field(
+    min_tag_pass_rate: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=dict,
         description='Minimum pass rate per eval-set tag, e.g. {"safety": 0.9}.',
     )
@@ -127,6 +134,15 @@ class MonitorThresholds(_Policy):
             "baseline is the version's evaluation on the default eval set."
         ),
     )
+
+    @model_validator(mode="after")
+    def _answer_length_range(self) -> Self:
+        if self.min_response_chars > self.max_response_chars:
+            raise ValueError(
+                f"min_response_chars={self.min_response_chars} is above max_response_chars="
+                f"{self.max_response_chars}: every answer would fail; lower it or raise the max"
+            )
+        return self
 
 
 def overrides_model(policy: type[_Policy], name: str) -> type[BaseModel]:

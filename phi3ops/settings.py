@@ -62,6 +62,25 @@ class Settings(BaseSettings):
             "under the data dir."
         ),
     )
+    tracking_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description=(
+            "How long a tracking server may take to answer the first call of a process before "
+            "it fails with a one-line error naming the server."
+        ),
+    )
+    tracking_max_retries: int = Field(
+        default=3,
+        ge=0,
+        le=10,
+        description=(
+            "Retries of a failed call to a tracking server (MLflow's "
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES, whose own default of 7 waits about four minutes); "
+            "an explicit MLFLOW_HTTP_REQUEST_MAX_RETRIES wins."
+        ),
+    )
     experiment_name: str = Field(default="phi3ops", description="MLflow experiment for runs.")
     registered_model_name: str = Field(
         default="phi3-mini",

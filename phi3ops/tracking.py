@@ -1,10 +1,22 @@
-"""Where MLflow records runs, models and artifacts: one function every stage calls first."""
+"""Where MLflow records runs, models and artifacts: one function every stage calls first.
+
+The first use of a store in a process also makes it ready, within bounded time: a fresh SQLite
+store gets its tables under a file lock (two processes creating them at once crash one of them),
+and a tracking server must answer within ``PHI3OPS_TRACKING_TIMEOUT_S`` (MLflow's own retries
+would take about four minutes to give up on one that is down).
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 from types import ModuleType
 
+import httpx
+from filelock import FileLock
+
+from phi3ops.errors import TrackingUnreachableError
 from phi3ops.settings import get_settings
 
 
@@ -62,7 +74,54 @@ def use_tracking_store() -> str:
 
     uri = tracking_uri()
     _set_uris_without_exporting(mlflow, uri)
+    _make_ready(uri)
     return uri
+
+
+@functools.cache  # once per store and process; a failure is not cached, so it is tried again
+def _make_ready(uri: str) -> None:
+    if uri.startswith("sqlite:///"):
+        _create_sqlite_tables(uri)
+    elif uri.startswith(("http://", "https://")):
+        _check_server_answers(uri)
+
+
+def _create_sqlite_tables(uri: str) -> None:
+    """Create a SQLite store's tables, one process at a time.
+
+    MLflow creates them on first use without a lock; two processes doing so at once race on the
+    same migrations and one fails ("duplicate column name").
+    """
+    from mlflow import MlflowClient
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.init.lock"):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)  # the tracking store's tables
+        client.search_registered_models(max_results=1)  # the registry's
+
+
+def _check_server_answers(uri: str) -> None:
+    """Fail fast, in one line, when the tracking server does not answer; bound MLflow's retries.
+
+    Raises:
+        TrackingUnreachableError: No answer from ``uri`` within the configured timeout.
+    """
+    settings = get_settings()
+    # Later calls go through MLflow's HTTP client; its default retries wait minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.tracking_max_retries))
+    timeout = settings.tracking_timeout_s
+    try:
+        # Any HTTP answer means a server is there; whether it is MLflow's, its API will say.
+        httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout, follow_redirects=True)
+    except httpx.HTTPError as exc:
+        raise TrackingUnreachableError(
+            f"The MLflow tracking server {uri} did not answer ({type(exc).__name__}: {exc}; "
+            f"waited at most {timeout:g} s). Start it, or point MLFLOW_TRACKING_URI (or "
+            f"PHI3OPS_MLFLOW_TRACKING_URI) at one that runs; PHI3OPS_TRACKING_TIMEOUT_S sets "
+            f"how long to wait."
+        ) from exc
 
 
 _URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import regex
+
 from phi3ops.errors import InvalidInputError
 
 #: The expectation kinds, in the order an item's expectations are listed and checked.
@@ -81,7 +83,15 @@ def check_regex(output: str | None, expected: str, *, error: ErrorLike = None) -
         pattern = compile_regex(expected)
     except ValueError as exc:
         raise InvalidInputError(f"{exc}: fix the pattern") from exc
-    match = pattern.search(_text(output))
+    try:
+        match = pattern.search(_text(output), timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        # A pattern that backtracks catastrophically on this answer would hang the evaluation.
+        return Verdict(
+            False,
+            f"/{expected}/ did not finish within {REGEX_TIMEOUT_S:g} s on a "
+            f"{len(output)}-character answer (catastrophic backtracking): simplify the pattern",
+        )
     if match is None:
         return Verdict(False, f"no match for /{expected}/ in {_shorten(output)}")
     return Verdict(True, f"matched {_shorten(match.group(0))}")
@@ -170,9 +180,15 @@ def check(kind: str, output: str | None, expected: Any, *, error: ErrorLike = No
     return run(output, expected, error=error)
 
 
+#: How long one ``regex`` expectation may search one answer.
+REGEX_TIMEOUT_S = 1.0
+
+
 @lru_cache(maxsize=256)
-def compile_regex(pattern: str) -> re.Pattern[str]:
+def compile_regex(pattern: str) -> regex.Pattern[str]:
     """Compiles an expectation's pattern with ``re.DOTALL`` (cached: items reuse patterns).
+
+    The ``regex`` package in its ``re``-compatible mode (V0), for its search timeout.
 
     Args:
         pattern: The ``regex`` expectation.
@@ -184,8 +200,8 @@ def compile_regex(pattern: str) -> re.Pattern[str]:
         ValueError: The pattern does not compile; the message names it and the position.
     """
     try:
-        return re.compile(pattern, re.DOTALL)
-    except re.error as exc:
+        return regex.compile(pattern, regex.DOTALL | regex.V0)
+    except regex.error as exc:
         raise ValueError(f"bad regex {pattern!r}: {exc}") from None
 
 
