@@ -164,7 +164,7 @@ def _lifecycle_plain(*, eval_set: str, gates: dict[str, float]) -> dict[str, obj
     from tasks.evaluation import evaluate_model, find_evaluation
     from tasks.hub import fetch_snapshot
     from tasks.packaging import log_onnx_model, plan_package
-    from tasks.promotion import apply_decision, evaluate_gates, record_decision
+    from tasks.promotion import apply_decision, evaluate_gates
     from tasks.registry import find_registered_version, register_version
 
     fetched = fetch_snapshot(ONNX_REPO_ID, variant=Variant.ONNX_CPU_INT4)
@@ -188,9 +188,7 @@ def _lifecycle_plain(*, eval_set: str, gates: dict[str, float]) -> dict[str, obj
         champion_version=champion,
         policy=get_settings().gates.with_overrides(gates),
     )
-    state = apply_decision(decision, triggered_by="bench")
-    if state.action != "unchanged":
-        record_decision(decision, state, triggered_by="bench")
+    state = apply_decision(decision, triggered_by="bench")  # records it too
     return {"version": registered.version, "decision": state.action}
 
 

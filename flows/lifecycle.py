@@ -3,7 +3,8 @@
 Reads like the pipeline: check every parameter (before any work) → fetch (pinned; ONNX int4
 built from PyTorch weights when the source needs it) → package + register (the version with
 the same package key is reused) → evaluate (the version's evaluation on the same eval set is
-reused) → promote through the gates (nothing to do when the version is already the champion).
+reused) → promote through the gates (nothing to do when the version is already the champion,
+unless a crashed run left its promotion unfinished: the promote flow finishes it).
 
 Run it again on an unchanged source and nothing is logged, generated or moved: the same
 version, the same evaluation and the same champion come back.
@@ -27,6 +28,7 @@ from phi3ops.policies import GateOverrides
 from phi3ops.registry import alias_version, resolve_model_name
 from phi3ops.settings import get_settings
 from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Flavor, Variant, source_variant
+from tasks.promotion import pending_intent
 
 __all__ = ["LifecycleResult", "Source", "lifecycle_flow"]
 
@@ -152,7 +154,7 @@ def lifecycle_flow(
     registered = package_flow(fetched, flavor=source.flavor, model_name=name)
     summary = evaluate_flow(model_uri=registered.model_uri, eval_set=eval_set)
 
-    if alias_version(name, CHAMPION_ALIAS) == registered.version:
+    if alias_version(name, CHAMPION_ALIAS) == registered.version and pending_intent(name) is None:
         print(f"{registered.model_uri} is already the champion: nothing to promote.")
         decision, reasons = "unchanged", []
     else:

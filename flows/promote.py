@@ -1,5 +1,10 @@
 """Stage 4 — promote: gates on the candidate's evaluation (vs the champion's, same eval set),
 then ``champion`` <- candidate and ``previous`` <- old champion, or a recorded rejection.
+
+Reads like the pipeline: the candidate's evaluation → the champion's on the same set (evaluated
+first when missing) → the gates → carried out under the model's lock. If the champion changed in
+between (another promotion won the race), the decision is stale and taken again against the new
+champion. A re-run after a crash finishes the interrupted promotion (`tasks.promotion`).
 """
 
 from __future__ import annotations
@@ -8,26 +13,18 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.evaluate import evaluate_flow
+from phi3ops.errors import RegistryError
 from phi3ops.evalset import open_eval_set
-from phi3ops.names import (
-    CANDIDATE_ALIAS,
-    CHAMPION_ALIAS,
-    PROMOTED_EVENT,
-    REJECTED_EVENT,
-    artifact_key,
-)
+from phi3ops.names import CANDIDATE_ALIAS, CHAMPION_ALIAS, artifact_key
 from phi3ops.policies import GateOverrides
 from phi3ops.registry import alias_version, resolve_model_name, resolve_version
 from phi3ops.settings import get_settings
-from tasks.evaluation import find_evaluation_task
-from tasks.events import default_trigger, emit
-from tasks.promotion import (
-    Decision,
-    apply_decision_task,
-    decision_markdown,
-    evaluate_gates,
-    record_decision_task,
-)
+from tasks.evaluation import EvalSummary, find_evaluation_task
+from tasks.events import default_trigger
+from tasks.promotion import Decision, apply_decision_task, decision_markdown, evaluate_gates
+
+#: How many times one promotion decides again when the champion keeps moving under it.
+MAX_DECISIONS = 3
 
 
 @flow(name="promote", log_prints=True)
@@ -53,6 +50,9 @@ def promote_flow(
 
     Returns:
         The decision (``promote`` says whether the aliases moved).
+
+    Raises:
+        RegistryError: The champion changed every time a decision was about to be applied.
     """
     name = resolve_model_name(model_name)
     policy = get_settings().gates.with_overrides(gates)
@@ -61,44 +61,64 @@ def promote_flow(
     eval_hash = open_eval_set(eval_set).content_hash
 
     candidate_eval = find_evaluation_task(name, version, eval_hash)
-    champion_version = alias_version(name, CHAMPION_ALIAS)
-    champion_eval = None
-    if champion_version is not None and champion_version != version:
-        champion_eval = find_evaluation_task(name, champion_version, eval_hash)
-        if champion_eval is None and evaluate_champion:
-            champion_eval = evaluate_flow(
-                model_uri=f"models:/{name}/{champion_version}", eval_set=eval_set
-            )
+    for _ in range(MAX_DECISIONS):
+        champion_version = alias_version(name, CHAMPION_ALIAS)
+        decision = evaluate_gates(
+            name,
+            version,
+            candidate_eval,
+            _champion_evaluation(
+                name,
+                champion_version,
+                candidate=version,
+                eval_set=eval_set,
+                eval_hash=eval_hash,
+                evaluate=evaluate_champion,
+            ),
+            champion_version=champion_version,
+            policy=policy,
+        )
+        state = apply_decision_task(decision, triggered_by=who)
+        if state.action != "stale":
+            break
+        print(
+            f"The champion of {name} moved from version {champion_version or '-'} to "
+            f"{state.champion} before v{version} was decided: deciding again against it."
+        )
+    else:
+        raise RegistryError(
+            f"The champion of {name} changed {MAX_DECISIONS} times while version {version} was "
+            f"being decided: run the promotion again once the other promotions are done."
+        )
 
-    decision = evaluate_gates(
-        name,
-        version,
-        candidate_eval,
-        champion_eval,
-        champion_version=champion_version,
-        policy=policy,
-    )
-    state = apply_decision_task(decision, triggered_by=who)
     if state.action == "unchanged":
         print(f"{name} v{version} is already the champion: nothing to do.")
         return decision
-
-    record_decision_task(decision, state, triggered_by=who)
+    if state.resumed:
+        print(f"Finished the promotion of {name} v{version} that an interrupted run started.")
     markdown = decision_markdown(decision, state, triggered_by=who)
     create_markdown_artifact(
         markdown=markdown, key=artifact_key("promotion", name), description="Promotion decision"
     )
-    emit(
-        PROMOTED_EVENT if state.action == "promoted" else REJECTED_EVENT,
-        model_name=name,
-        version=version,
-        payload={
-            "reasons": decision.reasons,
-            "champion": state.champion,
-            "previous": state.previous,
-            "eval_set_hash": eval_hash,
-            "triggered_by": who,
-        },
-    )
     print(markdown)
     return decision
+
+
+def _champion_evaluation(
+    name: str,
+    champion: str | None,
+    *,
+    candidate: str,
+    eval_set: str | None,
+    eval_hash: str,
+    evaluate: bool,
+) -> EvalSummary | None:
+    """The champion's evaluation on the eval set (evaluating it first when allowed and
+    missing); None when there is no other champion to compare with.
+    """
+    if champion is None or champion == candidate:
+        return None
+    found = find_evaluation_task(name, champion, eval_hash)
+    if found is None and evaluate:
+        found = evaluate_flow(model_uri=f"models:/{name}/{champion}", eval_set=eval_set)
+    return found

@@ -1,5 +1,8 @@
 """Stage 4 — rollback: ``champion`` <- ``previous`` (or a named version), then a smoke
 evaluation of the restored champion.
+
+The alias change, its tags and its ``rolled-back`` event are one crash-safe change
+(`tasks.promotion.rollback`): a re-run after a crash finishes it rather than rolling back again.
 """
 
 from __future__ import annotations
@@ -7,9 +10,8 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.evaluate import evaluate_flow
-from phi3ops.names import ROLLED_BACK_EVENT
 from phi3ops.registry import resolve_model_name
-from tasks.events import default_trigger, emit
+from tasks.events import default_trigger
 from tasks.promotion import AliasState, rollback_task
 
 SMOKE_EVAL_SET = "smoke"
@@ -36,18 +38,13 @@ def rollback_flow(
     name = resolve_model_name(model_name)
     who = triggered_by or default_trigger()
     state = rollback_task(name, to_version=to_version, triggered_by=who)
-    smoke = None
+    if state.resumed:
+        print(f"{name}: finished the rollback that an interrupted run started.")
     if smoke_eval_set:
         smoke = evaluate_flow(model_uri=f"models:/{name}/{state.champion}", eval_set=smoke_eval_set)
-    emit(
-        ROLLED_BACK_EVENT,
-        model_name=name,
-        version=str(state.champion),
-        payload={
-            "triggered_by": who,
-            "smoke_eval_run_id": getattr(smoke, "run_id", None),
-            "smoke_metrics": getattr(smoke, "metrics", None),
-        },
-    )
+        print(
+            f"Smoke evaluation of version {state.champion}: pass rate "
+            f"{smoke.metrics.get('pass_rate', 0.0):.3f} (run {smoke.run_id})"
+        )
     print(f"{name}: champion is now version {state.champion} (rolled back by {who})")
     return state

@@ -65,6 +65,15 @@ PROMOTION_TAG_PREFIX = f"{TAG_PREFIX}promotion."
 MONITOR_TAG_PREFIX = f"{TAG_PREFIX}monitor."
 ROLLED_BACK_AT_TAG = f"{TAG_PREFIX}rolled_back_at"
 RESTORED_BY_ROLLBACK_TAG = f"{TAG_PREFIX}restored_by_rollback"
+#: An alias change in progress: on the registered model, ``{"id", "op", "version"}``; on that
+#: version, the whole plan. The next alias change of the model finishes it first.
+INTENT_TAG = f"{TAG_PREFIX}intent"
+#: Run tag tying a promotion decision run to its intent (one run per intent).
+INTENT_ID_TAG = f"{TAG_PREFIX}intent_id"
+#: Model version tag, ``pending`` from registration until the version holds ``@candidate``.
+REGISTRATION_TAG = f"{TAG_PREFIX}registration"
+#: Run tag: the process that started the run (``host:pid``), to tell an orphan from a live run.
+OWNER_TAG = f"{TAG_PREFIX}owner"
 
 #: Inference traces: the served model's registered name and version, the root span, the record.
 MODEL_NAME_TAG = f"{TAG_PREFIX}model_name"

@@ -8,11 +8,19 @@ from __future__ import annotations
 import getpass
 import socket
 from typing import Any
+from uuid import UUID
 
 from phi3ops.names import MODEL_NAME_TAG, MODEL_VERSION_TAG, model_resource_id
 
 
-def emit(event: str, *, model_name: str, version: str, payload: dict[str, Any]) -> None:
+def emit(
+    event: str,
+    *,
+    model_name: str,
+    version: str,
+    payload: dict[str, Any],
+    event_id: UUID | None = None,
+) -> None:
     """A Prefect event about one model version.
 
     Args:
@@ -20,6 +28,8 @@ def emit(event: str, *, model_name: str, version: str, payload: dict[str, Any]) 
         model_name: Registered model.
         version: The version the event is about.
         payload: Details (reasons, aliases, run ids); the name and version are added.
+        event_id: A fixed id, so that announcing the same change again (a re-run finishing a
+            crashed one) is the same event, which Prefect's triggers see once; random if None.
     """
     from prefect.events import emit_event
 
@@ -32,7 +42,19 @@ def emit(event: str, *, model_name: str, version: str, payload: dict[str, Any]) 
             MODEL_VERSION_TAG: version,
         },
         payload={"model_name": model_name, "version": version, **payload},
+        id=event_id,
     )
+
+
+def prefect_is_listening() -> bool:
+    """Whether an event has somewhere to go: inside a flow or task run, or with
+    ``PREFECT_API_URL`` set. A plain call outside Prefect would start a temporary Prefect
+    server just to drop the event, so callers that also run outside Prefect check this first.
+    """
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(FlowRunContext.get() or TaskRunContext.get() or PREFECT_API_URL.value())
 
 
 def default_trigger() -> str:

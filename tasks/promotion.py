@@ -1,10 +1,22 @@
 """Promote versions through registry aliases: ``candidate`` -> ``champion``, old champion ->
-``previous``; gates decide, every decision is recorded, and ``champion`` can be rolled back.
+``previous``; every decision is recorded, and ``champion`` can be rolled back.
 
-The gates are a pure function of two evaluations (`evaluate_gates`), compared only when both ran
-the same eval set (same content hash). Alias moves happen under a per-model lock and re-read the
-registry inside it, so two promotions racing leave ``champion`` on one of them and ``previous``
-on the one before it, and re-running a promotion that already happened changes nothing.
+The gates decide (`tasks.gates`, re-exported here); this module carries decisions out. Every
+alias change (a promotion, a rejection, a rollback) runs under the model's lock, in this order:
+
+1. A change that a dead process left half-done is finished first (see below).
+2. The aliases are re-read. A decision taken against a champion that is no longer the champion
+   is *stale*: nothing moves, and the promote flow decides again against the new champion.
+3. The change is written down as an *intent* before anything moves: the registered model's
+   ``phi3ops.intent`` tag names it (id, operation, version), that version's tag holds the plan.
+4. Its steps run, each safe to repeat: the aliases; the version's tags; for a decision, its
+   MLflow run (one per intent, found again by the intent id) and its Prefect event (whose id is
+   the intent's, so Prefect's triggers see a repeat once). Then the intent is cleared.
+
+A process killed anywhere in 3-4 leaves the intent; the next promotion or rollback of the model
+finishes it under the lock (so never beside the live process that wrote it), and a re-run of the
+same command reports that finished change (``resumed``) instead of making a new one. Two
+promotions racing leave ``champion`` on one of them; the other finds its decision stale.
 """
 
 from __future__ import annotations
@@ -12,317 +24,181 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from filelock import FileLock
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from phi3ops import registry
+from phi3ops.crash import crash_point, owner
 from phi3ops.errors import RegistryError
 from phi3ops.names import (
     CHAMPION_ALIAS,
-    ERROR_RATE,
-    LATENCY_P95,
-    PASS_RATE,
+    INTENT_ID_TAG,
+    INTENT_TAG,
+    OWNER_TAG,
     PREVIOUS_ALIAS,
+    PROMOTED_EVENT,
     PROMOTION_TAG_PREFIX,
+    REJECTED_EVENT,
     RESTORED_BY_ROLLBACK_TAG,
     ROLLED_BACK_AT_TAG,
+    ROLLED_BACK_EVENT,
     RUN_TYPE_TAG,
-    TAG_PASS_RATE_PREFIX,
     TAG_PREFIX,
-    TOKENS_PER_S,
 )
-from phi3ops.policies import GatePolicy
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
+from tasks.events import emit, prefect_is_listening
+from tasks.gates import Decision, Evaluation, GateResult, check_regression, evaluate_gates
+
+__all__ = [
+    "AliasState",
+    "Decision",
+    "Evaluation",
+    "GateResult",
+    "Intent",
+    "apply_decision",
+    "apply_decision_task",
+    "check_regression",
+    "decision_markdown",
+    "evaluate_gates",
+    "pending_intent",
+    "promotion_lock",
+    "record_decision",
+    "rollback",
+    "rollback_task",
+]
 
 logger = logging.getLogger(__name__)
 
 
-class Evaluation(Protocol):
-    """What the gates need of an evaluation (`tasks.evaluation.EvalSummary` has it)."""
-
-    run_id: str
-    version: str
-    eval_set_hash: str
-    metrics: dict[str, float]
-
-
-class GateResult(BaseModel):
-    """One gate's verdict, with the numbers it compared."""
-
-    gate: str
-    passed: bool
-    detail: str
-    candidate: float | None = None
-    champion: float | None = None
-    threshold: float | None = None
-
-
-class Decision(BaseModel):
-    """The outcome of the gates for one candidate."""
-
-    model_name: str
-    version: str
-    promote: bool
-    gates: list[GateResult]
-    eval_set_hash: str | None
-    candidate_run_id: str | None
-    champion_version: str | None
-    champion_run_id: str | None
-
-    @property
-    def reasons(self) -> list[str]:
-        """The failed gates' details (all gates' when it passed)."""
-        failed = [g.detail for g in self.gates if not g.passed]
-        return failed or [g.detail for g in self.gates]
-
-
 class AliasState(BaseModel):
-    """Where ``champion`` and ``previous`` point after an alias move."""
+    """Where ``champion`` and ``previous`` point after an alias change, and what happened."""
 
     model_name: str
     champion: str | None
     previous: str | None
     changed: bool
-    action: Literal["promoted", "rejected", "unchanged", "rolled-back"]
+    action: Literal["promoted", "rejected", "unchanged", "stale", "rolled-back"]
+    #: This finished a change that an interrupted run of the same command had started.
+    resumed: bool = False
+    #: The MLflow run recording the decision (promotions and rejections).
+    run_id: str | None = None
 
 
-# --- the gates (pure) -------------------------------------------------------------------------
-
-
-def evaluate_gates(
-    model_name: str,
-    version: str,
-    candidate: Evaluation | None,
-    champion: Evaluation | None,
-    *,
-    champion_version: str | None,
-    policy: GatePolicy,
-) -> Decision:
-    """Decide whether ``version`` may become champion.
-
-    Args:
-        model_name: Registered model.
-        version: The candidate version.
-        candidate: Its evaluation on the required eval set, or None when it has none.
-        champion: The current champion's evaluation on the same eval set, or None.
-        champion_version: The current champion version; None for the first model ever.
-        policy: Thresholds.
-
-    Returns:
-        The decision, with one `GateResult` per gate checked.
+class Intent(BaseModel):
+    """An alias change, written down before any of it happens so that any later run can finish
+    it exactly as planned.
     """
-    gates: list[GateResult] = []
-    if candidate is None:
-        gates.append(
-            GateResult(
-                gate="evaluation",
-                passed=False,
-                detail=f"version {version} has no evaluation on the required eval set: run "
-                f"`phi3ops evaluate --model-uri models:/{model_name}/{version}` first",
-            )
-        )
-        return _decision(model_name, version, gates, candidate, champion, champion_version)
 
-    m = candidate.metrics
-    gates += _absolute_gates(m, policy)
+    id: str
+    op: Literal["promote", "rollback"]
+    model_name: str
+    version: str  # the candidate (promote) or the version restored (rollback)
+    action: Literal["promoted", "rejected", "rolled-back"]
+    champion_before: str | None
+    previous_before: str | None
+    triggered_by: str
+    at: str
+    decision: Decision | None = None  # promote only
 
-    if champion_version is not None and champion_version != version:
-        if champion is None or champion.eval_set_hash != candidate.eval_set_hash:
-            gates.append(
-                GateResult(
-                    gate="champion-comparison",
-                    passed=False,
-                    detail=f"champion version {champion_version} has no evaluation on eval set "
-                    f"{candidate.eval_set_hash[:12]}, so the two cannot be compared: evaluate "
-                    f"the champion on it (the promote flow does when evaluate_champion=True)",
-                )
-            )
+    def state(self, *, resumed: bool, run_id: str | None = None) -> AliasState:
+        """Where the aliases point once the change is done."""
+        champion: str | None
+        previous: str | None
+        if self.action == "promoted":
+            champion, previous = self.version, self.champion_before or self.previous_before
+        elif self.action == "rejected":
+            champion, previous = self.champion_before, self.previous_before
         else:
-            gates += _versus_baseline(m, champion.metrics, policy, against="champion")
-    return _decision(model_name, version, gates, candidate, champion, champion_version)
-
-
-def check_regression(
-    model_name: str,
-    version: str,
-    fresh: Evaluation,
-    earlier: Evaluation | None,
-    *,
-    policy: GatePolicy,
-) -> Decision:
-    """Whether a fresh re-evaluation of ``version`` still passes the gates: the absolute ones,
-    and "not worse than its own earlier evaluation on the same eval set by more than a margin".
-
-    ``promote`` of the result means "no regression"; nothing here moves an alias.
-    """
-    gates = _absolute_gates(fresh.metrics, policy)
-    if earlier is not None and earlier.eval_set_hash == fresh.eval_set_hash:
-        gates += _versus_baseline(fresh.metrics, earlier.metrics, policy, against="earlier run")
-    return _decision(model_name, version, gates, fresh, earlier, champion_version=version)
-
-
-def _absolute_gates(m: dict[str, float], policy: GatePolicy) -> list[GateResult]:
-    gates = [
-        _at_least("pass_rate", m.get(PASS_RATE), policy.min_pass_rate),
-        _at_most("latency_p95_s", m.get(LATENCY_P95), policy.max_latency_p95_s),
-        _at_least("tokens_per_s", m.get(TOKENS_PER_S), policy.min_tokens_per_s),
-        _at_most("error_rate", m.get(ERROR_RATE), policy.max_error_rate),
-    ]
-    for tag, minimum in sorted(policy.min_tag_pass_rate.items()):
-        gates.append(_at_least(f"pass_rate.{tag}", m.get(TAG_PASS_RATE_PREFIX + tag), minimum))
-    return gates
-
-
-def _versus_baseline(
-    cand: dict[str, float], base: dict[str, float], policy: GatePolicy, *, against: str
-) -> list[GateResult]:
-    """The margin gates against a baseline evaluation (the champion's, or an earlier run's)."""
-    gates = []
-    for key in sorted(k for k in cand if k == PASS_RATE or k.startswith(TAG_PASS_RATE_PREFIX)):
-        if key in base:
-            floor = base[key] - policy.max_pass_rate_drop
-            gates.append(_at_least(f"{key} vs {against}", cand[key], floor, base[key]))
-    if LATENCY_P95 in base:
-        ceiling = base[LATENCY_P95] * (1 + policy.max_latency_increase)
-        gates.append(
-            _at_most(
-                f"latency_p95_s vs {against}", cand.get(LATENCY_P95), ceiling, base[LATENCY_P95]
-            )
+            champion, previous = self.version, None
+        return AliasState(
+            model_name=self.model_name,
+            champion=champion,
+            previous=previous,
+            changed=self.action != "rejected",
+            action=self.action,
+            resumed=resumed,
+            run_id=run_id,
         )
-    if TOKENS_PER_S in base:
-        floor = base[TOKENS_PER_S] * (1 - policy.max_tokens_per_s_drop)
-        gates.append(
-            _at_least(
-                f"tokens_per_s vs {against}", cand.get(TOKENS_PER_S), floor, base[TOKENS_PER_S]
-            )
-        )
-    if ERROR_RATE in base:
-        ceiling = base[ERROR_RATE] + policy.max_error_rate_increase
-        gates.append(
-            _at_most(f"error_rate vs {against}", cand.get(ERROR_RATE), ceiling, base[ERROR_RATE])
-        )
-    return gates
 
 
-def _at_least(
-    gate: str, value: float | None, threshold: float, champion: float | None = None
-) -> GateResult:
-    return _gate(gate, value, threshold, champion, higher_is_better=True)
-
-
-def _at_most(
-    gate: str, value: float | None, threshold: float, champion: float | None = None
-) -> GateResult:
-    return _gate(gate, value, threshold, champion, higher_is_better=False)
-
-
-def _gate(
-    gate: str,
-    value: float | None,
-    threshold: float,
-    champion: float | None,
-    *,
-    higher_is_better: bool,
-) -> GateResult:
-    if value is None:
-        return GateResult(
-            gate=gate, passed=False, detail=f"{gate}: not measured", threshold=threshold
-        )
-    passed = value >= threshold if higher_is_better else value <= threshold
-    sign = {(True, True): ">=", (True, False): "<", (False, True): "<=", (False, False): ">"}
-    return GateResult(
-        gate=gate,
-        passed=passed,
-        detail=f"{gate}: {value:.4g} {sign[higher_is_better, passed]} {threshold:.4g}",
-        candidate=value,
-        champion=champion,
-        threshold=threshold,
-    )
-
-
-def _decision(
-    model_name: str,
-    version: str,
-    gates: list[GateResult],
-    candidate: Evaluation | None,
-    champion: Evaluation | None,
-    champion_version: str | None,
-) -> Decision:
-    return Decision(
-        model_name=model_name,
-        version=version,
-        promote=all(g.passed for g in gates),
-        gates=gates,
-        eval_set_hash=candidate.eval_set_hash if candidate else None,
-        candidate_run_id=candidate.run_id if candidate else None,
-        champion_version=champion_version,
-        champion_run_id=champion.run_id if champion else None,
-    )
-
-
-# --- the registry side ------------------------------------------------------------------------
+# --- the two operations -------------------------------------------------------------------------
 
 
 def apply_decision(decision: Decision, *, triggered_by: str) -> AliasState:
-    """Move the aliases if the decision promotes, record it on the version either way.
+    """Carry out a decision: move the aliases if it promotes, and record it either way (version
+    tags, a decision run, a Prefect event).
 
-    Under the model's lock: the champion is re-read, so a promotion that already happened (or
-    that another run made meanwhile) is detected instead of shifting ``previous`` twice.
+    Returns:
+        ``unchanged`` when the version is the champion already (nothing recorded); ``stale``
+        when the champion is not the one the decision compared with (nothing moved or recorded:
+        decide again); else ``promoted`` or ``rejected``, with the decision run. When a
+        crashed run of this same promotion was finished instead, its outcome, ``resumed``.
     """
     name, version = decision.model_name, decision.version
     with promotion_lock(name):
-        client = registry.client()
+        resumed = _finish_pending(name, op="promote", version=version)
+        if resumed is not None:
+            return resumed
         champion = registry.alias_version(name, CHAMPION_ALIAS)
         previous = registry.alias_version(name, PREVIOUS_ALIAS)
         if champion == version:
             # Already the champion: nothing to move, and a "rejected" tag (stricter gates now)
             # would contradict the alias it keeps.
-            state = AliasState(
+            return AliasState(
                 model_name=name,
                 champion=champion,
                 previous=previous,
                 changed=False,
                 action="unchanged",
             )
-        elif not decision.promote:
-            state = AliasState(
-                model_name=name,
-                champion=champion,
-                previous=previous,
-                changed=False,
-                action="rejected",
+        if champion != decision.champion_version:
+            logger.warning(
+                "%s: the champion is version %s, not %s as when version %s was decided: stale",
+                name,
+                champion,
+                decision.champion_version,
+                version,
             )
-        else:
-            if champion is not None:
-                client.set_registered_model_alias(name, PREVIOUS_ALIAS, champion)
-            client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-            state = AliasState(
-                model_name=name,
-                champion=version,
-                previous=champion or previous,
-                changed=True,
-                action="promoted",
+            return AliasState(
+                model_name=name, champion=champion, previous=previous, changed=False, action="stale"
             )
-        if state.action != "unchanged":  # a re-run of a done promotion records nothing new
-            _tag_decision(client, decision, state, triggered_by=triggered_by)
-    return state
+        intent = _intent(
+            "promote",
+            decision.model_name,
+            version,
+            "promoted" if decision.promote else "rejected",
+            champion=champion,
+            previous=previous,
+            triggered_by=triggered_by,
+            decision=decision,
+        )
+        _write_intent(intent)
+        crash_point("promote.after-intent")
+        return _carry_out(intent, resumed=False)
 
 
 def rollback(model_name: str, *, to_version: str | None = None, triggered_by: str) -> AliasState:
-    """``champion`` <- ``previous`` (or ``to_version``); ``previous`` is cleared.
+    """``champion`` <- ``previous`` (or ``to_version``); ``previous`` is cleared; the rolled-back
+    and the restored versions are tagged, and a Prefect event announces it.
+
+    Returns:
+        Where the aliases point now; ``resumed`` when a crashed rollback was finished instead.
 
     Raises:
         RegistryError: there is no champion, or nothing to roll back to; nothing changed.
     """
     with promotion_lock(model_name):
-        client = registry.client()
+        resumed = _finish_pending(model_name, op="rollback", version=to_version)
+        if resumed is not None:
+            return resumed
         champion = registry.alias_version(model_name, CHAMPION_ALIAS)
         previous = registry.alias_version(model_name, PREVIOUS_ALIAS)
         target = registry.resolve_version(model_name, to_version) if to_version else previous
@@ -340,22 +216,23 @@ def rollback(model_name: str, *, to_version: str | None = None, triggered_by: st
             raise RegistryError(
                 f"Version {target} is already the champion of {model_name}: nothing to roll back."
             )
-        client.set_registered_model_alias(model_name, CHAMPION_ALIAS, target)
-        if previous is not None:
-            client.delete_registered_model_alias(model_name, PREVIOUS_ALIAS)
-        now = _now()
-        client.set_model_version_tag(model_name, champion, ROLLED_BACK_AT_TAG, now)
-        client.set_model_version_tag(
-            model_name, target, RESTORED_BY_ROLLBACK_TAG, f"{now} by {triggered_by}"
+        intent = _intent(
+            "rollback",
+            model_name,
+            target,
+            "rolled-back",
+            champion=champion,
+            previous=previous,
+            triggered_by=triggered_by,
         )
-    return AliasState(
-        model_name=model_name, champion=target, previous=None, changed=True, action="rolled-back"
-    )
+        _write_intent(intent)
+        crash_point("rollback.after-intent")
+        return _carry_out(intent, resumed=False)
 
 
 @contextlib.contextmanager
 def promotion_lock(model_name: str, *, timeout: float = 120.0) -> Iterator[None]:
-    """One alias move at a time per registered model, across threads and processes.
+    """One alias change at a time per registered model, across threads and processes.
 
     A file lock under the data dir: it serialises everything that shares this machine (and the
     embedded store). Runs on several machines against one tracking server should also share a
@@ -366,6 +243,203 @@ def promotion_lock(model_name: str, *, timeout: float = 120.0) -> Iterator[None]
     with FileLock(locks / f"promote-{model_name}.lock", timeout=timeout):
         configure_tracking()
         yield
+
+
+# --- intents: written first, carried out step by step, finished by whoever finds one ------------
+
+
+def pending_intent(model_name: str) -> Intent | None:
+    """The alias change of ``model_name`` that was written down and not finished, if any.
+
+    Read-only, so safe outside the lock; a change in progress elsewhere shows here too.
+    """
+    return _read_intent(model_name)[1]
+
+
+def _read_intent(model_name: str) -> tuple[bool, Intent | None]:
+    """(whether the pointer exists, the plan it points at); a plan that is missing, unreadable
+    or another intent's reads as None.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = registry.client().get_registered_model(model_name).tags or {}
+    except MlflowException:
+        return False, None
+    pointer = tags.get(INTENT_TAG)
+    if not pointer:
+        return False, None
+    intent = None
+    with contextlib.suppress(ValueError, KeyError, TypeError, ValidationError):
+        head = json.loads(pointer)
+        version = registry.get_version(model_name, head["version"])
+        plan = (version.tags or {}).get(INTENT_TAG) if version is not None else None
+        intent = Intent.model_validate_json(plan) if plan else None
+        if intent is not None and intent.id != head["id"]:
+            intent = None
+    return True, intent
+
+
+def _intent(
+    op: Literal["promote", "rollback"],
+    model_name: str,
+    version: str,
+    action: Literal["promoted", "rejected", "rolled-back"],
+    *,
+    champion: str | None,
+    previous: str | None,
+    triggered_by: str,
+    decision: Decision | None = None,
+) -> Intent:
+    return Intent(
+        id=str(uuid.uuid4()),
+        op=op,
+        model_name=model_name,
+        version=version,
+        action=action,
+        champion_before=champion,
+        previous_before=previous,
+        triggered_by=triggered_by,
+        at=_now(),
+        decision=decision,
+    )
+
+
+def _write_intent(intent: Intent) -> None:
+    """The pointer first, then the plan (a version tag: no length limit that matters)."""
+    client = registry.client()
+    head = {"id": intent.id, "op": intent.op, "version": intent.version}
+    client.set_registered_model_tag(intent.model_name, INTENT_TAG, json.dumps(head))
+    client.set_model_version_tag(
+        intent.model_name, intent.version, INTENT_TAG, intent.model_dump_json()
+    )
+
+
+def _clear_intent(intent: Intent) -> None:
+    """The plan first, then the pointer (a pointer without a plan is dropped when found)."""
+    client = registry.client()
+    client.delete_model_version_tag(intent.model_name, intent.version, INTENT_TAG)
+    client.delete_registered_model_tag(intent.model_name, INTENT_TAG)
+
+
+def _finish_pending(
+    model_name: str, *, op: Literal["promote", "rollback"], version: str | None
+) -> AliasState | None:
+    """Finish the change a dead process left, if any (the caller holds the model's lock).
+
+    Returns:
+        Its outcome when it was the caller's own change (same operation, and same version
+        unless ``version`` is None): a re-run finishing it; else None.
+    """
+    pointer, intent = _read_intent(model_name)
+    if intent is None:
+        if pointer:  # its process died before writing the plan, or after clearing it
+            registry.client().delete_registered_model_tag(model_name, INTENT_TAG)
+        return None
+    logger.warning(
+        "%s: finishing the %s of version %s that an interrupted run (%s, %s) started",
+        model_name,
+        intent.op,
+        intent.version,
+        intent.triggered_by,
+        intent.at,
+    )
+    state = _carry_out(intent, resumed=True)
+    return state if intent.op == op and version in (None, intent.version) else None
+
+
+def _carry_out(intent: Intent, *, resumed: bool) -> AliasState:
+    """Every step of the change, each one safe to repeat; the one path for fresh and resumed."""
+    if intent.op == "rollback":
+        return _carry_out_rollback(intent, resumed=resumed)
+    return _carry_out_decision(intent, resumed=resumed)
+
+
+def _carry_out_decision(intent: Intent, *, resumed: bool) -> AliasState:
+    client = registry.client()
+    name, version, decision = intent.model_name, intent.version, intent.decision
+    if decision is None:
+        raise RegistryError(f"The promotion intent {intent.id} of {name} holds no decision.")
+    if intent.action == "promoted":
+        if intent.champion_before is not None:
+            client.set_registered_model_alias(name, PREVIOUS_ALIAS, intent.champion_before)
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+        crash_point("promote.after-aliases")
+    state = intent.state(resumed=resumed)
+    _tag_decision(client, decision, state, triggered_by=intent.triggered_by, at=intent.at)
+    crash_point("promote.after-tags")
+    run_id = _decision_run(intent, decision, state)
+    crash_point("promote.after-run")
+    _announce(
+        PROMOTED_EVENT if intent.action == "promoted" else REJECTED_EVENT,
+        intent=intent,
+        payload={
+            "reasons": decision.reasons,
+            "champion": state.champion,
+            "previous": state.previous,
+            "eval_set_hash": decision.eval_set_hash,
+            "triggered_by": intent.triggered_by,
+            "decision_run_id": run_id,
+        },
+    )
+    crash_point("promote.after-event")
+    _clear_intent(intent)
+    return state.model_copy(update={"run_id": run_id})
+
+
+def _carry_out_rollback(intent: Intent, *, resumed: bool) -> AliasState:
+    client = registry.client()
+    name, target, before = intent.model_name, intent.version, intent.champion_before
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, target)
+    crash_point("rollback.after-champion")
+    client.delete_registered_model_alias(name, PREVIOUS_ALIAS)  # a no-op when there is none
+    crash_point("rollback.after-previous")
+    if before is not None:
+        client.set_model_version_tag(name, before, ROLLED_BACK_AT_TAG, intent.at)
+    client.set_model_version_tag(
+        name, target, RESTORED_BY_ROLLBACK_TAG, f"{intent.at} by {intent.triggered_by}"
+    )
+    crash_point("rollback.after-tags")
+    _announce(
+        ROLLED_BACK_EVENT,
+        intent=intent,
+        payload={"triggered_by": intent.triggered_by, "rolled_back": before},
+    )
+    _clear_intent(intent)
+    return intent.state(resumed=resumed)
+
+
+def _announce(event: str, *, intent: Intent, payload: dict[str, Any]) -> None:
+    """The change's Prefect event, its id the intent's: announcing it again (a re-run finishing
+    a crash) is the same event, which Prefect's triggers act on once. Skipped outside Prefect.
+    """
+    if prefect_is_listening():
+        emit(
+            event,
+            model_name=intent.model_name,
+            version=intent.version,
+            payload=payload,
+            event_id=uuid.UUID(intent.id),
+        )
+
+
+def _decision_run(intent: Intent, decision: Decision, state: AliasState) -> str:
+    """The intent's decision run: the finished one if it exists, else a new one. A RUNNING one
+    was left by the dead process that held the lock before: it is ended as FAILED.
+    """
+    experiment_id = configure_tracking()
+    client = registry.client()
+    for run in client.search_runs(
+        [experiment_id], filter_string=f"tags.`{INTENT_ID_TAG}` = '{intent.id}'"
+    ):
+        if run.info.status == "FINISHED":
+            return str(run.info.run_id)
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED")
+    return record_decision(decision, state, triggered_by=intent.triggered_by, intent_id=intent.id)
+
+
+# --- the records ------------------------------------------------------------------------------
 
 
 def decision_markdown(decision: Decision, state: AliasState, *, triggered_by: str) -> str:
@@ -382,6 +456,7 @@ def decision_markdown(decision: Decision, state: AliasState, *, triggered_by: st
         f"- eval set hash: `{decision.eval_set_hash or '-'}`",
         f"- champion before: {decision.champion_version or '(none: first model)'}",
         f"- champion now: {state.champion or '-'}, previous: {state.previous or '-'}",
+        *(["- finished after an interrupted run of the same promotion"] if state.resumed else []),
         "",
         "| gate | result | candidate | champion | threshold |",
         "|---|---|---|---|---|",
@@ -397,52 +472,83 @@ def decision_markdown(decision: Decision, state: AliasState, *, triggered_by: st
     return "\n".join(lines) + "\n"
 
 
-def record_decision(decision: Decision, state: AliasState, *, triggered_by: str) -> str:
+def record_decision(
+    decision: Decision, state: AliasState, *, triggered_by: str, intent_id: str | None = None
+) -> str:
     """Log the decision as an MLflow run (params, gate metrics, decision.json, markdown).
+
+    `apply_decision` records every decision it carries out; call this only for a decision that
+    did not go through it.
+
+    Args:
+        decision: The decision.
+        state: Where the aliases point after it.
+        triggered_by: Who or what asked for it.
+        intent_id: The intent the decision carries out (tagged, so a re-run finds the run).
 
     Returns:
         The run id.
     """
-    import mlflow
+    from mlflow.entities import Metric, Param
 
-    configure_tracking()
+    experiment_id = configure_tracking()
+    client = registry.client()
     tags = {
         RUN_TYPE_TAG: "promotion",
         f"{TAG_PREFIX}model_name": decision.model_name,
         f"{TAG_PREFIX}model_version": decision.version,
         f"{TAG_PREFIX}decision": state.action,
         f"{TAG_PREFIX}triggered_by": triggered_by,
+        OWNER_TAG: owner(),
     }
+    if intent_id is not None:
+        tags[INTENT_ID_TAG] = intent_id
     run_name = f"promote-{decision.model_name}-v{decision.version}"
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        mlflow.log_params(
-            {
-                "eval_set_hash": decision.eval_set_hash or "",
-                "champion_before": decision.champion_version or "",
-                "candidate_eval_run_id": decision.candidate_run_id or "",
-                "champion_eval_run_id": decision.champion_run_id or "",
-            }
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    try:
+        params = {
+            "eval_set_hash": decision.eval_set_hash or "",
+            "champion_before": decision.champion_version or "",
+            "candidate_eval_run_id": decision.candidate_run_id or "",
+            "champion_eval_run_id": decision.champion_run_id or "",
+        }
+        now = int(datetime.now(UTC).timestamp() * 1000)
+        metrics = {
+            "promoted": float(state.action == "promoted"),
+            "gates_failed": float(sum(not g.passed for g in decision.gates)),
+        }
+        client.log_batch(
+            run_id,
+            metrics=[Metric(key, value, now, 0) for key, value in metrics.items()],
+            params=[Param(key, value) for key, value in params.items()],
         )
-        mlflow.log_metric("promoted", float(state.action == "promoted"))
-        mlflow.log_metric("gates_failed", float(sum(not g.passed for g in decision.gates)))
-        mlflow.log_dict(
-            {"decision": decision.model_dump(), "aliases": state.model_dump()}, "decision.json"
+        crash_point("promote.during-run")
+        client.log_dict(
+            run_id,
+            {"decision": decision.model_dump(), "aliases": state.model_dump()},
+            "decision.json",
         )
-        mlflow.log_text(
-            decision_markdown(decision, state, triggered_by=triggered_by), "decision.md"
+        client.log_text(
+            run_id, decision_markdown(decision, state, triggered_by=triggered_by), "decision.md"
         )
-    return run.info.run_id
+    except Exception:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return str(run_id)
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def _tag_decision(client: Any, decision: Decision, state: AliasState, *, triggered_by: str) -> None:
+def _tag_decision(
+    client: Any, decision: Decision, state: AliasState, *, triggered_by: str, at: str
+) -> None:
     name, version = decision.model_name, decision.version
     tags = {
         "decision": state.action,
-        "at": _now(),
+        "at": at,
         "triggered_by": triggered_by,
         "eval_set_hash": decision.eval_set_hash or "",
         "eval_run_id": decision.candidate_run_id or "",
@@ -458,19 +564,13 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-# --- Prefect tasks: no retries (a registry write is not blindly repeatable), no cache -----------
+# --- Prefect tasks: no retries (the next run finishes a change instead), no cache -------------
 
 
 @task(name="apply-promotion-decision", cache_policy=NO_CACHE)
 def apply_decision_task(decision: Decision, *, triggered_by: str) -> AliasState:
     """Prefect wrapper of `apply_decision`."""
     return apply_decision(decision, triggered_by=triggered_by)
-
-
-@task(name="record-promotion-decision", cache_policy=NO_CACHE)
-def record_decision_task(decision: Decision, state: AliasState, *, triggered_by: str) -> str:
-    """Prefect wrapper of `record_decision`."""
-    return record_decision(decision, state, triggered_by=triggered_by)
 
 
 @task(name="rollback-champion", cache_policy=NO_CACHE)

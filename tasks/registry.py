@@ -9,6 +9,13 @@ is logged, so packaging the same source again returns the existing version and c
 weights. `register_version` checks again right before creating a version (two packagings racing
 each other can still both log; the second then reuses the first's version).
 
+Registering is two writes: the version (created with a ``phi3ops.registration = pending`` tag, in
+one transaction) and the ``candidate`` alias, after which the tag is removed. A process that dies
+between them leaves the tag; whoever finds that version next (a re-run of the packaging) sets
+the alias and removes the tag, so a re-run never reports a version as done that never got
+``@candidate``. When registering fails in-process, the new version and the logged model are
+removed: a failed package leaves neither behind.
+
 Nothing secret is tagged: the Hugging Face token never reaches this stage.
 """
 
@@ -22,11 +29,13 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from phi3ops import registry
+from phi3ops.crash import crash_point
 from phi3ops.errors import RegistryError
-from phi3ops.names import CANDIDATE_ALIAS, LineageTag
+from phi3ops.names import CANDIDATE_ALIAS, REGISTRATION_TAG, LineageTag
 from phi3ops.sources import Flavor
 from tasks.hub import FetchResult
 from tasks.packaging import LoggedModelInfo, PackagePlan, lineage_tags
+from tasks.recovery import discard_logged_model
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -74,12 +83,13 @@ def find_registered_version(
         model_name: Registered model; defaults to ``PHI3OPS_REGISTERED_MODEL_NAME``.
 
     Returns:
-        The oldest version with the plan's package key, marked ``reused``; None when there is
-        none (or the registered model does not exist yet).
+        The oldest version with the plan's package key, marked ``reused`` (its registration
+        finished first when a crashed run left it pending); None when there is none (or the
+        registered model does not exist yet).
     """
     name = registry.resolve_model_name(model_name)
     version = registry.find_by_package_key(name, plan.package_key)
-    return None if version is None else _to_registered(version, reused=True)
+    return None if version is None else _to_registered(_finish_registration(version), reused=True)
 
 
 def register_version(
@@ -88,7 +98,7 @@ def register_version(
     """Register a logged model as a new version tagged with its lineage, aliased ``candidate``.
 
     When a version with the same package key exists already, that version is returned instead
-    (``reused=True``) and no alias moves.
+    (``reused=True``) and no alias moves (unless its own registration was left pending).
 
     Args:
         logged: The logged model (`tasks.packaging.log_onnx_model` / `log_transformers_model`).
@@ -100,7 +110,8 @@ def register_version(
 
     Raises:
         InvalidInputError: ``model_name`` is not a valid registered model name.
-        RegistryError: The registry refused to register or alias the version.
+        RegistryError: The registry refused to register or alias the version; the version
+            and the logged model are removed.
     """
     name = registry.resolve_model_name(model_name)
     import mlflow
@@ -115,14 +126,16 @@ def register_version(
             logged.plan.package_key[:12],
             logged.model_uri,
         )
-        return _to_registered(existing, reused=True)
+        return _to_registered(_finish_registration(existing), reused=True)
 
-    tags = lineage_tags(fetched, logged.plan)
+    tags = lineage_tags(fetched, logged.plan) | {REGISTRATION_TAG: "pending"}
+    created = None
     try:
-        version = mlflow.register_model(logged.model_uri, name, tags=tags)
-        client.set_registered_model_alias(name, CANDIDATE_ALIAS, version.version)
-        version = client.get_model_version(name, version.version)
+        created = mlflow.register_model(logged.model_uri, name, tags=tags)
+        crash_point("register.after-version")
+        version = _finish_registration(client.get_model_version(name, created.version))
     except Exception as exc:
+        _undo_registration(name, created, logged)
         raise RegistryError(
             f"The MLflow registry could not register {logged.model_uri} as {name!r} "
             f"({type(exc).__name__}: {exc}). Check that the registry at the tracking URI is "
@@ -152,6 +165,32 @@ def register_version_task(
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def _finish_registration(version: ModelVersion) -> ModelVersion:
+    """A version still tagged ``pending`` gets ``@candidate``, then loses the tag: the one place
+    a registration is completed, fresh or left by a crashed run.
+    """
+    if REGISTRATION_TAG not in (version.tags or {}):
+        return version
+    client = registry.client()
+    name, number = version.name, str(version.version)
+    client.set_registered_model_alias(name, CANDIDATE_ALIAS, number)
+    client.delete_model_version_tag(name, number, REGISTRATION_TAG)
+    return client.get_model_version(name, number)
+
+
+def _undo_registration(name: str, created: ModelVersion | None, logged: LoggedModelInfo) -> None:
+    """After a failed registration: delete the version it created and discard the logged
+    model; best effort (a version left behind keeps its ``pending`` tag: a re-run finishes it).
+    """
+    if created is not None:
+        try:
+            registry.client().delete_model_version(name, str(created.version))
+        except Exception:
+            logger.warning("Could not delete %s version %s", name, created.version, exc_info=True)
+            return
+    discard_logged_model(logged.model_id)
 
 
 def _to_registered(version: ModelVersion, *, reused: bool) -> RegisteredVersion:

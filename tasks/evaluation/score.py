@@ -39,6 +39,7 @@ from tasks.evaluation.resolve import (
     summary_from_run,
 )
 from tasks.evaluation.values import EvalSummary, Generation, ItemGeneration
+from tasks.recovery import end_orphan_runs, owner_tags
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def score_generation(
     scorers = expectation_scorers(kinds) + judges
     data = [_evaluation_row(item, answers[item.id]) for item in eval_set.items]
 
-    configure_tracking()
+    experiment_id = configure_tracking()
     tags = {
         EvalTag.MODEL_NAME.value: target.model_name,
         EvalTag.MODEL_VERSION.value: target.version,
@@ -173,7 +174,12 @@ def score_generation(
         **(params or {}),
     }
     run_name = f"evaluate-{target.model_name}-v{target.version}-{eval_set.name}"
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+    # An evaluation of the same version and set that a crash left RUNNING is ended as FAILED.
+    same = (EvalTag.MODEL_NAME, EvalTag.MODEL_VERSION, EvalTag.EVAL_SET_HASH)
+    end_orphan_runs(
+        experiment_id, " AND ".join(f"tags.`{t.value}` = '{tags[t.value]}'" for t in same)
+    )
+    with mlflow.start_run(run_name=run_name, tags=tags | owner_tags()) as run:
         mlflow.log_params(run_params)
         # No predict_fn: the answers are in the data. The harness reuses the active run, makes
         # a trace per row and logs each verdict on it, and logs "<scorer>/mean" to this run.

@@ -500,3 +500,33 @@ def test_cli_prints_the_reused_summary(store, registry) -> None:
     assert result.exit_code == 0, result.output
     assert f"reused models:/{MODEL_NAME}/1 (onnx) on smoke" in result.output
     assert store.onnx.run_id in result.output and "pass_rate" in result.output
+
+
+@pytest.mark.slow
+def test_an_evaluation_a_crash_left_running_is_ended_as_failed(store, registry) -> None:
+    """Last in the module: it evaluates version 1 again, replacing its evaluation."""
+    import socket
+    import subprocess
+
+    from flows.evaluate import evaluate_flow
+    from phi3ops.names import OWNER_TAG, EvalTag
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process that has ended: its run is an orphan
+    tags = {
+        EvalTag.MODEL_NAME.value: MODEL_NAME,
+        EvalTag.MODEL_VERSION.value: "1",
+        EvalTag.EVAL_SET_HASH.value: store.smoke.content_hash,
+    }
+    experiment_id = mlflow.get_experiment_by_name("phi3ops").experiment_id
+    orphan = registry.create_run(
+        experiment_id, tags={**tags, OWNER_TAG: f"{socket.gethostname()}:{dead.pid}"}
+    )
+    alive = registry.create_run(experiment_id, tags={**tags, OWNER_TAG: "elsewhere:1"})
+
+    summary = evaluate_flow(model_uri=f"models:/{MODEL_NAME}/1", eval_set=SMOKE, reuse=False)
+
+    assert registry.get_run(orphan.info.run_id).info.status == "FAILED"
+    # A run of another host may still be working: left alone.
+    assert registry.get_run(alive.info.run_id).info.status == "RUNNING"
+    assert registry.get_run(summary.run_id).info.status == "FINISHED"

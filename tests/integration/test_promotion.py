@@ -100,7 +100,7 @@ def test_the_champion_failing_stricter_gates_is_not_tagged_rejected(registry) ->
     assert tags["phi3ops.promotion.at"] == stamp
 
 
-def test_racing_promotions_leave_a_consistent_state(registry) -> None:
+def test_racing_promotions_apply_no_decision_taken_against_another_champion(registry) -> None:
     _promote("1")
     start = threading.Barrier(2)
     results: dict[str, AliasState] = {}
@@ -126,8 +126,11 @@ def test_racing_promotions_leave_a_consistent_state(registry) -> None:
     champion, previous = _aliases()
     assert champion in {"2", "3"}
     loser = ({"2", "3"} - {champion}).pop()
-    assert previous == loser  # the one that was champion just before the winner
-    assert results[champion].previous == loser and results[loser].previous == "1"
+    assert previous == "1"  # the loser never replaced a champion it was not compared with
+    assert (results[champion].action, results[champion].previous) == ("promoted", "1")
+    assert (results[loser].action, results[loser].changed) == ("stale", False)
+    assert results[loser].champion == champion  # what the flow decides against next
+    assert "phi3ops.promotion.decision" not in registry.get_model_version(NAME, loser).tags
 
 
 def test_rollback_restores_previous_and_clears_it(registry) -> None:
@@ -160,7 +163,7 @@ def test_rollback_to_a_named_version_and_the_errors(registry) -> None:
 def flows_env(registry, monkeypatch):
     """Evaluations by version, the default eval set's hash, and a list of emitted events."""
     import flows.promote
-    import flows.rollback
+    import tasks.promotion
     from phi3ops.evalset import load_eval_set, resolve_eval_set
 
     default_hash = load_eval_set(resolve_eval_set(None)).content_hash
@@ -174,11 +177,10 @@ def flows_env(registry, monkeypatch):
         flows.promote, "find_evaluation_task", lambda name, version, h: evaluations.get(version)
     )
 
-    def record(event, *, model_name, version, payload):
+    def record(event, *, model_name, version, payload, event_id=None):
         events.append((event, version, payload))
 
-    monkeypatch.setattr(flows.promote, "emit", record)
-    monkeypatch.setattr(flows.rollback, "emit", record)
+    monkeypatch.setattr(tasks.promotion, "emit", record)
     return evaluation, events
 
 
@@ -225,9 +227,68 @@ def test_rollback_flow_emits_and_refuses_when_nothing_to_roll_back(flows_env) ->
     _promote("1")
     with pytest.raises(RegistryError, match="no previous"):
         rollback_flow(model_name=NAME, smoke_eval_set=None)
-    assert events == []
+    assert [e for e in events if e[0] == "phi3ops.model.rolled-back"] == []
     _promote("2")
     state = rollback_flow(model_name=NAME, smoke_eval_set=None)
-    assert state.champion == "1"
-    assert events == [("phi3ops.model.rolled-back", "1", events[0][2])]
-    assert events[0][2]["triggered_by"]
+    assert (state.champion, state.resumed) == ("1", False)
+    assert events[-1] == ("phi3ops.model.rolled-back", "1", events[-1][2])
+    assert events[-1][2]["triggered_by"] and events[-1][2]["rolled_back"] == "2"
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_promote_flow_decides_again_when_the_champion_moves_before_it_applies(
+    flows_env, registry, monkeypatch
+) -> None:
+    """Version 3 is decided against champion 1, but version 2 wins the race to the lock: the
+    flow decides again against version 2 (evaluating it on the same set), and version 3, worse
+    than version 2, is rejected with version 2 named as the champion it was compared with.
+    """
+    import flows.promote
+    from flows.promote import promote_flow
+
+    evaluation, events = flows_env
+    _promote("1")
+    evaluation("1")
+    evaluation("3")  # as good as version 1, worse than version 2
+    decided_against: list[str | None] = []
+    evaluated: list[str] = []
+    apply = flows.promote.apply_decision_task
+
+    def racing(decision, *, triggered_by):
+        decided_against.append(decision.champion_version)
+        if len(decided_against) == 1:  # another promotion takes the lock first
+            assert _promote("2", GOOD | {"pass_rate": 1.0}).action == "promoted"
+        return apply(decision, triggered_by=triggered_by)
+
+    def evaluate(*, model_uri, eval_set):
+        evaluated.append(model_uri)
+        evaluation("2", GOOD | {"pass_rate": 1.0})
+        return flows.promote.find_evaluation_task(NAME, "2", "")
+
+    monkeypatch.setattr(flows.promote, "apply_decision_task", racing)
+    monkeypatch.setattr(flows.promote, "evaluate_flow", evaluate)
+    decision = promote_flow(model_name=NAME, candidate="3")
+
+    assert decided_against == ["1", "2"]
+    assert evaluated == [f"models:/{NAME}/2"]
+    assert (decision.champion_version, decision.promote) == ("2", False)
+    assert any("pass_rate vs champion" in r for r in decision.reasons)
+    assert _aliases() == ("2", "1")
+    tags = registry.get_model_version(NAME, "3").tags
+    assert (tags["phi3ops.promotion.decision"], tags["phi3ops.promotion.champion_before"]) == (
+        "rejected",
+        "2",
+    )
+    assert events[-1][:2] == ("phi3ops.model.rejected", "3")
+    assert events[-1][2]["champion"] == "2"
+
+
+def test_a_pointer_without_its_plan_is_dropped_and_the_promotion_goes_ahead(registry) -> None:
+    """A process that died between writing the intent's pointer and its plan moved nothing."""
+    from tasks.promotion import pending_intent
+
+    registry.set_registered_model_tag(NAME, "phi3ops.intent", '{"id": "x", "version": "2"}')
+    assert pending_intent(NAME) is None
+    assert _promote("1").action == "promoted"
+    assert "phi3ops.intent" not in registry.get_registered_model(NAME).tags
+    assert _aliases() == ("1", None)

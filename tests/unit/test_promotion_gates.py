@@ -9,7 +9,7 @@ import pytest
 from phi3ops.errors import InvalidInputError
 from phi3ops.policies import GatePolicy
 from phi3ops.settings import get_settings
-from tasks.promotion import evaluate_gates
+from tasks.gates import evaluate_gates
 
 HASH = "a" * 64
 

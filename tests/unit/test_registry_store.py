@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from phi3ops.errors import PackagingError, RegistryError
 from phi3ops.names import CANDIDATE_ALIAS, LineageTag
 from phi3ops.sources import ONNX_CPU_INT4_SUBFOLDER, ONNX_REPO_ID, Flavor, Variant
 from tasks.hub import FetchResult
-from tasks.packaging import LoggedModelInfo, lineage_tags, plan_package
+from tasks.packaging import LoggedModelInfo, lineage_tags, log_onnx_model, plan_package
 from tasks.registry import find_registered_version, register_version
 
 
@@ -117,3 +118,80 @@ def test_lookup_falls_back_to_client_side_filtering(
         f"name = 'phi3-mini' AND tags.`phi3ops.package_key` = '{key}'",
         "name = 'phi3-mini'",
     ]
+
+
+def test_a_registration_left_pending_by_a_crash_is_finished_by_the_next_lookup(
+    tmp_path: Path,
+) -> None:
+    """The process died between creating version 2 and moving @candidate onto it."""
+    from mlflow import MlflowClient
+
+    first = _snapshot(tmp_path, "d" * 40)
+    register_version(_logged(first), first)
+    second = _snapshot(tmp_path, "e" * 40)
+    logged = _logged(second)
+    client = MlflowClient()
+    tags = lineage_tags(second, logged.plan) | {"phi3ops.registration": "pending"}
+    client.create_model_version("phi3-mini", logged.model_uri, tags=tags)
+    assert str(client.get_model_version_by_alias("phi3-mini", CANDIDATE_ALIAS).version) == "1"
+
+    found = find_registered_version(logged.plan)  # what a re-run of the packaging does first
+    assert found is not None
+    assert (found.version, found.reused, found.aliases) == ("2", True, [CANDIDATE_ALIAS])
+    assert found.tags == lineage_tags(second, logged.plan)  # no pending tag left
+    assert str(client.get_model_version_by_alias("phi3-mini", CANDIDATE_ALIAS).version) == "2"
+
+
+def test_a_failed_registration_leaves_no_version_and_no_logged_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    fetched = _snapshot(tmp_path, "f" * 40)
+    register_version(_logged(fetched), fetched)
+    other = _snapshot(tmp_path, "0" * 40)
+    logged = _logged(other)
+
+    def refuse(self, name, alias, version):
+        raise MlflowException("registry is read-only")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refuse)
+    with pytest.raises(RegistryError, match="read-only"):
+        register_version(logged, other)
+    client = MlflowClient()
+    assert [str(v.version) for v in client.search_model_versions("name = 'phi3-mini'")] == ["1"]
+    with pytest.raises(MlflowException):
+        client.get_logged_model(logged.model_id)  # deleted, not left behind
+
+
+def test_a_failed_logging_fails_its_run_and_discards_the_logged_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    fetched = _snapshot(tmp_path, "1" * 40)
+    weights = tmp_path / "copied"
+    weights.mkdir()
+    (weights / "model.onnx").write_bytes(b"w" * 1000)
+    locations: list[str] = []
+
+    def fails_half_way(**kwargs):
+        run_id = mlflow.active_run().info.run_id
+        model = mlflow.initialize_logged_model(
+            name="model", source_run_id=run_id, tags=kwargs["tags"]
+        )
+        MlflowClient().log_model_artifacts(model.model_id, str(weights))
+        locations.append(model.artifact_location)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", fails_half_way)
+    with pytest.raises(PackagingError, match="No space left"):
+        log_onnx_model(fetched)
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (run,) = client.search_runs(experiments)
+    assert run.info.status == "FAILED"
+    assert client.search_logged_models(experiments) == []
+    assert not Path(locations[0].removeprefix("file://")).exists()
