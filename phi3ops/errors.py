@@ -73,8 +73,24 @@ class TransientHubError(HubError, ConnectionError):
     """A hub failure worth retrying: 429, 5xx, a dropped or reset connection."""
 
 
+class HubTimeoutError(HubError, TimeoutError):
+    """The hub (or a host it redirected to) said nothing within ``PHI3OPS_HUB_TIMEOUT_S``.
+
+    Not retried: a hub silent for that long is not a blip, and retries would multiply the wait.
+    """
+
+
 class IntegrityError(HubError, ValueError):
-    """Downloaded bytes do not match the checksum the hub reported for that file."""
+    """Bytes do not match their checksum: a download against the hub's listing, or a snapshot
+    file against its manifest.
+    """
+
+
+class UnsafeModelError(Phi3OpsError, ValueError):
+    """A model folder holds a file type that is not model data (a shared library, an
+    executable...) or a ``genai_config.json`` setting that loads code or an execution provider
+    that is not allowed. The message names the file and the key.
+    """
 
 
 class InsufficientDiskSpaceError(Phi3OpsError, OSError):

@@ -46,6 +46,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from phi3ops.crash import crash_point
 from phi3ops.errors import InvalidInputError, PackagingError
 from phi3ops.names import LineageTag
 from phi3ops.serving.signatures import (
@@ -57,8 +58,9 @@ from phi3ops.serving.signatures import (
 )
 from phi3ops.sources import ONNX_CPU_INT4_SUBFOLDER, Flavor, Variant
 from phi3ops.tracking import configure_tracking
-from tasks.hub import FetchResult
+from tasks.hub import FetchResult, check_before_packaging
 from tasks.onnx_build import build_onnx_int4, check_pytorch_phi3_dir, find_onnx_build
+from tasks.recovery import discard_run_models, owner_tags, reusable_logged_model
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -398,8 +400,16 @@ def artifact_bytes(artifact_uri: str) -> int:
 
 @task(name="plan-package", cache_policy=NO_CACHE)
 def plan_package_task(fetched: FetchResult, flavor: Flavor) -> PackagePlan:
-    """Prefect wrapper of `plan_package`."""
-    return plan_package(fetched, flavor)
+    """Prefect wrapper of `plan_package`, the package flow's first step; before anything is
+    copied it checks (`tasks.hub.check_before_packaging`) that the snapshot still matches its
+    manifest (re-hashed), holds model data only, and fits on disk once more.
+
+    Raises:
+        IntegrityError, UnsafeModelError, InsufficientDiskSpaceError: It does not.
+    """
+    plan = plan_package(fetched, flavor)
+    check_before_packaging(fetched, plan.weights_dir)
+    return plan
 
 
 @task(name="log-onnx-model", cache_policy=NO_CACHE)
@@ -520,25 +530,43 @@ def _local_model_card(weights_dir: Path) -> Any:
 
 
 def _log_in_run(fetched: FetchResult, plan: PackagePlan, log: Any) -> LoggedModelInfo:
-    """Run ``log(mlflow, tags)`` inside a fresh run tagged with the lineage; measure the result."""
+    """Run ``log(mlflow, tags)`` inside a fresh run tagged with the lineage; measure the result.
+
+    A finished logged model of the same package key that a crashed packaging never registered is
+    returned instead (no second copy of the weights); orphan runs of that key are ended first.
+    When logging fails, its logged model is discarded (`tasks.recovery`) and the run FAILED.
+    """
     import mlflow
 
-    configure_tracking()
+    experiment_id = configure_tracking()
+    found = reusable_logged_model(experiment_id, plan.package_key)
+    if found is not None:
+        logger.warning("Reusing %s, logged by a packaging that stopped early", found.model_id)
+        return LoggedModelInfo(
+            model_uri=f"models:/{found.model_id}",
+            model_id=found.model_id,
+            run_id=found.source_run_id,
+            flavor=plan.flavor,
+            artifact_bytes=artifact_bytes(found.artifact_location),
+            plan=plan,
+        )
     tags = lineage_tags(fetched, plan)
     run_name = f"package-{plan.flavor.value}-{fetched.commit_sha[:12]}"
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+    with mlflow.start_run(run_name=run_name, tags=tags | owner_tags()) as run:
         try:
             info = log(mlflow, tags)
-        except (InvalidInputError, PackagingError):
-            raise
+            crash_point("package.after-log-model")
+            size = artifact_bytes(mlflow.get_logged_model(info.model_id).artifact_location)
+            mlflow.log_metric("artifact_bytes", size)
         except Exception as exc:
+            discard_run_models(experiment_id, run.info.run_id)  # no orphan copy of the weights
+            if isinstance(exc, InvalidInputError | PackagingError):
+                raise
             raise PackagingError(
                 f"MLflow could not log {fetched.repo_id}@{fetched.commit_sha[:12]} as the "
                 f"{plan.flavor.value} flavor ({type(exc).__name__}: {exc})."
             ) from exc
-        location = mlflow.get_logged_model(info.model_id).artifact_location
-        size = artifact_bytes(location)
-        mlflow.log_metric("artifact_bytes", size)
+    crash_point("package.after-log")
     logger.info(
         "Logged %s as %s (%s flavor, %d artifact bytes, run %s)",
         fetched.repo_id,

@@ -19,6 +19,10 @@ Fault injection makes the first N matching requests fail in a chosen way, then s
 * Sleeps: 1 s, 2 s, 4 s... between retries, or ``Retry-After`` + 1 s on a 429.
 * ``corrupt`` is not detected: ``http_get`` checks the length only, never the sha256; callers
   must check the sha256 against the tree listing themselves.
+* ``silent``: the request is read and never answered; the connection stays open until the client
+  gives up (or the hub closes). ``huggingface_hub``'s own client has no timeout on API calls
+  (``model_info``, ``list_repo_tree``), so without one of its own a caller waits forever. With
+  ``after_bytes``, the headers and that many body bytes are sent first (a stalled download).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Literal, get_args
 from offline.local_hub.routes import HttpError, Route
 
 __all__ = [
+    "AFTER_BYTES_FAULTS",
     "BODY_FAULTS",
     "CUT_FAULTS",
     "FAULT_KINDS",
@@ -48,12 +53,15 @@ FaultKind = Literal[
     "unauthorized",
     "forbidden",
     "not_found",
+    "silent",
 ]
 FAULT_KINDS: frozenset[str] = frozenset(get_args(FaultKind))
 #: Faults that alter a response body: by default they wait for a GET (a HEAD has no body).
 BODY_FAULTS = frozenset({"drop_connection", "reset_connection", "corrupt"})
 #: Faults that cut the body short, after ``after_bytes``.
 CUT_FAULTS = frozenset({"drop_connection", "reset_connection"})
+#: Faults that take ``after_bytes`` (``silent`` stalls after that many body bytes when given).
+AFTER_BYTES_FAULTS = CUT_FAULTS | {"silent"}
 
 _FLIP = bytes(255 - i for i in range(256))  # bytes.translate table: flips every bit
 
@@ -101,8 +109,10 @@ class Fault:
             raise ValueError(f"count must be >= 1, got {count}")
         if status is not None and (fault != "server_error" or not 500 <= status <= 599):
             raise ValueError("status is only for server_error, and must be 500-599.")
-        if after_bytes is not None and (fault not in CUT_FAULTS or after_bytes < 0):
-            raise ValueError("after_bytes is only for drop/reset_connection, and must be >= 0.")
+        if after_bytes is not None and (fault not in AFTER_BYTES_FAULTS or after_bytes < 0):
+            raise ValueError(
+                "after_bytes is only for drop/reset_connection and silent, and must be >= 0."
+            )
         return cls(
             kind=fault,
             remaining=count,
@@ -125,7 +135,7 @@ class Fault:
         Returns:
             ``True`` when the request matches.
         """
-        wanted = self.method or ("GET" if self.kind in BODY_FAULTS else None)
+        wanted = self.method or ("GET" if self.alters_body else None)
         if wanted is not None and method != wanted:
             return False
         if self.kind == "corrupt" and route.endpoint != "resolve":
@@ -135,12 +145,19 @@ class Fault:
         target = route.file if route.endpoint == "resolve" else route.url_path
         return target is not None and fnmatch.fnmatchcase(target, self.path)
 
+    @property
+    def alters_body(self) -> bool:
+        """Whether the fault shapes a response body (so it waits for a ``GET`` by default)."""
+        return self.kind in BODY_FAULTS or (self.kind == "silent" and self.after_bytes is not None)
+
     def cut_budget(self, length: int) -> int | None:
-        """Body bytes to send before cutting a body of ``length`` bytes; ``None``: no cut.
+        """Body bytes to send before cutting (or stalling) a body of ``length`` bytes; ``None``:
+        no cut.
 
         The body is always cut short, even when ``after_bytes`` is larger than it.
         """
-        if self.kind not in CUT_FAULTS:
+        stalls = self.kind == "silent" and self.after_bytes is not None
+        if self.kind not in CUT_FAULTS and not stalls:
             return None
         budget = self.after_bytes if self.after_bytes is not None else length // 2
         return min(budget, max(length - 1, 0))
@@ -152,7 +169,8 @@ def corrupt(chunk: bytes) -> bytes:
 
 
 def fault_error(fault: Fault, route: Route) -> HttpError:
-    """The error response of a fault that answers instead of serving (not a body fault).
+    """The error response of a fault that answers instead of serving (not a body fault, not
+    ``silent``).
 
     Args:
         fault: A fault whose kind is not in :data:`BODY_FAULTS`.

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import select
 import socket
 import socketserver
 import struct
@@ -35,7 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
-from offline.local_hub.faults import BODY_FAULTS, Fault, corrupt, fault_error
+from offline.local_hub.faults import Fault, corrupt, fault_error
 from offline.local_hub.git import COMMIT_TITLE, HubFile
 from offline.local_hub.routes import (
     HttpError,
@@ -168,11 +169,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, body: bytes) -> None:
         fault = self._fault
-        if fault is not None and fault.kind not in BODY_FAULTS:
+        if fault is not None and fault.kind == "silent" and not fault.alters_body:
+            self._log(0)
+            self._stay_silent()
+            return
+        if fault is not None and not fault.alters_body:
             raise fault_error(fault, self._route)
         if fault is not None and self.command == "HEAD" and fault.kind != "corrupt":
-            self._log(0)  # a HEAD has no body to cut: drop it before any response
-            self._abort(reset=fault.kind == "reset_connection")
+            self._log(0)  # a HEAD has no body to cut: drop it (or stall) before any response
+            if fault.kind == "silent":
+                self._stay_silent()
+            else:
+                self._abort(reset=fault.kind == "reset_connection")
             return
         endpoint = self._route.endpoint
         if endpoint == "resolve":
@@ -440,13 +448,34 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = corrupt(chunk)
             if budget is not None and len(chunk) >= budget:
                 self.wfile.write(chunk[:budget])
-                self._abort(reset=reset)
+                if fault is not None and fault.kind == "silent":
+                    self._stay_silent()  # a stalled download: the rest never comes
+                else:
+                    self._abort(reset=reset)
                 return
             if budget is not None:
                 budget -= len(chunk)
             self.wfile.write(chunk)
         if budget is not None:  # empty body: nothing to cut, still drop the connection
             self._abort(reset=reset)
+
+    def _stay_silent(self) -> None:
+        """Hold the connection open and answer nothing, until the client leaves or the hub closes.
+
+        ``LocalHub.close`` shuts every connection down, which wakes this loop like a client that
+        left; whatever the client sends meanwhile is read and ignored.
+        """
+        self.close_connection = True
+        sock = self.connection
+        while True:
+            readable, _, _ = select.select([sock], [], [], 1.0)
+            if not readable:
+                continue
+            try:
+                if not sock.recv(64 * 1024):
+                    return  # the client closed its end (or the hub shut the connection down)
+            except OSError:
+                return
 
     def _abort(self, *, reset: bool) -> None:
         self.close_connection = True

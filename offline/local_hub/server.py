@@ -211,16 +211,19 @@ class LocalHub:
                 ``reset_connection`` (the same, then a TCP reset); ``corrupt`` (a file's bytes
                 with every bit flipped, right length and headers); ``unauthorized`` /
                 ``forbidden`` (401 / 403 ``GatedRepo``); ``not_found`` (404 ``EntryNotFound``
-                for files, ``RepoNotFound`` for API calls).
+                for files, ``RepoNotFound`` for API calls); ``silent`` (the request is read and
+                never answered: the connection stays open until the client gives up; with
+                ``after_bytes``, the headers and that many body bytes come first).
             count: How many matching requests fail.
             path: Glob (``fnmatch``, ``*`` crosses ``/``) on the file path in the repo for
                 ``resolve`` requests (``"*.safetensors"``), on the decoded URL path for API
                 calls (``"/api/models/*/tree/*"``); ``None`` matches every request.
             method: Only requests with this method. Default: ``GET`` for ``drop_connection``,
                 ``reset_connection`` and ``corrupt`` (a ``HEAD`` has no body), any otherwise.
-                A dropped ``HEAD`` is closed before any response.
+                A dropped ``HEAD`` is closed before any response; a ``silent`` one stalls.
             status: The status of a ``server_error`` (500-599).
-            after_bytes: Body bytes sent before ``drop_connection`` / ``reset_connection``.
+            after_bytes: Body bytes sent before ``drop_connection`` / ``reset_connection``
+                cut the connection, or before ``silent`` stalls it.
 
         Raises:
             ValueError: If an argument does not fit the fault.

@@ -29,6 +29,12 @@ Generation fields may also come through MLflow ``params``; a row's own values wi
 and they win over the ``model_config`` defaults (``max_tokens``, ``temperature``, ``top_p``,
 ``top_k``). Every request is validated before any token is generated; a bad one raises
 ``MlflowException`` with ``INVALID_PARAMETER_VALUE`` (HTTP 400 from the scoring server).
+
+The model folder is data, never code: ``load_context`` refuses a folder holding anything but
+model files (`MODEL_FILE_SUFFIXES`) or a ``genai_config.json`` that loads a library
+(``custom_ops_library``), names an execution provider other than the CPU, or sets a session
+option off `ALLOWED_SESSION_OPTIONS`, before onnxruntime-genai reads it. The fetch and package
+tasks run the same check (`model_file_problems`) on the files they take in.
 """
 
 import json
@@ -50,11 +56,18 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext  # mypy sees mlflow.pyfunc as a LazyLoader
 
 __all__ = [
+    "ALLOWED_PROVIDERS",
     "ALLOWED_ROLES",
+    "ALLOWED_SESSION_OPTIONS",
     "DEFAULT_MAX_BATCH_SIZE",
     "DEFAULT_MAX_TOKENS",
+    "GENAI_CONFIG",
     "MODEL_DIR_ARTIFACT",
+    "MODEL_FILE_NAMES",
+    "MODEL_FILE_SUFFIXES",
     "OnnxChatModel",
+    "model_file_problems",
+    "model_folder_problems",
 ]
 
 #: Name of the artifact holding the ONNX folder (the one with ``genai_config.json``).
@@ -70,6 +83,165 @@ _GENERATION_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "stop")
 # Rendered through the chat template to find the markers that open a user turn.
 _SENTINEL = "\x00phi3ops-sentinel\x00"
 _REPLACEMENT_CHAR = "\ufffd"
+
+
+# --- the model folder is data: what it may hold -------------------------------------------------
+#
+# phi3ops fetches, packages and loads a model folder as data, never as code. These checks run
+# at all three points (the fetch and packaging tasks import them from here, since this file may
+# import nothing of phi3ops), so a folder altered after it was fetched, or inside a logged model,
+# is still refused before onnxruntime-genai reads it.
+
+#: The onnxruntime-genai configuration, read at load time.
+GENAI_CONFIG = "genai_config.json"
+#: File types (ends of lower-case names) a Phi-3 model folder holds: the ONNX graph and its
+#: external weights, safetensors weights, JSON configs and tokenizer files, the SentencePiece
+#: tokenizer (``tokenizer.model``), chat templates (``.jinja``, rendered sandboxed by
+#: transformers), and text (``merges.txt``, model cards, notices).
+MODEL_FILE_SUFFIXES = (
+    ".onnx",
+    ".onnx.data",
+    ".onnx_data",
+    ".safetensors",
+    ".json",
+    ".model",
+    ".jinja",
+    ".txt",
+    ".md",
+)
+#: Whole file names allowed besides those types (licence files without an extension).
+MODEL_FILE_NAMES = ("LICENSE", "LICENCE", "NOTICE")
+#: Execution providers a ``genai_config.json`` may name in ``provider_options``.
+ALLOWED_PROVIDERS = ("cpu",)
+#: ``session_options`` keys a ``genai_config.json`` may set: logging, threads, memory and
+#: graph optimisation, and the options the onnxruntime-genai 0.18 builder writes. Everything
+#: else is refused: ``custom_ops_library`` loads a shared library, ``enable_profiling`` and the
+#: ``ep.context_*`` options write files, unknown keys may do either in a later release.
+ALLOWED_SESSION_OPTIONS = (
+    "log_id",
+    "log_severity_level",
+    "log_verbosity_level",
+    "intra_op_num_threads",
+    "inter_op_num_threads",
+    "enable_cpu_mem_arena",
+    "enable_mem_pattern",
+    "graph_optimization_level",
+    "disable_cpu_ep_fallback",
+    "disable_quant_qdq",
+    "enable_quant_qdq_cleanup",
+    "use_env_allocators",
+    "provider_options",
+    "optimization.disable_specified_optimizers",
+    "session.use_device_allocator_for_initializers",
+)
+# Keys that load code wherever they appear in a genai_config.json.
+_CODE_KEYS = ("custom_ops_library",)
+_CODE_SUFFIXES = (".so", ".dll", ".dylib", ".pyd", ".exe", ".py", ".sh", ".bat", ".ps1")
+
+
+def model_file_problems(files: Mapping[str, str | None]) -> list[str]:
+    """Why these files must not be loaded, one line per problem naming the file (and the key).
+
+    Args:
+        files: Each file's ``/``-separated path in the folder (or repository), mapped to where
+            its bytes are on disk, or to None to check the name only. A ``genai_config.json``
+            with bytes on disk is read and its settings checked.
+
+    Returns:
+        The problems, empty when every file is model data.
+    """
+    problems = []
+    for path, location in sorted(files.items()):
+        name = path.rsplit("/", 1)[-1]
+        if name not in MODEL_FILE_NAMES and not name.lower().endswith(MODEL_FILE_SUFFIXES):
+            if name.lower().endswith(_CODE_SUFFIXES) or ".so." in name.lower():
+                problems.append(f"{path}: code (a shared library, executable or script)")
+            else:
+                problems.append(f"{path}: not a model file type")
+        elif name == GENAI_CONFIG and location is not None:
+            problems.extend(_genai_config_problems(path, location))
+    return problems
+
+
+def model_folder_problems(folder: str) -> list[str]:
+    """`model_file_problems` of every file under ``folder``; links and special files count too.
+
+    Args:
+        folder: The model folder (or snapshot).
+
+    Returns:
+        The problems, each naming a path relative to ``folder``.
+    """
+    problems = []
+    files: dict[str, str | None] = {}
+    for directory, subdirectories, names in os.walk(folder):
+        for name in sorted(subdirectories) + sorted(names):
+            location = os.path.join(directory, name)
+            path = os.path.relpath(location, folder).replace(os.sep, "/")
+            if os.path.islink(location):
+                problems.append(f"{path}: a symbolic link (a model folder holds plain files only)")
+            elif name in names and not os.path.isfile(location):
+                problems.append(f"{path}: not a plain file")
+            elif name in names:
+                files[path] = location
+    return problems + model_file_problems(files)
+
+
+def _genai_config_problems(path: str, location: str) -> list[str]:
+    try:
+        with open(location, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError) as exc:
+        return [f"{path}: not readable JSON ({exc})"]
+    return [f"{path}: {problem}" for problem in _settings_problems(config, "")]
+
+
+def _settings_problems(node: Any, where: str) -> Iterator[str]:
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            yield from _settings_problems(item, f"{where}[{index}]")
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        key_path = f"{where}.{key}" if where else str(key)
+        if str(key).lower() in _CODE_KEYS:
+            yield f"{key_path} loads a shared library (remove the key)"
+        elif key == "provider_options":
+            yield from _provider_problems(value, key_path)
+        elif str(key).endswith("filename") and not _inside_folder(value):
+            yield f"{key_path}={value!r} is not a file inside the model folder"
+        else:
+            if key == "session_options" and isinstance(value, dict):
+                for option in value:
+                    if option not in ALLOWED_SESSION_OPTIONS and option not in _CODE_KEYS:
+                        yield (
+                            f"{key_path}.{option} is not an allowed session option (allowed: "
+                            f"{', '.join(ALLOWED_SESSION_OPTIONS)})"
+                        )
+            yield from _settings_problems(value, key_path)
+
+
+def _provider_problems(value: Any, key_path: str) -> Iterator[str]:
+    if not isinstance(value, list):
+        yield f"{key_path} must be a list of {{provider: options}} objects"
+        return
+    for index, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            yield f"{key_path}[{index}] must be a {{provider: options}} object"
+            continue
+        for provider in entry:
+            if str(provider).lower() not in ALLOWED_PROVIDERS:
+                yield (
+                    f"{key_path}[{index}] names execution provider {provider!r}; allowed: "
+                    f"{', '.join(ALLOWED_PROVIDERS)}"
+                )
+
+
+def _inside_folder(value: Any) -> bool:
+    if not isinstance(value, str) or not value or "\\" in value or "\x00" in value:
+        return False
+    return not os.path.isabs(value) and ".." not in value.split("/")
 
 
 def _invalid(message: str) -> MlflowException:
@@ -355,7 +527,9 @@ class OnnxChatModel(PythonModel):
                 (``auto``, ``chat`` or ``raw``).
 
         Raises:
-            MlflowException: The artifact is missing or ``model_config`` holds a bad value.
+            MlflowException: The artifact is missing, holds a file or ``genai_config.json``
+                setting that is not model data (see `model_folder_problems`), or
+                ``model_config`` holds a bad value.
         """
         model_dir = (context.artifacts or {}).get(MODEL_DIR_ARTIFACT)
         config_path = os.path.join(model_dir or "", "genai_config.json")
@@ -364,6 +538,13 @@ class OnnxChatModel(PythonModel):
                 f"artifact {MODEL_DIR_ARTIFACT!r} must be an onnxruntime-genai model folder "
                 f"(with genai_config.json); got {model_dir!r}. Log the model with "
                 f"artifacts={{{MODEL_DIR_ARTIFACT!r}: '<ONNX folder>'}}."
+            )
+        problems = model_folder_problems(model_dir)
+        if problems:
+            raise MlflowException(
+                f"Refusing to load the model in {model_dir}: {'; '.join(problems)}. The folder "
+                f"was altered after packaging, or packaged from an untrusted source; package a "
+                f"freshly fetched snapshot again."
             )
         with open(config_path, encoding="utf-8") as handle:
             genai_config = json.load(handle)["model"]

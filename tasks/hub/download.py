@@ -1,12 +1,12 @@
-"""Downloading one file into staging, verifying it, and moving it into the snapshot; disk space.
+"""Downloading one file into a fetch's staging folder and verifying it; disk space.
 
-Only verified files reach the snapshot folder: a file that fails verification is deleted from
-staging and the fetch fails.
+Only verified files leave staging: a file that fails verification is deleted from staging and
+the fetch fails. Moving verified files into the snapshot is the fetch's last step, after the
+model-data checks (`tasks.hub.trust`).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -21,23 +21,21 @@ def download_verified(
     repo_id: str,
     commit_sha: str,
     staging_dir: Path,
-    snapshot_dir: Path,
     endpoint: str | None,
     token: str | None,
-) -> ManifestEntry:
-    """Downloads one file of a commit to staging, verifies it, and moves it into the snapshot.
+) -> tuple[ManifestEntry, Path]:
+    """Downloads one file of a commit into staging and verifies it against the hub's checksum.
 
     Args:
         remote: The file, as the hub lists it.
         repo_id: Hub repository, ``org/name``.
         commit_sha: The commit to download it from.
-        staging_dir: Where in-flight downloads go.
-        snapshot_dir: Where verified files go.
+        staging_dir: This fetch's own staging folder.
         endpoint: Hub URL, or None for the default.
         token: Hugging Face token, or None.
 
     Returns:
-        The verified file's manifest entry.
+        The verified file's manifest entry, and where it is in staging.
 
     Raises:
         IntegrityError: The downloaded bytes do not match the checksum (the file was deleted).
@@ -67,19 +65,17 @@ def download_verified(
             f"bytes; got {actual}, {size} bytes). The bad file was deleted; fetch again. If it "
             f"persists, a proxy or mirror (HF_ENDPOINT) is serving wrong bytes."
         )
-    final = snapshot_dir / remote.path
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staged, final)
-    return ManifestEntry(path=remote.path, size=size, sha256=sha256)
+    return ManifestEntry(path=remote.path, size=size, sha256=sha256), staged
 
 
-def check_disk_space(root: Path, needed: int, headroom: int) -> None:
-    """Fails before downloading when ``needed`` bytes plus ``headroom`` do not fit under ``root``.
+def check_disk_space(root: Path, needed: int, headroom: int, *, purpose: str = "Fetching") -> None:
+    """Fails before writing when ``needed`` bytes plus ``headroom`` do not fit under ``root``.
 
     Args:
-        root: The snapshots root (the nearest existing parent is measured when it is missing).
-        needed: Bytes still to download.
+        root: Where the bytes go (the nearest existing parent is measured when it is missing).
+        needed: Bytes about to be written.
         headroom: Bytes to leave free.
+        purpose: What needs the space, for the message (``"Fetching"``, ``"Packaging"``).
 
     Raises:
         InsufficientDiskSpaceError: Not enough free space.
@@ -90,8 +86,9 @@ def check_disk_space(root: Path, needed: int, headroom: int) -> None:
     free = shutil.disk_usage(probe).free
     if needed + headroom > free:
         raise InsufficientDiskSpaceError(
-            f"Fetching needs {_gib(needed)} (+{_gib(headroom)} headroom) but {probe} has only "
-            f"{_gib(free)} free. Free some space, or point PHI3OPS_DATA_DIR at a larger disk."
+            f"{purpose} needs {_gib(needed)} (+{_gib(headroom)} headroom) but {probe} has only "
+            f"{_gib(free)} free. Free some space, or point PHI3OPS_DATA_DIR (or TMPDIR) at a "
+            f"larger disk."
         )
 
 

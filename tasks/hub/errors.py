@@ -1,6 +1,6 @@
 """Mapping huggingface_hub and transport (httpx2) errors to the phi3ops errors that name the fix.
 
-huggingface_hub and httpx2 are imported inside the functions: importing this package stays fast.
+huggingface_hub is imported inside the functions: importing this package stays fast.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from phi3ops.errors import (
     RevisionNotFoundError,
     TransientHubError,
 )
+from tasks.hub.timeouts import timed_out_connecting
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -28,7 +29,8 @@ def is_unreachable(exc: BaseException) -> bool:
     import httpx2
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    return isinstance(exc, OfflineModeIsEnabled | httpx2.ConnectError | httpx2.ConnectTimeout)
+    connect_errors = OfflineModeIsEnabled | httpx2.ConnectError | httpx2.ConnectTimeout
+    return isinstance(exc, connect_errors) or timed_out_connecting(exc)
 
 
 def raise_translated(exc: Exception, *, repo_id: str, revision: str, token: str | None) -> NoReturn:

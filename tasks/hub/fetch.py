@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from phi3ops.errors import IntegrityError
+from phi3ops.errors import Phi3OpsError
+from phi3ops.serving.onnx_chat_model import GENAI_CONFIG
 from phi3ops.settings import get_settings
 from phi3ops.sources import Variant
 from tasks.hub.connection import endpoint as hub_endpoint
@@ -18,15 +20,18 @@ from tasks.hub.connection import resolve_hf_token
 from tasks.hub.download import check_disk_space, download_verified
 from tasks.hub.errors import is_transient, raise_translated
 from tasks.hub.manifest import (
+    MANIFEST_NAME,
     FetchResult,
     ManifestEntry,
     manifest_digest,
-    read_manifest_entries,
+    new_staging_dir,
     repo_folder,
     snapshot_result,
     write_manifest,
 )
 from tasks.hub.resolve import list_files, resolve_revision
+from tasks.hub.timeouts import install_hub_timeouts
+from tasks.hub.trust import refuse_unsafe
 from tasks.hub.verify import RemoteFile, verified_local
 
 logger = logging.getLogger(__name__)
@@ -42,6 +47,11 @@ def fetch_snapshot(
     endpoint: str | None = None,
 ) -> FetchResult:
     """Download one commit of a hub repository, verify every file, and write its manifest.
+
+    Files already in the snapshot folder are re-hashed and kept when they match the hub's
+    checksums; the others are downloaded into a staging folder of this fetch's own, verified,
+    checked to be model data (`tasks.hub.trust`), and only then moved into the snapshot. Every
+    request to the hub waits at most ``PHI3OPS_HUB_TIMEOUT_S`` (`tasks.hub.timeouts`).
 
     Args:
         repo_id: Hub repository, ``org/name``.
@@ -60,12 +70,17 @@ def fetch_snapshot(
         HubAccessDeniedError: the repository is gated or the token is wrong.
         HubUnreachableError: offline and no snapshot of that revision is cached.
         TransientHubError: 429, 5xx or a dropped connection; worth retrying.
+        HubTimeoutError: the hub said nothing for ``PHI3OPS_HUB_TIMEOUT_S``; not retried.
         IntegrityError: a downloaded file does not match its checksum (it was deleted).
+        UnsafeModelError: a file is not model data (a shared library, an executable...) or a
+            ``genai_config.json`` loads code or names a provider other than cpu; nothing of
+            this fetch reaches the snapshot folder.
         InsufficientDiskSpaceError: the download would not fit.
     """
     variant = Variant(variant)
     root = Path(target_root) if target_root is not None else get_settings().snapshots_dir
     endpoint = hub_endpoint(endpoint)
+    install_hub_timeouts()
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token or False)
@@ -73,65 +88,128 @@ def fetch_snapshot(
     if isinstance(resolved, FetchResult):
         return resolved  # offline, served from the local cache
     commit_sha = resolved
-    repo_root = root / repo_folder(repo_id)
+    where = f"{repo_id}@{commit_sha[:12]} ({variant.value})"
 
     try:
         remote_files = list_files(api, repo_id, commit_sha, variant)
     except Exception as exc:
         raise_translated(exc, repo_id=repo_id, revision=commit_sha, token=token)
+    refuse_unsafe({f.path: None for f in remote_files}, where=where)  # before any download
 
-    snapshot_dir = repo_root / commit_sha
-    staging_dir = root / ".staging" / repo_folder(repo_id) / commit_sha
-    known = read_manifest_entries(snapshot_dir)
-    entries: list[ManifestEntry] = []
+    snapshot_dir = root / repo_folder(repo_id) / commit_sha
+    entries: dict[str, ManifestEntry] = {}
+    locations: dict[str, Path | None] = {}
     to_download: list[RemoteFile] = []
     for remote in remote_files:
-        entry = verified_local(snapshot_dir / remote.path, remote, known.get(remote.path))
+        local = snapshot_dir / remote.path
+        entry = verified_local(local, remote)  # re-hashed, never taken from the old manifest
         if entry is None:
             to_download.append(remote)
         else:
-            entries.append(entry)
+            entries[remote.path] = entry
+            locations[remote.path] = local
 
+    refuse_unsafe(locations, where=where)  # the genai_config.json already there, if any
     if not to_download:
         logger.info("Snapshot %s@%s already complete at %s", repo_id, commit_sha, snapshot_dir)
     else:
         headroom = get_settings().disk_headroom_bytes
         check_disk_space(root, sum(f.size for f in to_download), headroom)
-        for remote in to_download:
-            try:
-                entries.append(
-                    download_verified(
-                        remote,
-                        repo_id=repo_id,
-                        commit_sha=commit_sha,
-                        staging_dir=staging_dir,
-                        snapshot_dir=snapshot_dir,
-                        endpoint=endpoint,
-                        token=token,
-                    )
-                )
-            except IntegrityError:
-                raise
-            except Exception as exc:
-                raise_translated(exc, repo_id=repo_id, revision=commit_sha, token=token)
-        shutil.rmtree(staging_dir, ignore_errors=True)
+        for remote, entry in _download_into(
+            snapshot_dir,
+            to_download,
+            staging_dir=new_staging_dir(root, repo_id, commit_sha),
+            repo_id=repo_id,
+            commit_sha=commit_sha,
+            endpoint=endpoint,
+            token=token,
+            where=where,
+        ):
+            entries[remote.path] = entry
 
-    entries.sort(key=lambda e: e.path)
-    digest = manifest_digest(repo_id, commit_sha, entries)
-    write_manifest(snapshot_dir, repo_id, revision, commit_sha, variant, digest, entries)
+    _remove_unlisted(snapshot_dir, set(entries))
+    ordered = [entries[path] for path in sorted(entries)]
+    digest = manifest_digest(repo_id, commit_sha, ordered)
+    write_manifest(snapshot_dir, repo_id, revision, commit_sha, variant, digest, ordered)
     downloaded = sum(f.size for f in to_download)
     logger.info(
         "Fetched %s@%s (%s): %d files, %d bytes downloaded, manifest %s",
         repo_id,
         commit_sha[:12],
         variant,
-        len(entries),
+        len(ordered),
         downloaded,
         digest[:12],
     )
     return snapshot_result(
-        snapshot_dir, repo_id, revision, commit_sha, variant, digest, entries, downloaded
+        snapshot_dir, repo_id, revision, commit_sha, variant, digest, ordered, downloaded
     )
+
+
+def _download_into(
+    snapshot_dir: Path,
+    to_download: list[RemoteFile],
+    *,
+    staging_dir: Path,
+    repo_id: str,
+    commit_sha: str,
+    endpoint: str | None,
+    token: str | None,
+    where: str,
+) -> list[tuple[RemoteFile, ManifestEntry]]:
+    """Downloads files into this fetch's own staging folder and moves each into the snapshot
+    (an atomic rename) once verified and checked to be model data.
+
+    ``genai_config.json`` files go first, so settings that are refused stop the fetch before
+    the weights download. A failed fetch keeps the files it verified (the next one re-hashes
+    them instead of downloading them again); the staging folder is removed however it ends.
+
+    Returns:
+        Each file with its verified entry, in download order.
+    """
+    done = []
+    configs_first = sorted(
+        to_download, key=lambda f: (f.path.rsplit("/", 1)[-1] != GENAI_CONFIG, f.path)
+    )
+    try:
+        for remote in configs_first:
+            try:
+                entry, staged = download_verified(
+                    remote,
+                    repo_id=repo_id,
+                    commit_sha=commit_sha,
+                    staging_dir=staging_dir,
+                    endpoint=endpoint,
+                    token=token,
+                )
+            except Phi3OpsError:
+                raise  # already says what failed and how to fix it (integrity, timeout)
+            except Exception as exc:
+                raise_translated(exc, repo_id=repo_id, revision=commit_sha, token=token)
+            refuse_unsafe({remote.path: staged}, where=where)  # a config's settings, now readable
+            final = snapshot_dir / remote.path
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+            done.append((remote, entry))
+    finally:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+    return done
+
+
+def _remove_unlisted(snapshot_dir: Path, listed: set[str]) -> None:
+    """Deletes what the snapshot folder holds besides the fetched files and the manifest.
+
+    A re-fetch so repairs a snapshot that was added to after its fetch (or that an older
+    phi3ops filled with files it no longer takes, such as Python code).
+    """
+    for path in sorted(snapshot_dir.rglob("*"), reverse=True):
+        relative = path.relative_to(snapshot_dir).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            if not any(name == relative or name.startswith(f"{relative}/") for name in listed):
+                shutil.rmtree(path, ignore_errors=True)
+        elif relative not in listed and relative != MANIFEST_NAME:
+            logger.warning("Removing %s from %s: not a file of this commit", relative, snapshot_dir)
+            path.unlink(missing_ok=True)
 
 
 def check_fetchable(
@@ -159,6 +237,7 @@ def check_fetchable(
     Raises:
         Phi3OpsError: The same errors as `fetch_snapshot`.
     """
+    install_hub_timeouts()
     from huggingface_hub import HfApi
 
     root = Path(target_root) if target_root is not None else get_settings().snapshots_dir

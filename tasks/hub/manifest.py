@@ -4,10 +4,12 @@ Layout under the target root::
 
     <root>/<org>--<name>/<commit sha>/...files...
     <root>/<org>--<name>/<commit sha>/phi3ops-manifest.json
-    <root>/.staging/<org>--<name>/<commit sha>/   (in-flight downloads, removed on success)
+    <root>/.staging/<org>--<name>--<sha12>-<random>/   (one fetch's downloads, always removed)
 
-The manifest is written last: a snapshot folder with a manifest is complete, one without it is
-not.
+Each fetch downloads into a staging folder of its own, so two fetches of one commit never share
+in-flight files; verified files are moved into the snapshot with an atomic rename each. The
+manifest is written last, through a temporary file beside the snapshot folder and a rename: a
+snapshot folder with a manifest is complete, one without it is not.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,17 @@ def repo_folder(repo_id: str) -> str:
     return repo_id.replace("/", "--")
 
 
+def new_staging_dir(root: Path, repo_id: str, commit_sha: str) -> Path:
+    """A fresh, empty staging folder for one fetch: ``<root>/.staging/<org>--<name>--<sha12>-*``.
+
+    The caller removes it when the fetch ends, however it ends.
+    """
+    parent = root / ".staging"
+    parent.mkdir(parents=True, exist_ok=True)
+    prefix = f"{repo_folder(repo_id)}--{commit_sha[:12]}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
 def manifest_path(snapshot_dir: Path) -> Path:
     """Where the manifest of the snapshot in ``snapshot_dir`` is (or will be) written."""
     return snapshot_dir / MANIFEST_NAME
@@ -83,12 +97,6 @@ def read_manifest(snapshot_dir: Path) -> dict[str, Any] | None:
         return json.loads(manifest_path(snapshot_dir).read_text())
     except (OSError, ValueError):
         return None
-
-
-def read_manifest_entries(snapshot_dir: Path) -> dict[str, ManifestEntry]:
-    """The files a snapshot's manifest lists, by path (empty without a readable manifest)."""
-    manifest = read_manifest(snapshot_dir) or {}
-    return {f["path"]: ManifestEntry(**f) for f in manifest.get("files", [])}
 
 
 def write_manifest(
@@ -120,9 +128,18 @@ def write_manifest(
         "files": [e.model_dump() for e in entries],
     }
     snapshot_dir.mkdir(parents=True, exist_ok=True)
-    tmp = snapshot_dir / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, manifest_path(snapshot_dir))
+    # A temporary file of this write's own (another fetch of the commit may write at the same
+    # time), beside the snapshot folder rather than in it: the folder holds model files only.
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{snapshot_dir.name}.", suffix=".tmp", dir=snapshot_dir.parent
+    )
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, manifest_path(snapshot_dir))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def snapshot_result(

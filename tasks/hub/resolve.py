@@ -30,6 +30,7 @@ from tasks.hub.manifest import (
     repo_folder,
     snapshot_result,
 )
+from tasks.hub.trust import skipped, snapshot_problems
 from tasks.hub.verify import RemoteFile
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def list_files(api: Any, repo_id: str, commit_sha: str, variant: Variant) -> lis
         api: A ``huggingface_hub.HfApi``.
         repo_id: Hub repository, ``org/name``.
         commit_sha: The pinned commit.
-        variant: Its ``allow_patterns`` choose the files.
+        variant: Its ``allow_patterns`` choose the files; Python files among them are left
+            out (see `tasks.hub.trust`).
 
     Returns:
         The files with their sizes and checksums.
@@ -123,6 +125,15 @@ def list_files(api: Any, repo_id: str, commit_sha: str, variant: Variant) -> lis
         for item in api.list_repo_tree(repo_id, revision=commit_sha, recursive=True)
         if isinstance(item, RepoFile) and _wanted(item.path, variant)
     ]
+    left_out = [f.path for f in files if skipped(f.path)]
+    if left_out:
+        logger.warning(
+            "Not fetching %s from %s@%s: Python code, which phi3ops never runs",
+            ", ".join(left_out),
+            repo_id,
+            commit_sha[:12],
+        )
+        files = [f for f in files if not skipped(f.path)]
     if not any(not f.path.endswith((".md", "LICENSE")) for f in files):
         raise RemoteFileNotFoundError(
             f"{repo_id}@{commit_sha[:12]} has no files for variant {variant.value!r} "
@@ -180,13 +191,13 @@ def cached_snapshot(
     _, manifest = max(candidates, key=lambda c: c[0])
     snapshot_dir = repo_root / manifest["commit_sha"]
     entries = [ManifestEntry(**f) for f in manifest["files"]]
-    for entry in entries:
-        path = snapshot_dir / entry.path
-        if not path.is_file() or path.stat().st_size != entry.size:
-            raise HubUnreachableError(
-                f"The cached snapshot {snapshot_dir} is incomplete ({entry.path} is missing or "
-                f"truncated) and {reason}. Fetch again with the hub reachable."
-            ) from cause
+    # Re-hashed, not trusted: the manifest tells what was verified then, not what is there now.
+    problems = snapshot_problems(snapshot_dir, entries)
+    if problems:
+        raise HubUnreachableError(
+            f"The cached snapshot {snapshot_dir} is damaged ({'; '.join(problems)}) and "
+            f"{reason}. Fetch again with the hub reachable."
+        ) from cause
     logger.warning("%s: using cached snapshot %s@%s", reason, repo_id, manifest["commit_sha"][:12])
     return snapshot_result(
         snapshot_dir,

@@ -43,34 +43,32 @@ def hash_file(path: Path) -> tuple[str, str]:
     return sha256.hexdigest(), blob.hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file (what a manifest records)."""
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def matches(remote: RemoteFile, sha256: str, blob_id: str) -> bool:
     """Whether a file's hashes match the remote's checksum (its sha256 if LFS, else its blob id)."""
     return sha256 == remote.sha256 if remote.sha256 else blob_id == remote.blob_id
 
 
-def verified_local(
-    path: Path, remote: RemoteFile, known: ManifestEntry | None
-) -> ManifestEntry | None:
-    """The manifest entry of a local file that already matches ``remote``, else None.
+def verified_local(path: Path, remote: RemoteFile) -> ManifestEntry | None:
+    """The manifest entry of a local file that matches ``remote``, else None.
+
+    The file is always re-hashed: a manifest says what was verified when it was written, not
+    what is on disk now (a cached file may have been damaged or altered since).
 
     Args:
         path: Where the file would be in the snapshot folder.
         remote: What the hub lists for it.
-        known: Its entry in the snapshot's existing manifest, if any.
 
     Returns:
-        The entry (``known`` itself when it still matches, without re-hashing), or None when
-        the file is missing or differs and must be downloaded.
+        The entry, or None when the file is missing or differs and must be downloaded.
     """
     if not path.is_file() or path.stat().st_size != remote.size:
         return None
-    # Listed in a manifest we wrote after verifying it: trust it, don't re-hash gigabytes.
-    if (
-        known is not None
-        and known.size == remote.size
-        and (remote.sha256 is None or known.sha256 == remote.sha256)
-    ):
-        return known
     sha256, blob_id = hash_file(path)
     if not matches(remote, sha256, blob_id):
         return None

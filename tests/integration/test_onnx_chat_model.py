@@ -622,6 +622,68 @@ def test_a_missing_model_dir_artifact_fails_at_load(served, tmp_path: Path) -> N
         served.OnnxChatModel().load_context(context)
 
 
+def test_a_logged_model_whose_genai_config_was_altered_is_refused_at_load(
+    logged, tmp_path: Path
+) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    info, _ = logged
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
+    config_path = next(local.rglob("genai_config.json"))
+    config = json.loads(config_path.read_text())
+    library = config_path.parent / "libcustom_ops.so"
+    config["model"]["decoder"]["session_options"]["custom_ops_library"] = str(library)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(MlflowException) as excinfo:
+        mlflow.pyfunc.load_model(str(local))
+    assert "Refusing to load" in excinfo.value.message
+    assert "genai_config.json: model.decoder.session_options.custom_ops_library" in (
+        excinfo.value.message
+    )
+
+
+def _altered_copy(tiny_phi3, tmp_path: Path, change: str) -> Path:
+    import shutil
+
+    folder = Path(shutil.copytree(tiny_phi3.onnx_model_dir, tmp_path / "model"))
+    config_path = folder / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    options = config["model"]["decoder"]["session_options"]
+    if change == "provider":
+        options["provider_options"] = [{"cuda": {"enable_cuda_graph": "0"}}]
+    elif change == "library file":
+        (folder / "libonnxruntime_extensions.so").write_bytes(b"\x7fELF")
+    elif change == "symlink":
+        (folder / "tokenizer.json").unlink()
+        (folder / "tokenizer.json").symlink_to(tiny_phi3.onnx_model_dir / "tokenizer.json")
+    elif change == "filename":
+        config["model"]["decoder"]["filename"] = "../../elsewhere/model.onnx"
+    config_path.write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("provider", "provider_options[0] names execution provider 'cuda'"),
+        ("library file", "libonnxruntime_extensions.so: code"),
+        ("symlink", "tokenizer.json: a symbolic link"),
+        ("filename", "model.decoder.filename='../../elsewhere/model.onnx'"),
+    ],
+)
+def test_a_model_folder_that_is_not_data_is_refused_at_load(
+    served, tiny_phi3, tmp_path: Path, change: str, named: str
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    folder = _altered_copy(tiny_phi3, tmp_path, change)
+    context = types.SimpleNamespace(artifacts={MODEL_DIR_ARTIFACT: str(folder)}, model_config={})
+    with pytest.raises(MlflowException) as excinfo:
+        served.OnnxChatModel().load_context(context)
+    assert named in excinfo.value.message
+
+
 # --- MLflow's own schema enforcement on the logged signature ----------------------------------
 
 

@@ -538,6 +538,42 @@ def test_fault_modes_map_to_hub_errors(hub: LocalHub, sha: str, tmp_path: Path) 
     assert _download(hub, sha, tmp_path, filename="config.json").is_file()
 
 
+def test_silent_reads_the_request_and_never_answers(hub: LocalHub, sha: str) -> None:
+    hub.inject("silent", path="/api/models/*")
+    started = time.monotonic()
+    with pytest.raises(httpx2.ReadTimeout):
+        httpx2.get(f"{hub.url}/api/models/{REPO}", timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert [(r.endpoint, r.status, r.fault) for r in hub.requests] == [("model_info", 0, "silent")]
+    assert HfApi(endpoint=hub.url, token=False).model_info(REPO).sha == sha  # one request only
+    # With after_bytes: the headers and the first bytes of the body, then nothing.
+    hub.inject("silent", path=WEIGHTS, after_bytes=1000)
+    url = f"{hub.url}/{REPO}/resolve/{sha}/{WEIGHTS}"
+    received = bytearray()
+
+    def read_until_it_stalls() -> None:
+        with httpx2.stream("GET", url, timeout=0.5) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_bytes():
+                received.extend(chunk)
+
+    with pytest.raises(httpx2.ReadTimeout):
+        read_until_it_stalls()
+    assert len(received) == 1000
+    hub.clear_requests()
+    # A client still waiting does not keep the hub from closing.
+    hub.inject("silent")
+    waiting = socket.create_connection(("127.0.0.1", hub.port))
+    waiting.sendall(f"GET /api/models/{REPO} HTTP/1.1\r\nHost: hub\r\n\r\n".encode())
+    time.sleep(0.2)
+    started = time.monotonic()
+    hub.close()
+    assert time.monotonic() - started < 3
+    waiting.settimeout(5)
+    assert waiting.recv(1) == b""  # closed without a byte of answer
+    waiting.close()
+
+
 def test_faults_are_scoped_counted_and_clearable(hub: LocalHub, sha: str) -> None:
     hub.inject("server_error", count=2, path="config.json")
     readme = f"/{REPO}/resolve/{sha}/README.md"
