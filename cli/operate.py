@@ -37,24 +37,28 @@ def serve(
     """Serve a registered model over HTTP (MLflow's scoring server, POST /invocations)."""
     from phi3ops.serving import server  # lazy: MLflow
 
-    def serve_forever() -> None:
+    def serve_forever() -> int:
         uri = model_uri or server.model_uri_for(
             model_name or get_settings().registered_model_name,
             alias=None if version else (alias or CHAMPION_ALIAS),
             version=version,
         )
-        # SIGTERM (a supervisor, `kill`) must stop the server too, not orphan it.
+        # SIGTERM (a supervisor, `kill`) must stop the server too, not orphan it; a `kill -9`
+        # of this process stops it as well (start_server arms the parent-death signal).
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         process = server.start_server(uri, host=host, port=port, workers=workers)
         typer.echo(f"Serving {uri} on http://{host}:{port}/invocations (Ctrl-C stops)")
         try:
-            process.wait()
+            return process.wait()
         except KeyboardInterrupt:
-            pass
+            return 0
         finally:
             server.stop_server(process)
 
-    run_job(serve_forever)
+    code = run_job(serve_forever)
+    if code:  # the server stopped on its own: it could not start (its output says why) or died
+        typer.secho(f"error: the model server exited with code {code}", fg="red", err=True)
+        raise typer.Exit(code=code if code > 0 else 1)
 
 
 def monitor(

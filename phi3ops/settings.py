@@ -54,6 +54,17 @@ class Settings(BaseSettings):
         ge=0,
         description="Free space to keep on the target filesystem beyond what a fetch writes.",
     )
+    hub_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description=(
+            "Longest wait for the hub to answer one request (to connect, for each read, for "
+            "each write) before the fetch fails naming the endpoint; not retried, so a silent "
+            "hub fails within about this long. Overrides HF_HUB_ETAG_TIMEOUT and "
+            "HF_HUB_DOWNLOAD_TIMEOUT for phi3ops fetches."
+        ),
+    )
 
     mlflow_tracking_uri: str | None = Field(
         default=None,
@@ -142,7 +153,26 @@ class Settings(BaseSettings):
     )
     record_prompts: bool = Field(
         default=False,
-        description="Store the prompt text in inference traces (off by default, for privacy).",
+        description=(
+            "Store prompt and answer text in inference traces (off by default, for privacy: "
+            "records then hold counts and lengths, and error messages are redacted)."
+        ),
+    )
+    serve_max_body_bytes: int = Field(
+        default=2 * 1024**2,
+        ge=1024,
+        description=(
+            "Largest request body `phi3ops serve` reads; a larger one is answered 413 before "
+            "anything is parsed."
+        ),
+    )
+    serve_max_rows: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "Most request rows one /invocations call may carry; more is answered 413 (split "
+            "the request) and recorded once."
+        ),
     )
     monitor_window_minutes: int = Field(
         default=60, ge=1, description="How far back the monitor reads inference traces."

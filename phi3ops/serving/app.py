@@ -9,9 +9,10 @@ longer than the model's context, so that check happens here, before the model ru
 same reason every request row is recorded here, as an MLflow trace (`phi3ops.serving.records`).
 It also streams (``"stream": true``) as server-sent events, which the scoring server cannot.
 
-One middleware, `ServingMiddleware`, does all of it for each ``/invocations`` request: parse
-once (`phi3ops.serving.request`) -> validate -> route (refuse, stream, or MLflow's app) ->
-record.
+One middleware, `ServingMiddleware`, does all of it for each ``/invocations`` request: read
+within the body limit and parse once (`phi3ops.serving.request`) -> validate (row cap, context)
+-> route (refuse, stream, or MLflow's app) while watching for the client leaving -> record
+(`phi3ops.serving.records`, through the durable spool of `phi3ops.serving.spool`).
 
 Run by uvicorn as ``phi3ops.serving.app:create_app`` (``--factory``); the model folder comes
 from ``PHI3OPS_SERVE_MODEL_PATH``, the registered name and version that records are tagged with
@@ -20,6 +21,8 @@ from ``PHI3OPS_SERVE_MODEL_NAME`` / ``PHI3OPS_SERVE_MODEL_VERSION`` (set by `sta
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
 import queue
@@ -31,9 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from phi3ops.serving.onnx_chat_model import usable_context
-from phi3ops.serving.records import InferenceRecorder, completion_from_events
+from phi3ops.serving.records import (
+    CANCELLED_STATUS,
+    InferenceRecorder,
+    completion_from_events,
+    write_entries,
+)
 from phi3ops.serving.request import (
     ASGIApp,
+    BodyTooLarge,
+    ClientDisconnected,
     Message,
     ParsedRequest,
     Receive,
@@ -43,8 +53,9 @@ from phi3ops.serving.request import (
     parse_json,
     read_request,
 )
+from phi3ops.serving.spool import RecordSpool
 from phi3ops.settings import get_settings
-from phi3ops.tracking import configure_tracking
+from phi3ops.tracking import configure_tracking, tracking_uri
 
 MODEL_PATH_ENV = "PHI3OPS_SERVE_MODEL_PATH"
 MODEL_NAME_ENV = "PHI3OPS_SERVE_MODEL_NAME"
@@ -106,9 +117,13 @@ class TransformersContextLimit:
 
 
 class ServingMiddleware:
-    """ASGI middleware around MLflow's scoring app for ``/invocations``: parse the request once,
-    validate it, route it (refuse with a 400, stream, or pass to MLflow's app) and record it.
+    """ASGI middleware around MLflow's scoring app for ``/invocations``: read the request once
+    (within the body limit), validate it, route it (refuse, stream, or pass to MLflow's app),
+    watch the client, and record it.
 
+    - Limits: a body over ``max_body_bytes`` is refused with a 413 before it is parsed (by its
+      ``content-length`` before a byte is read); a request of more than ``max_rows`` rows with
+      a 413 before the model runs, recorded as one row.
     - Validate: with a ``limit`` (transformers flavor), a chat row that is malformed or cannot
       fit the context is refused with a 400 before the model runs.
     - Stream: a chat request with ``"stream": true`` is answered as OpenAI-style server-sent
@@ -116,11 +131,16 @@ class ServingMiddleware:
       ``predict_stream``; MLflow's scoring server itself cannot stream. A model without
       ``predict_stream`` (MLflow's transformers flavor) or an invalid request gets a 400 before
       any event is sent.
-    - Record: with a ``recorder``, every row is recorded as a trace, whichever route answered
-      it, refusals too; the latency is the whole call's, and a streamed answer's time to first
-      token is when its first text reached the client.
+    - Disconnects: a client that leaves is recorded as cancelled (status 499), whatever the
+      route; a stream's generation stops at the next token and its thread is freed. A client
+      that leaves while sending the body is recorded the same way, and nothing is routed.
+    - Record: with a ``recorder``, every row is recorded exactly once, whichever route answered
+      it, refusals too, before the client has the last byte of its answer; the latency is the
+      whole call's, and a streamed answer's time to first token is when its first text was
+      sent. On the app's lifespan shutdown the recorder stores what it holds before the
+      process ends.
 
-    Other paths and scopes (``/ping``, lifespan) go to MLflow's app untouched.
+    Other paths and scopes (``/ping``) go to MLflow's app untouched.
     """
 
     def __init__(
@@ -130,59 +150,98 @@ class ServingMiddleware:
         model: Any,
         limit: TransformersContextLimit | None = None,
         recorder: InferenceRecorder | None = None,
+        max_body_bytes: int = 2 * 1024**2,
+        max_rows: int = 64,
     ) -> None:
         self.app = app
         self.model = model
         self.limit = limit
         self.recorder = recorder
+        self.max_body_bytes = max_body_bytes
+        self.max_rows = max_rows
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Parse once, validate, route, record (other paths pass through untouched)."""
+        """Read once, validate, route, watch, record (other paths pass through untouched)."""
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._draining_at_shutdown(send))
+            return
         if not is_invocation(scope):
             await self.app(scope, receive, send)
             return
-        started, clock = time.time(), time.perf_counter()
-        request = await read_request(scope, receive)  # the only read and parse of the body
-        if self.recorder is None:
-            await self._route(scope, request, send)
-            return
-        response = _SentResponse(send, clock)
+        exchange = _Exchange(send, self.recorder)
         try:
-            await self._route(scope, request, response.send)
+            try:
+                request = await read_request(scope, receive, max_bytes=self.max_body_bytes)
+            except BodyTooLarge as exc:
+                exchange.reason = str(exc)
+                await _send_json(
+                    exchange.send, 413, {"error_code": "REQUEST_TOO_LARGE", "message": f"{exc}."}
+                )
+                return
+            except ClientDisconnected:
+                exchange.gone.set()
+                return
+            exchange.request = request
+            watcher = asyncio.ensure_future(_watch_client(receive, exchange))
+            try:
+                await self._route(scope, request, exchange)
+            finally:
+                watcher.cancel()
         finally:  # an app that raised is recorded too, as a 500 unless it had answered
-            latency = time.perf_counter() - clock
-            await _record(self.recorder, request, response, started=started, latency_s=latency)
+            exchange.record()
 
-    async def _route(self, scope: Scope, request: ParsedRequest, send: Send) -> None:
+    def _draining_at_shutdown(self, send: Send) -> Send:
+        """``send`` for the lifespan scope: store the spooled records before shutdown ends."""
+
+        async def lifespan_send(message: Message) -> None:
+            if self.recorder is not None and message["type"].startswith("lifespan.shutdown."):
+                import anyio
+
+                await anyio.to_thread.run_sync(self.recorder.close)
+            await send(message)
+
+        return lifespan_send
+
+    async def _route(self, scope: Scope, request: ParsedRequest, exchange: _Exchange) -> None:
         """Validates ``request``, then refuses it, streams it or hands it to MLflow's app."""
         problem = self._problem(request)
         if problem:
-            await _send_json(
-                send, 400, {"error_code": "INVALID_PARAMETER_VALUE", "message": problem}
-            )
+            status, code, why = problem
+            exchange.reason = why  # our own words: recorded even when prompts are not
+            await _send_json(exchange.send, status, {"error_code": code, "message": why})
         elif request.wants_stream:
-            await self._stream(request, send)
+            await self._stream(request, exchange)
         else:
-            await self.app(scope, request.replay(), send)
+            await self.app(scope, request.replay(), exchange.send)
 
-    def _problem(self, request: ParsedRequest) -> str | None:
-        """Why the request is refused (its first bad row's reason), or None. A body that is not
-        JSON has no rows and goes on: MLflow's app answers it itself.
+    def _problem(self, request: ParsedRequest) -> tuple[int, str, str] | None:
+        """(status, error code, why) the request is refused with, or None. The why never quotes
+        the request (it is recorded even when prompts are not). A body that is not JSON has no
+        rows and goes on: MLflow's app answers it itself.
         """
+        if len(request.rows) > self.max_rows:
+            return (
+                413,
+                "REQUEST_TOO_LARGE",
+                f"the request has {len(request.rows)} rows; the server takes at most "
+                f"{self.max_rows} per request (PHI3OPS_SERVE_MAX_ROWS): split it.",
+            )
         if self.limit is None:
             return None
         for row in request.rows:
             problem = self.limit.problem(row)
             if problem:
-                return problem
+                return 400, "INVALID_PARAMETER_VALUE", problem
         return None
 
-    async def _stream(self, request: ParsedRequest, send: Send) -> None:
+    async def _stream(self, request: ParsedRequest, exchange: _Exchange) -> None:
         import anyio
         from mlflow.exceptions import MlflowException
 
         chat = request.without_stream()
-        chunks = _iterate_in_thread(lambda: self.model.predict_stream(chat))
+        send = exchange.send
+        # A client that leaves sets ``gone``: the producer stops at the next token.
+        chunks = _iterate_in_thread(lambda: self.model.predict_stream(chat), exchange.gone)
         # The first chunk before any header: the request is validated when iteration starts.
         kind, value = await anyio.to_thread.run_sync(chunks.get)
         if kind == "error":
@@ -190,6 +249,7 @@ class ServingMiddleware:
                 raise value
             message = value.message
             if "predict_stream" in message:
+                exchange.reason = "this model cannot stream; send the request without stream."
                 message = f"This model cannot stream ({message}); send the request without stream."
             await _send_json(send, 400, {"error_code": value.error_code, "message": message})
             return
@@ -198,62 +258,92 @@ class ServingMiddleware:
         while kind == "chunk":
             await _send_event(send, json.dumps(value))
             kind, value = await anyio.to_thread.run_sync(chunks.get)
+        if kind == "cancelled":
+            return  # the client is gone: nothing more to send, the row is recorded as such
         if kind == "error":  # headers are gone: the error can only be the last event
             await _send_event(send, json.dumps({"error": {"message": str(value)}}))
         await _send_event(send, "[DONE]", last=True)
 
 
-class _SentResponse:
-    """Passes a response on to the client and keeps what was sent, for the record."""
+class _Exchange:
+    """One ``/invocations`` call: passes the response on to the client, keeps what was sent,
+    and records the call's rows exactly once (`record`).
+    """
 
-    def __init__(self, send: Send, clock: float) -> None:
+    def __init__(self, send: Send, recorder: InferenceRecorder | None) -> None:
         self._send = send
-        self._clock = clock
+        self._recorder = recorder
+        self._clock = time.perf_counter()
+        self.started = time.time()
+        self.request: ParsedRequest | None = None
         self.status = 500  # stays so when the app raised before answering
         self.streamed = False
+        self.complete = False  # the last byte of the answer was handed to the server
+        self.gone = threading.Event()  # the client left before that
+        self.reason: str | None = None  # the serving layer's own words for a refusal
         self.parts: list[tuple[float, bytes]] = []  # (seconds since the request came, body)
+        self._recorded = False
 
     async def send(self, message: Message) -> None:
+        """Passes ``message`` on; the records are spooled before the answer's last byte."""
         if message["type"] == "http.response.start":
             self.status = int(message["status"])
             content_type = dict(message.get("headers", [])).get(b"content-type", b"")
             self.streamed = content_type.split(b";")[0] == SSE_CONTENT_TYPE.encode()
+        elif message["type"] == "http.response.body" and not message.get("more_body"):
+            self.parts.append((time.perf_counter() - self._clock, message.get("body", b"")))
+            self.record()  # spooled before the client has its answer
+            self.complete = True
+            await self._send(message)
+            return
         await self._send(message)
         if message["type"] == "http.response.body":  # timed once the client has it
             self.parts.append((time.perf_counter() - self._clock, message.get("body", b"")))
 
-    def answer(self) -> tuple[Any, float | None]:
-        """The answer sent (a streamed one added up to a chat completion) and its TTFT."""
-        if self.streamed:
-            return completion_from_events(self.parts)
-        answer, _ = parse_json(b"".join(data for _, data in self.parts))
-        return answer, None
-
-
-async def _record(
-    recorder: InferenceRecorder,
-    request: ParsedRequest,
-    response: _SentResponse,
-    *,
-    started: float,
-    latency_s: float,
-) -> None:
-    """Records every row of ``request`` with the ``response`` it got."""
-    import anyio
-
-    answer, ttft = response.answer()
-    # Writing to the tracking store blocks: off the event loop.
-    await anyio.to_thread.run_sync(
-        lambda: recorder.record_exchange(
-            request.payload,
-            rows=request.rows,
-            status_code=response.status,
+    def record(self) -> None:
+        """Spools the records of every row of the call, once; a client that left makes them
+        cancelled (499).
+        """
+        if self._recorded or self._recorder is None:
+            return
+        self._recorded = True
+        latency = time.perf_counter() - self._clock
+        request = self.request
+        status, answer, ttft = self.status, None, None
+        if self.gone.is_set():
+            status, self.reason = CANCELLED_STATUS, "cancelled: the client disconnected"
+        elif self.streamed:
+            answer, ttft = completion_from_events(self.parts)
+        else:
+            answer, _ = parse_json(b"".join(data for _, data in self.parts))
+        rows = None if request is None else request.rows
+        if status == 413 or rows is None:
+            rows = [None if request is None else request.payload]  # one record, not thousands
+        self._recorder.record_exchange(
+            None if request is None else request.payload,
+            rows=rows,
+            status_code=status,
             body=answer,
-            started=started,
-            latency_s=latency_s,
+            started=self.started,
+            latency_s=latency,
             ttft_s=ttft,
+            reason=self.reason,
         )
-    )
+
+
+async def _watch_client(receive: Receive, exchange: _Exchange) -> None:
+    """Sets ``exchange.gone`` if the client disconnects before its answer is complete (the
+    server's ``receive`` gives ``http.disconnect`` then, or once the answer is complete).
+    """
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not exchange.complete:
+                    exchange.gone.set()
+                return
+    except Exception:  # the server has nothing more to say about this client
+        return
 
 
 async def _send_event(send: Send, data: str, *, last: bool = False) -> None:
@@ -262,22 +352,34 @@ async def _send_event(send: Send, data: str, *, last: bool = False) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": not last})
 
 
-def _iterate_in_thread(start: Callable[[], Any]) -> queue.Queue:
+def _iterate_in_thread(start: Callable[[], Any], stop: threading.Event) -> queue.Queue:
     """Runs ``start()`` and iterates what it returns in one thread of its own, putting
-    ("chunk", item)..., then ("end", None) or ("error", exception) on the returned queue.
+    ("chunk", item)..., then ("end", None), ("error", exception) or, once ``stop`` is set,
+    ("cancelled", None) on the returned queue.
 
     One thread for the whole iteration: MLflow's ``predict_stream`` generator sets a context
     variable around each step, which fails when the steps run in different threads' contexts.
+    When ``stop`` is set the iteration ends at the next item and the iterator is closed, which
+    ends the model's generation (its generator's cleanup runs) and frees the thread.
     """
     chunks: queue.Queue = queue.Queue()
 
     def produce() -> None:
+        iterator: Any = None
         try:
-            for item in start():
+            iterator = iter(start())
+            for item in iterator:
+                if stop.is_set():
+                    chunks.put(("cancelled", None))
+                    return
                 chunks.put(("chunk", item))
             chunks.put(("end", None))
         except Exception as exc:
             chunks.put(("error", exc))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
     threading.Thread(target=produce, name="phi3ops-stream", daemon=True).start()
     return chunks
@@ -306,19 +408,37 @@ def build_app(model_path: Path, *, recorder: InferenceRecorder | None = None) ->
     app = scoring_server.init(model)
     is_transformers = "transformers" in _mlmodel(model_path).get("flavors", {})
     limit = TransformersContextLimit(model_path) if is_transformers else None
-    app.add_middleware(ServingMiddleware, model=model, limit=limit, recorder=recorder)
+    settings = get_settings()
+    app.add_middleware(
+        ServingMiddleware,
+        model=model,
+        limit=limit,
+        recorder=recorder,
+        max_body_bytes=settings.serve_max_body_bytes,
+        max_rows=settings.serve_max_rows,
+    )
     return app
 
 
 def recorder_for(model_path: Path, *, model_name: str, model_version: str) -> InferenceRecorder:
-    """A recorder writing to the inference experiment of the project's tracking store."""
+    """A recorder writing to the inference experiment of the project's tracking store, through
+    this process's spool under ``<data dir>/serving/spool`` (started here: it first stores any
+    records a killed server left behind).
+    """
     settings = get_settings()
+    experiment_id = configure_tracking(settings.inference_experiment_name)
+    uri = tracking_uri()
+    spool = RecordSpool(
+        settings.data_dir / "serving" / "spool",
+        functools.partial(write_entries, tracking_uri=uri),
+    )
     return InferenceRecorder(
         model_name=model_name,
         model_version=model_version,
-        experiment_id=configure_tracking(settings.inference_experiment_name),
+        experiment_id=experiment_id,
         record_prompts=settings.record_prompts,
         context_tokens=context_tokens(model_path),
+        spool=spool.start(),
     )
 
 

@@ -1,10 +1,18 @@
-"""Inference records: one MLflow trace per served request row, for both flavors.
+"""Inference records: one MLflow trace per request row, for both flavors, each written once.
 
 The serving layer (`phi3ops.serving.app`) sees every request and every answer, failed ones
-included, whatever the flavor, so it is where records are made. A record is a trace whose root
-span carries the request (the prompt only when ``PHI3OPS_RECORD_PROMPTS`` is on), the response
-text, and the record fields as one ``phi3ops.record`` attribute; the trace is tagged with the
-model name and version so the monitor finds a version's records with ``mlflow.search_traces``.
+included, whatever the flavor, so it is where records are made: served, refused, shed (429 /
+503), cancelled by the client (499) or failed. `InferenceRecorder` turns an HTTP exchange into
+records and hands them to a durable spool (`phi3ops.serving.spool`), whose writer thread stores
+them as traces (`write_entries`): a root span carrying the record fields as one
+``phi3ops.record`` attribute, tagged with the model name and version so the monitor finds a
+version's records with ``mlflow.search_traces``. The trace id is the record's own, so a record
+stored twice (after a crash) is still one trace.
+
+Privacy: unless ``PHI3OPS_RECORD_PROMPTS`` is on, no prompt or answer text leaves the server
+process: records keep lengths and counts (`TextFeatures`) and error messages are reduced to the
+HTTP status, MLflow's error code and the serving layer's own reason (which never quotes the
+request), because MLflow's and the model's messages may quote the input.
 """
 
 from __future__ import annotations
@@ -12,25 +20,45 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+import re
+import uuid
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from phi3ops.names import MODEL_NAME_TAG, MODEL_VERSION_TAG, RECORD_ATTRIBUTE, RECORD_SPAN_NAME
+from phi3ops.serving.spool import Entry, RecordSpool
 
 _log = logging.getLogger(__name__)
+
+#: Chat-template markers of Phi-3 (``<|end|>``, ``<|assistant|>``, ``<|user|>``, ``<|system|>``,
+#: ``<|endoftext|>``...): none may reach a user.
+TEMPLATE_TOKEN_REGEX = r"<\|[a-z_]+\|>"
+#: Nginx's "client closed request": the client left before its answer was complete.
+CANCELLED_STATUS = 499
+#: Statuses of a request turned away because the server is full.
+SHED_STATUSES = frozenset({429, 503})
+#: What happened to a request row.
+OUTCOMES = ("served", "refused", "shed", "cancelled", "error")
+#: Outcomes of the client's making (input the server refused, a client that left): anyone can
+#: cause them, so they are not the server failing and do not count against its error budget.
+CLIENT_OUTCOMES = frozenset({"refused", "cancelled"})
+_MAX_ERROR_CHARS = 500
+_ERROR_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
 @dataclass(frozen=True)
 class InferenceRecord:
     """What one prediction did. Token counts and finish reason are None when the answer does
-    not carry them (a prompt-shaped request answered with a bare string, or an error).
+    not carry them (a prompt-shaped request answered with a bare string, or an error); the
+    text features are None when there was no answer.
     """
 
     timestamp: float  # when the request arrived, seconds since the epoch
     model_name: str
     model_version: str
     latency_s: float  # wall time of the HTTP call the row was part of
-    response: str | None
+    response: str | None  # the answer text, stored only when prompts are recorded
     error: str | None = None
     status_code: int = 200
     finish_reason: str | None = None
@@ -40,16 +68,61 @@ class InferenceRecord:
     ttft_s: float | None = None  # time to first token, for streamed answers
     batch_size: int = 1
     prompt: str | None = None  # only when prompts are recorded
+    outcome: str = "served"  # one of OUTCOMES
+    response_chars: int | None = None  # length of the answer text
+    blank_response: bool | None = None  # the answer has no visible character
+    template_tokens: int | None = None  # chat-template markers in the answer
 
     @classmethod
     def from_attribute(cls, value: dict[str, Any]) -> InferenceRecord:
-        """The record stored by `InferenceRecorder.record` (unknown keys are ignored)."""
+        """The record stored by `InferenceRecorder` (unknown keys are ignored; a record stored
+        before text features existed gets them from its text).
+        """
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in value.items() if k in known})
+        record = cls(**{k: v for k, v in value.items() if k in known})
+        return record if "response_chars" in value else with_text_features(record)
+
+
+def with_text_features(record: InferenceRecord) -> InferenceRecord:
+    """``record`` with the lengths and counts of its response text (what the monitor checks);
+    a record without text keeps the ones it has.
+    """
+    text = record.response
+    if text is None:
+        return record
+    return replace(
+        record,
+        response_chars=len(text),
+        blank_response=not text.strip(),
+        template_tokens=len(re.findall(TEMPLATE_TOKEN_REGEX, text)),
+    )
+
+
+def outcome_of(status_code: int, *, answered: bool = True) -> str:
+    """The outcome of a row the server answered with ``status_code`` (`OUTCOMES`)."""
+    if status_code == CANCELLED_STATUS:
+        return "cancelled"
+    if status_code in SHED_STATUSES:
+        return "shed"
+    if 400 <= status_code < 500:
+        return "refused"
+    if status_code >= 500 or not answered:
+        return "error"
+    return "served"
 
 
 class InferenceRecorder:
-    """Writes inference records of one model version to an MLflow experiment as traces."""
+    """Records the inference of one model version: to a spool, which stores them as traces.
+
+    Args:
+        model_name: The served registered model.
+        model_version: Its version.
+        experiment_id: The MLflow experiment the traces go to.
+        record_prompts: Store prompt and answer text (else only lengths and counts).
+        context_tokens: The served model's context window, for each record.
+        spool: Where records wait for the tracking store; needed by `record` and
+            `record_exchange` (`records_for` alone needs none).
+    """
 
     def __init__(
         self,
@@ -59,38 +132,40 @@ class InferenceRecorder:
         experiment_id: str,
         record_prompts: bool = False,
         context_tokens: int | None = None,
+        spool: RecordSpool | None = None,
     ) -> None:
         self.model_name = model_name
         self.model_version = str(model_version)
         self.experiment_id = experiment_id
         self.record_prompts = record_prompts
         self.context_tokens = context_tokens
+        self.spool = spool
+
+    def entry(self, record: InferenceRecord, *, request: Any = None) -> Entry:
+        """The stored form of ``record``: without any text unless prompts are recorded.
+
+        Args:
+            record: The record.
+            request: Its request row (stored as the span's inputs only when prompts are).
+
+        Returns:
+            A JSON-ready spool entry, with a new record id.
+        """
+        record = with_text_features(record)
+        if not self.record_prompts:
+            record = replace(record, prompt=None, response=None)
+        return {
+            "id": uuid.uuid4().hex,
+            "experiment_id": self.experiment_id,
+            "record": asdict(record),
+            "inputs": request if self.record_prompts else {"recorded": False},
+        }
 
     def record(self, record: InferenceRecord, *, request: Any = None) -> str:
-        """Log ``record`` as a trace; ``request`` is stored only when prompts are recorded."""
-        import mlflow
-
-        start_ns = int(record.timestamp * 1e9)
-        stored = asdict(record)
-        if not self.record_prompts:
-            stored["prompt"] = None
-        span = mlflow.start_span_no_context(
-            name=RECORD_SPAN_NAME,
-            span_type="CHAT_MODEL",
-            inputs=request if self.record_prompts else {"recorded": False},
-            # MLflow annotates dict[str, str], but passes them to Span.set_attributes, which
-            # takes any JSON-serialisable value.
-            attributes={RECORD_ATTRIBUTE: stored},  # type: ignore[dict-item]
-            tags={MODEL_NAME_TAG: record.model_name, MODEL_VERSION_TAG: record.model_version},
-            experiment_id=self.experiment_id,
-            start_time_ns=start_ns,
-        )
-        span.end(
-            outputs=record.response,
-            status="ERROR" if record.error else "OK",
-            end_time_ns=start_ns + int(record.latency_s * 1e9),
-        )
-        return span.trace_id
+        """Spool ``record``; returns the id of the trace it becomes."""
+        entry = self.entry(record, request=request)
+        self._spool().append([entry])
+        return trace_id_of(entry)
 
     def records_for(
         self,
@@ -102,15 +177,21 @@ class InferenceRecorder:
         latency_s: float,
         ttft_s: float | None = None,
         rows: list[Any] | None = None,
+        reason: str | None = None,
     ) -> list[tuple[InferenceRecord, Any]]:
         """Pair each request row of an HTTP exchange with its answer (or the call's error);
-        ``rows`` are ``request_rows(payload)`` when the caller has them already.
+        ``rows`` are ``request_rows(payload)`` when the caller has them already, ``reason`` the
+        serving layer's own words for a refusal (kept even when messages are redacted).
         """
         rows = request_rows(payload) if rows is None else rows
         if not rows:
             rows = [payload]  # malformed: still one record, of the error the server answered
         answers = _answers(body, len(rows)) if status_code < 400 else [None] * len(rows)
-        error = None if status_code < 400 else _error_message(body, status_code)
+        error = (
+            None
+            if status_code < 400
+            else _error_message(body, status_code, reason=reason, full=self.record_prompts)
+        )
         out = []
         for row, answer in zip(rows, answers, strict=True):
             text, finish, usage = _answer_fields(answer)
@@ -133,22 +214,99 @@ class InferenceRecorder:
                 ttft_s=ttft_s,
                 batch_size=len(rows),
                 prompt=prompt_text,
+                outcome=outcome_of(status_code, answered=answer is not None),
             )
-            out.append((record, row))
+            out.append((with_text_features(record), row))
         return out
 
     def record_exchange(self, payload: Any, **exchange: Any) -> int:
-        """Record every row of one HTTP exchange (`records_for`'s arguments); never raises:
-        serving must not fail because the tracking store does.
+        """Spool a record of every row of one HTTP exchange (`records_for`'s arguments); never
+        raises: serving must not fail because recording does.
         """
-        written = 0
         try:
-            for record, row in self.records_for(payload, **exchange):
-                self.record(record, request=row)
-                written += 1
+            entries = [
+                self.entry(record, request=row)
+                for record, row in self.records_for(payload, **exchange)
+            ]
+            self._spool().append(entries)
         except Exception:
-            _log.exception("Could not write inference records to MLflow")
-        return written
+            _log.exception("Could not spool inference records")
+            return 0
+        return len(entries)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record spooled so far is stored; whether it was within ``timeout``."""
+        return self.spool.flush(timeout) if self.spool is not None else True
+
+    def close(self, timeout: float | None = 15.0) -> bool:
+        """Store what is spooled and stop (`RecordSpool.close`); whether everything was stored."""
+        return self.spool.close(timeout) if self.spool is not None else True
+
+    def _spool(self) -> RecordSpool:
+        if self.spool is None:
+            raise RuntimeError("This recorder has no spool: give it one to record.")
+        return self.spool
+
+
+def trace_id_of(entry: Entry) -> str:
+    """The MLflow trace id a spool entry is stored as (the same each time it is written)."""
+    return f"tr-{entry['id']}"
+
+
+def write_entries(entries: list[Entry], *, tracking_uri: str | None = None) -> None:
+    """Store spool entries as traces, one ``log_spans`` call per experiment; raises if the store
+    did not take them (the spool then tries again). Writing an entry again rewrites its trace.
+    """
+    from mlflow.entities import Span
+    from mlflow.tracing.client import TracingClient
+
+    by_experiment: dict[str, list[Span]] = defaultdict(list)
+    for entry in entries:
+        by_experiment[str(entry["experiment_id"])].append(Span.from_dict(_span_dict(entry)))
+    client = TracingClient(tracking_uri)
+    for experiment_id, spans in by_experiment.items():
+        client.log_spans(experiment_id, spans)
+
+
+def _span_dict(entry: Entry) -> dict[str, Any]:
+    """The root span of an entry's trace, in the form ``Span.from_dict`` reads."""
+    from mlflow.tracing.constant import SpanAttributeKey
+
+    record = entry["record"]
+    trace_id = trace_id_of(entry)
+    start_ns = int(record["timestamp"] * 1e9)
+    attributes = {
+        SpanAttributeKey.REQUEST_ID: trace_id,
+        SpanAttributeKey.SPAN_TYPE: "CHAT_MODEL",
+        SpanAttributeKey.INPUTS: entry.get("inputs"),
+        SpanAttributeKey.OUTPUTS: record.get("response"),
+        RECORD_ATTRIBUTE: record,
+        f"{SpanAttributeKey.TRACE_TAG_PREFIX}{MODEL_NAME_TAG}": record["model_name"],
+        f"{SpanAttributeKey.TRACE_TAG_PREFIX}{MODEL_VERSION_TAG}": str(record["model_version"]),
+    }
+    prompt_tokens, completion_tokens = record.get("prompt_tokens"), record.get("completion_tokens")
+    if prompt_tokens is not None and completion_tokens is not None:
+        attributes[SpanAttributeKey.CHAT_USAGE] = {
+            "input_tokens": prompt_tokens,
+            "output_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+    failed = record.get("outcome", "served") != "served"
+    return {
+        "trace_id": trace_id,
+        "span_id": entry["id"][:16],
+        "parent_span_id": None,
+        "name": RECORD_SPAN_NAME,
+        "start_time_unix_nano": start_ns,
+        "end_time_unix_nano": start_ns + int(float(record["latency_s"]) * 1e9),
+        "status": {
+            "code": "STATUS_CODE_ERROR" if failed else "STATUS_CODE_OK",
+            "message": record.get("outcome", "") if failed else "",
+        },
+        # Span attributes are stored JSON-encoded, as MLflow's own spans store them.
+        "attributes": {key: json.dumps(value, default=str) for key, value in attributes.items()},
+        "events": [],
+    }
 
 
 def request_rows(payload: Any) -> list[Any]:
@@ -257,10 +415,19 @@ def _prompt_text(row: Any) -> str | None:
     return None
 
 
-def _error_message(body: Any, status_code: int) -> str:
-    if isinstance(body, dict) and body.get("message"):
-        return f"HTTP {status_code}: {body.get('error_code', '')} {body['message']}".strip()
-    return f"HTTP {status_code}"
+def _error_message(body: Any, status_code: int, *, reason: str | None, full: bool) -> str:
+    """``HTTP <status> <error code>: <why>``. The why is the answer's own message only when
+    ``full`` (prompts are recorded: MLflow's and the model's messages may quote the request);
+    else the serving layer's ``reason``, which never does, or nothing.
+    """
+    code = body.get("error_code") if isinstance(body, dict) else None
+    head = f"HTTP {status_code}"
+    if isinstance(code, str) and _ERROR_CODE.fullmatch(code):
+        head = f"{head} {code}"
+    message = body.get("message") if isinstance(body, dict) else None
+    if full and message:
+        return f"{head}: {str(message)[:_MAX_ERROR_CHARS]}"
+    return f"{head}: {reason}" if reason else head
 
 
 def _int(value: Any) -> int | None:

@@ -4,6 +4,10 @@ The guard, the streamer and the recorder of `phi3ops.serving.app` all need the r
 and its rows, and MLflow's scoring app needs the body itself. `read_request` reads the ASGI body
 once and returns a `ParsedRequest` with both: the parsed view for the serving layer, and the
 received messages, which `ParsedRequest.replay` hands to MLflow's app as if unread.
+
+Reading stops early, before anything is parsed, when the body is larger than the server takes
+(`BodyTooLarge`: by its ``content-length`` before a byte is read, else as soon as it grows past
+the limit) or when the client leaves while sending it (`ClientDisconnected`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,23 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class BodyTooLarge(Exception):
+    """The request body is larger than the server reads."""
+
+    def __init__(self, size: int | None, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        what = f"is {size} bytes" if size is not None else f"is over {limit} bytes"
+        super().__init__(
+            f"the request body {what}; the server takes at most {limit} bytes "
+            f"(PHI3OPS_SERVE_MAX_BODY_BYTES)"
+        )
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the whole request body arrived."""
 
 
 @dataclass(frozen=True)
@@ -75,21 +96,36 @@ def is_invocation(scope: Scope) -> bool:
     return scope["type"] == "http" and scope["path"] == INVOCATIONS_PATH
 
 
-async def read_request(scope: Scope, receive: Receive) -> ParsedRequest:
+async def read_request(scope: Scope, receive: Receive, *, max_bytes: int) -> ParsedRequest:
     """Reads the whole body of a request and parses it.
 
     Args:
         scope: The request's ASGI scope.
         receive: The request's ASGI ``receive``; it is drained here, so use `replay` after.
+        max_bytes: The largest body read.
 
     Returns:
         The request, parsed; a body that is not JSON gives ``payload=None`` and ``error``.
+
+    Raises:
+        BodyTooLarge: The body is over ``max_bytes`` (by its declared length, or as read);
+            nothing more is read.
+        ClientDisconnected: The client left before the body was complete.
     """
-    messages, chunks = [], []
+    declared = _content_length(scope)
+    if declared is not None and declared > max_bytes:
+        raise BodyTooLarge(declared, max_bytes)
+    messages, chunks, size = [], [], 0
     while True:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("the client disconnected while sending the request")
         messages.append(message)
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise BodyTooLarge(None, max_bytes)
+        chunks.append(chunk)
         if message["type"] != "http.request" or not message.get("more_body"):
             break
     body = b"".join(chunks)
@@ -103,6 +139,16 @@ async def read_request(scope: Scope, receive: Receive) -> ParsedRequest:
         rows=request_rows(payload),
         messages=tuple(messages),
     )
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def parse_json(data: bytes) -> tuple[Any, str | None]:

@@ -7,19 +7,26 @@ guard in front of it. Like ``mlflow models serve``, it first downloads the model
 ``POST /invocations`` with MLflow's ``{"inputs": ...}`` / ``{"dataframe_records": ...}``
 payloads or the bare OpenAI-style ``{"messages": [...], "max_tokens": ...}`` body, and
 ``GET /ping`` / ``GET /health``.
+
+The server cannot outlive what started it: on Linux, uvicorn gets ``SIGTERM`` (a graceful stop,
+which stores its spooled inference records) when the thread that started it dies, even by
+``kill -9``. A port that cannot be bound fails `start_server` before anything is downloaded.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +37,9 @@ from phi3ops.serving.app import MODEL_NAME_ENV, MODEL_PATH_ENV, MODEL_VERSION_EN
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
 
-_MODEL_URI = re.compile(r"^(models|runs):/.+|^[a-z][a-z0-9+.-]*://.+|^/.+")
+#: MLflow model locations other than a local folder: the registry, a run, a remote store.
+_MODEL_URI = re.compile(r"^(models|runs):/.+|^[a-z][a-z0-9+.-]*://.+")
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def model_uri_for(model_name: str, *, alias: str | None = None, version: str | None = None) -> str:
@@ -43,25 +52,83 @@ def model_uri_for(model_name: str, *, alias: str | None = None, version: str | N
     return f"models:/{model_name}@{alias}" if alias else f"models:/{model_name}/{version}"
 
 
+def check_model_uri(model_uri: str) -> None:
+    """Refuse anything but an MLflow model location, before anything is copied.
+
+    Accepted: ``models:/...``, ``runs:/...``, a remote store URI (``s3://``...), or a local
+    folder (a path or ``file://``) holding an ``MLmodel`` file.
+
+    Raises:
+        InvalidInputError: ``model_uri`` is none of those.
+    """
+    local = _local_folder(model_uri)
+    if local is None:
+        if _MODEL_URI.match(model_uri):
+            return
+        if "://" not in model_uri and ":/" not in model_uri:
+            local = Path(model_uri).expanduser()
+    if local is not None and (local / "MLmodel").is_file():
+        return
+    raise InvalidInputError(
+        f"model_uri {model_uri!r} is not an MLflow model URI: use models:/<name>@<alias>, "
+        f"models:/<name>/<version>, runs:/<run id>/<path>, a model store URI, or a local "
+        f"folder that holds an MLmodel file."
+    )
+
+
 def download_model(model_uri: str, target: Path) -> Path:
-    """Resolve ``model_uri`` once and copy the model into ``target``; returns the model folder."""
-    if not _MODEL_URI.match(model_uri):
-        raise InvalidInputError(
-            f"model_uri {model_uri!r} is not an MLflow model URI: use models:/<name>@<alias>, "
-            f"models:/<name>/<version> or runs:/<run id>/<path>."
-        )
+    """Resolve ``model_uri`` once and copy the model into ``target``; returns the model folder.
+
+    Raises:
+        InvalidInputError: ``model_uri`` is not an MLflow model location (`check_model_uri`),
+            cannot be loaded, or what it points at has no MLmodel file.
+    """
+    check_model_uri(model_uri)
     import mlflow
     from mlflow.exceptions import MlflowException
 
     configure_tracking()
     try:
-        return Path(
+        path = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target))
         )
     except MlflowException as exc:
         raise InvalidInputError(
             f"Cannot load {model_uri}: {exc.message} Check the name and alias/version with "
             f"`mlflow ui` (or the registry of MLFLOW_TRACKING_URI)."
+        ) from exc
+    if not (path / "MLmodel").is_file():
+        raise InvalidInputError(
+            f"{model_uri} is not an MLflow model: what it points at has no MLmodel file."
+        )
+    return path
+
+
+def _local_folder(model_uri: str) -> Path | None:
+    """The folder of a ``file://`` URI, else None."""
+    if model_uri.startswith("file://"):
+        return Path(model_uri.removeprefix("file://")).expanduser()
+    return None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail now, with the reason, when uvicorn could not listen on ``host:port``.
+
+    Raises:
+        InvalidInputError: The address cannot be bound (another process holds the port, or the
+            host is not an address of this machine).
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind(address)
+    except OSError as exc:
+        raise InvalidInputError(
+            f"Cannot listen on {host}:{port}: {exc.strerror or exc}. Another process may hold "
+            f"the port: stop it or pick another --port."
         ) from exc
 
 
@@ -120,11 +187,15 @@ def start_server(
 ) -> subprocess.Popen:
     """Download ``model_uri`` and start serving it in the background.
 
-    The server gets a session of its own, so `stop_server` can stop uvicorn's workers with it.
+    The server gets a session of its own, so `stop_server` can stop uvicorn's workers with it,
+    and, on Linux, a ``SIGTERM`` when the calling thread dies (started from the main thread:
+    when this process dies), so a killed caller leaves no server behind.
     A registered version's requests are recorded as MLflow traces (`phi3ops.serving.records`);
     the alias is resolved once, here, so records name the version actually served.
     """
     command = serve_command(Path("."), host=host, port=port, workers=workers)  # check first
+    check_model_uri(model_uri)
+    check_port_free(host, port)
     parent = get_settings().data_dir / "serving"
     parent.mkdir(parents=True, exist_ok=True)
     download_dir = Path(tempfile.mkdtemp(prefix="model-", dir=parent))
@@ -135,12 +206,37 @@ def start_server(
         env = {**os.environ, **(extra_env or {}), MODEL_PATH_ENV: str(model_path)}
         if served is not None:
             env[MODEL_NAME_ENV], env[MODEL_VERSION_ENV] = served
-        process = subprocess.Popen(command, env=env, start_new_session=True, **popen_kwargs)
+        process = subprocess.Popen(
+            command,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_dies_with_this_thread(),
+            **popen_kwargs,
+        )
     except BaseException:
         shutil.rmtree(download_dir, ignore_errors=True)
         raise
     process.download_dir = download_dir  # type: ignore[attr-defined]  # removed by stop_server
     return process
+
+
+def _dies_with_this_thread() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to send the child ``SIGTERM`` when its parent dies
+    (``PR_SET_PDEATHSIG``); None elsewhere, or off the main thread (whose end would stop it).
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_parent_death_signal
 
 
 def wait_until_ready(process: subprocess.Popen, url: str, *, timeout: float = 180.0) -> None:

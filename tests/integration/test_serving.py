@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
@@ -13,6 +14,7 @@ import pytest
 
 from phi3ops.errors import InvalidInputError
 from phi3ops.serving.server import (
+    check_model_uri,
     model_uri_for,
     serve_command,
     start_server,
@@ -53,6 +55,33 @@ def test_start_server_rejects_a_bad_uri_and_an_unknown_model(tmp_path) -> None:
         start_server("phi3@champion", port=_free_port())
     with pytest.raises(InvalidInputError, match="models:/nope@champion"):
         start_server("models:/nope@champion", port=_free_port())
+
+
+def test_only_mlflow_model_locations_are_served_nothing_else_is_copied(
+    tmp_path, isolated_settings
+) -> None:
+    private = tmp_path / "home"
+    (private / ".ssh").mkdir(parents=True)
+    (private / ".ssh" / "id_rsa").write_text("KEY")
+    for uri in (str(private), private.as_uri(), str(private / ".ssh" / "id_rsa")):
+        with pytest.raises(InvalidInputError, match="MLmodel"):
+            start_server(uri, port=_free_port())
+    copied = [p for p in isolated_settings.rglob("*") if p.name in {"id_rsa", ".ssh"}]
+    assert copied == []
+    (private / "MLmodel").write_text("flavors: {}\n")
+    check_model_uri(str(private))  # a local MLflow model folder is fine
+    check_model_uri(private.as_uri())
+    check_model_uri("runs:/0123/model")
+
+
+def test_a_port_that_is_taken_fails_before_anything_is_downloaded(isolated_settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(InvalidInputError, match=f"Cannot listen on 127.0.0.1:{port}"):
+            start_server("models:/phi3@champion", port=port)
+    assert not (isolated_settings / "serving").exists()
 
 
 @pytest.fixture(scope="module")
@@ -171,13 +200,42 @@ def test_every_request_row_is_recorded_as_a_trace_of_the_served_version(
     monkeypatch.setenv("PHI3OPS_DATA_DIR", packaged["data_dir"])  # the server's store
     get_settings.cache_clear()
     records, deadline = [], time.monotonic() + 30
-    while len(records) < 2 and time.monotonic() < deadline:  # the server writes them async
+    while len(records) < 2 and time.monotonic() < deadline:  # the server's writer stores them
         records = load_records(f"phi3-{flavor}", "1", start=started, end=time.time() + 1)
         time.sleep(0.5)
     answered, refused = records
-    assert answered.status_code == 200 and answered.response and answered.error is None
+    assert answered.status_code == 200 and answered.outcome == "served" and answered.error is None
+    assert answered.response is None and answered.response_chars  # no text unless recorded
     assert answered.completion_tokens <= 8 and answered.finish_reason in {"stop", "length"}
-    assert refused.status_code == 400 and refused.response is None and "content" in refused.error
+    assert (refused.status_code, refused.outcome, refused.response) == (400, "refused", None)
+    assert refused.error.startswith("HTTP 400 INVALID_PARAMETER_VALUE")
+
+
+@pytest.mark.slow
+def test_a_stream_the_client_drops_stops_generating_and_is_recorded_cancelled(
+    server, packaged
+) -> None:
+    flavor, url = server
+    if flavor != "onnx":
+        pytest.skip("only the ONNX flavor streams")
+    started = time.time()
+    body = {**CHAT, "max_tokens": 1500, "stream": True}
+    with httpx.stream("POST", f"{url}/invocations", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        for i, _ in enumerate(response.iter_lines()):
+            if i >= 6:
+                break  # the client goes away mid-answer
+    dropped = time.time()
+    records, deadline = [], time.monotonic() + 30
+    while not records and time.monotonic() < deadline:
+        records = _served_records(packaged, started)
+        time.sleep(0.2)
+    (record,) = records
+    assert (record.status_code, record.outcome) == (499, "cancelled")
+    assert record.response_chars is None and record.completion_tokens is None
+    # Recorded when the generation stopped, not after the 1500 tokens it was asked for.
+    assert record.latency_s < dropped - started + 2.0
+    assert _post(url, CHAT).status_code == 200
 
 
 @pytest.mark.slow
@@ -222,3 +280,234 @@ def test_cli_serve_answers_and_sigterm_stops_every_process(packaged) -> None:
     with pytest.raises(httpx.TransportError):  # uvicorn went down with it
         httpx.get(f"{url}/ping", timeout=2)
     assert set(downloads.iterdir()) == before  # its downloaded model was removed
+
+
+def _rows_of(body: dict) -> int:
+    return len(body["inputs"]) if "inputs" in body else 1
+
+
+def _load(
+    url: str,
+    total: int,
+    *,
+    concurrency: int = 20,
+    max_tokens: int = 4,
+    answers: list[int] | None = None,
+) -> tuple[int, int, int]:
+    """Send ``total`` requests (chat, streamed chat, refused, three-row) ``concurrency`` at a
+    time; (requests answered, rows answered, requests that got no answer). Each answer's
+    rows are appended to ``answers`` as it comes.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    bad = {"messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 4}
+    chat = {**CHAT, "max_tokens": max_tokens}
+    kinds = [chat, {**chat, "stream": True}, bad, {"inputs": [chat] * 3}]
+    limits = httpx.Limits(max_connections=concurrency)
+    with httpx.Client(base_url=url, timeout=120, limits=limits) as client:
+
+        def send(i: int) -> int:
+            body = kinds[i % len(kinds)]
+            try:
+                client.post("/invocations", json=body).read()
+            except httpx.TransportError:
+                return -1
+            if answers is not None:
+                answers.append(_rows_of(body))
+            return _rows_of(body)
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(send, range(total)))
+    answered = [r for r in results if r >= 0]
+    return len(answered), sum(answered), len(results) - len(answered)
+
+
+def _served_records(packaged: dict, started: float) -> list:
+    from phi3ops.settings import get_settings
+    from tasks.monitoring import load_records
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PHI3OPS_DATA_DIR", packaged["data_dir"])
+        get_settings.cache_clear()
+        try:
+            return load_records("phi3-onnx", "1", start=started, end=time.time() + 1)
+        finally:
+            get_settings.cache_clear()
+
+
+def _start(packaged: dict, log_path: Path, *, workers: int) -> tuple[subprocess.Popen, str]:
+    from phi3ops.settings import get_settings
+
+    port = _free_port()
+    log = log_path.open("w")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PHI3OPS_DATA_DIR", packaged["data_dir"])
+        get_settings.cache_clear()
+        process = start_server(
+            packaged["onnx"], port=port, workers=workers, stdout=log, stderr=subprocess.STDOUT
+        )
+    get_settings.cache_clear()
+    url = f"http://127.0.0.1:{port}"
+    wait_until_ready(process, url, timeout=240)
+    return process, url
+
+
+@pytest.mark.slow
+def test_every_row_under_load_is_one_trace_across_sigterm(packaged, tmp_path) -> None:
+    """300 requests, 20 at a time, to two workers; SIGTERM as the last answers come in."""
+    import threading
+
+    spool_dir = Path(packaged["data_dir"]) / "serving" / "spool"
+    spooled_before = set(spool_dir.glob("*.jsonl"))  # of servers that other tests run
+    process, url = _start(packaged, tmp_path / "server.log", workers=2)
+    started = time.time()
+    try:
+        requests, rows, unanswered = _load(url, 240)  # under load, no shutdown yet
+        # Then SIGTERM with 20 longer requests in flight: the answered ones are all recorded.
+        late: list[tuple[int, int, int]] = []
+        answers: list[int] = []
+        sender = threading.Thread(
+            target=lambda: late.append(_load(url, 60, max_tokens=64, answers=answers))
+        )
+        sender.start()
+        deadline = time.monotonic() + 60
+        while not answers and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        answered_before_sigterm = len(answers)
+        stop_server(process)
+    sender.join(120)
+    (late_requests, late_rows, late_unanswered) = late[0]
+    records = _served_records(packaged, started)
+    print(
+        f"\nload: {requests} requests ({rows} rows) answered, {unanswered} not; then SIGTERM "
+        f"with {60 - answered_before_sigterm} of 60 unanswered: {late_requests} ({late_rows} rows) "
+        f"answered, {late_unanswered} refused at the door; {len(records)} records stored for "
+        f"{rows + late_rows} rows answered"
+    )
+    assert process.returncode is not None
+    assert unanswered == 0 and late_requests > answered_before_sigterm  # some after SIGTERM
+    assert len(records) == rows + late_rows
+    outcomes = {r.outcome for r in records}
+    assert outcomes == {"served", "refused"}
+    assert set(spool_dir.glob("*.jsonl")) <= spooled_before  # drained and removed at exit
+
+
+@pytest.mark.slow
+def test_after_kill_9_only_requests_in_flight_go_unrecorded(packaged, tmp_path) -> None:
+    import functools
+    import os
+    import signal
+    import threading
+
+    from phi3ops.serving.records import write_entries
+    from phi3ops.serving.spool import RecordSpool
+    from phi3ops.settings import get_settings
+    from phi3ops.tracking import tracking_uri
+
+    process, url = _start(packaged, tmp_path / "server.log", workers=1)
+    started = time.time()
+    results: list[tuple[int, int, int]] = []
+    answers: list[int] = []
+    sender = threading.Thread(
+        target=lambda: results.append(
+            _load(url, 200, concurrency=8, max_tokens=32, answers=answers)
+        )
+    )
+    sender.start()
+    deadline = time.monotonic() + 120
+    while len(answers) < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # mid-load: no shutdown, no drain
+    sender.join(120)
+    process.wait(10)
+    stop_server(process)
+    requests, rows, unanswered = results[0]
+    # The next server on this data dir stores what the killed one had spooled; its spool is
+    # started the way the server's is.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PHI3OPS_DATA_DIR", packaged["data_dir"])
+        get_settings.cache_clear()
+        spool = RecordSpool(
+            Path(packaged["data_dir"]) / "serving" / "spool",
+            functools.partial(write_entries, tracking_uri=tracking_uri()),
+        ).start()
+        assert spool.flush(timeout=60)
+        spool.close()
+    get_settings.cache_clear()
+    records = _served_records(packaged, started)
+    print(
+        f"\nkill -9: {requests} requests ({rows} rows) answered, {unanswered} cut off; "
+        f"{len(records)} records stored"
+    )
+    assert requests > 0 and unanswered > 0
+    # Every answered row is recorded; of the requests cut off, at most the in-flight ones
+    # (8 at a time, up to 3 rows each) may be.
+    assert rows <= len(records) <= rows + 8 * 3
+
+
+@pytest.mark.slow
+def test_cli_serve_exits_non_zero_when_the_port_is_taken(packaged) -> None:
+    import os
+    import sys
+
+    env = {**os.environ, "PHI3OPS_DATA_DIR": packaged["data_dir"]}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        command = [sys.executable, "-m", "cli.app", "serve", "--model-uri", packaged["onnx"]]
+        done = subprocess.run(
+            [*command, "--port", port], env=env, capture_output=True, text=True, timeout=240
+        )
+    assert done.returncode != 0, done.stdout
+    assert f"Cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.slow
+def test_a_killed_cli_takes_its_server_with_it(packaged) -> None:
+    import os
+    import signal
+    import sys
+
+    port = _free_port()
+    env = {**os.environ, "PHI3OPS_DATA_DIR": packaged["data_dir"]}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "cli.app", "serve", "--model-uri", packaged["onnx"]]
+    cli = subprocess.Popen(
+        [*command, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    servers: list[int] = []
+    try:
+        wait_until_ready(cli, url, timeout=240)
+        servers = _children(cli.pid)
+        assert servers, "uvicorn should be a child of the CLI"
+        cli.kill()  # kill -9: no handler of the CLI runs
+        cli.wait(10)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in servers):
+            time.sleep(0.5)
+        assert not any(Path(f"/proc/{p}").exists() for p in servers), "uvicorn outlived the CLI"
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/ping", timeout=2)
+    finally:
+        for pid in servers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -10,16 +11,18 @@ import pytest
 
 from phi3ops.errors import InvalidInputError
 from phi3ops.serving.records import (
+    TEMPLATE_TOKEN_REGEX,
     InferenceRecord,
     InferenceRecorder,
     completion_from_events,
     request_rows,
+    with_text_features,
 )
 from tasks.monitoring import (
-    TEMPLATE_TOKEN_REGEX,
     Baseline,
     build_expectations,
     records_frame,
+    validate,
     window_bounds,
 )
 
@@ -92,6 +95,39 @@ def test_a_refused_request_is_an_error_record_and_prompts_only_when_enabled() ->
     assert record.response is None and record.status_code == 400
     assert "max_tokens too big" in record.error
     assert record.prompt == "user: hi"
+    assert record.outcome == "refused"
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (200, "served"),
+        (400, "refused"),
+        (413, "refused"),
+        (429, "shed"),
+        (503, "shed"),
+        (499, "cancelled"),
+        (500, "error"),
+    ],
+)
+def test_each_status_has_its_outcome(status, outcome) -> None:
+    body = _completion("x") if status == 200 else {"error_code": "X", "message": "m"}
+    ((record, _),) = _recorder().records_for(
+        CHAT, status_code=status, body=body, started=1.0, latency_s=0.1
+    )
+    assert record.outcome == outcome
+
+
+def test_error_messages_are_redacted_unless_prompts_are_recorded() -> None:
+    body = {"error_code": "INVALID_PARAMETER_VALUE", "message": "bad row {'content': 'my ssn'}"}
+    ((hidden, _),) = _recorder().records_for(
+        CHAT, status_code=400, body=body, started=1.0, latency_s=0.1, reason="why, in our words"
+    )
+    assert hidden.error == "HTTP 400 INVALID_PARAMETER_VALUE: why, in our words"
+    ((shown, _),) = _recorder(record_prompts=True).records_for(
+        CHAT, status_code=400, body=body, started=1.0, latency_s=0.1
+    )
+    assert "my ssn" in shown.error
 
 
 def test_a_missing_prediction_is_an_error_not_a_silent_gap() -> None:
@@ -117,6 +153,39 @@ def test_records_round_trip_through_the_span_attribute() -> None:
     )
     stored = {**record.__dict__, "added_later": 1}
     assert InferenceRecord.from_attribute(stored) == record
+
+
+def test_only_server_failures_count_as_errors() -> None:
+    """Refused inputs and clients that left are anyone's to cause: not the server failing."""
+    base = dict(timestamp=1.0, model_name="m", model_version="1", latency_s=1.0, response=None)
+    frame = records_frame(
+        [
+            InferenceRecord(
+                **base, error="HTTP 499: cancelled", status_code=499, outcome="cancelled"
+            ),
+            InferenceRecord(**base, error="HTTP 500", status_code=500, outcome="error"),
+            InferenceRecord(**base, error="HTTP 400 X", status_code=400, outcome="refused"),
+            InferenceRecord(**base, error="HTTP 503 X", status_code=503, outcome="shed"),
+        ]
+    )
+    assert frame["error"].tolist() == [None, "HTTP 500", None, "HTTP 503 X"]
+
+
+@pytest.mark.slow  # great-expectations takes seconds to import
+def test_answer_checks_work_on_records_without_text(tmp_path) -> None:
+    from phi3ops.settings import get_settings
+
+    base = dict(timestamp=1.0, model_name="m", model_version="1", latency_s=1.0)
+    answers = ["Paris is the capital."] * 8 + ["   ", "Paris.<|end|><|assistant|>"]
+    records = [
+        dataclasses.replace(with_text_features(InferenceRecord(**base, response=a)), response=None)
+        for a in answers
+    ]
+    expectations, _ = build_expectations(get_settings().monitor, None)
+    checks, _ = validate(records_frame(records), expectations, docs_dir=tmp_path)
+    failed = {check.name for check in checks if not check.success}
+    assert failed == {"responses-not-empty", "no-template-tokens"}
+    assert all(record.response is None for record in records)
 
 
 def test_frame_derives_seconds_per_token_only_where_tokens_were_generated() -> None:
