@@ -31,6 +31,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _cli_serve(packaged: dict[str, str], port: int) -> tuple[list[str], dict[str, str]]:
+    """``phi3ops serve`` of the packaged ONNX model on ``port``: the command and its env."""
+    import os
+    import sys
+
+    env = {**os.environ, "PHI3OPS_DATA_DIR": packaged["data_dir"]}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the store is the one under PHI3OPS_DATA_DIR
+    command = [sys.executable, "-m", "cli.app", "serve", "--model-uri", packaged["onnx"]]
+    return [*command, "--port", str(port)], env
+
+
 def test_model_uri_needs_exactly_one_of_alias_and_version() -> None:
     assert model_uri_for("phi3", alias="champion") == "models:/phi3@champion"
     assert model_uri_for("phi3", version="4") == "models:/phi3/4"
@@ -254,22 +265,13 @@ def test_onnx_server_answers_plain_prompt_and_names_bad_fields(server) -> None:
 
 @pytest.mark.slow
 def test_cli_serve_answers_and_sigterm_stops_every_process(packaged) -> None:
-    import os
     import signal
-    import sys
 
     port = _free_port()
-    env = {**os.environ, "PHI3OPS_DATA_DIR": packaged["data_dir"]}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the store is the one under PHI3OPS_DATA_DIR
     downloads = Path(packaged["data_dir"]) / "serving"
     before = set(downloads.iterdir()) if downloads.exists() else set()
-    command = [sys.executable, "-m", "cli.app", "serve", "--model-uri", packaged["onnx"]]
-    cli = subprocess.Popen(
-        [*command, "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command, env = _cli_serve(packaged, port)
+    cli = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(cli, url, timeout=240)
@@ -448,19 +450,13 @@ def test_after_kill_9_only_requests_in_flight_go_unrecorded(packaged, tmp_path) 
 
 @pytest.mark.slow
 def test_cli_serve_exits_non_zero_when_the_port_is_taken(packaged) -> None:
-    import os
-    import sys
 
-    env = {**os.environ, "PHI3OPS_DATA_DIR": packaged["data_dir"]}
-    env.pop("MLFLOW_TRACKING_URI", None)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        command = [sys.executable, "-m", "cli.app", "serve", "--model-uri", packaged["onnx"]]
-        done = subprocess.run(
-            [*command, "--port", port], env=env, capture_output=True, text=True, timeout=240
-        )
+        command, env = _cli_serve(packaged, int(port))
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode != 0, done.stdout
     assert f"Cannot listen on 127.0.0.1:{port}" in done.stderr
 
@@ -481,18 +477,10 @@ def _children(pid: int) -> list[int]:
 def test_a_killed_cli_takes_its_server_with_it(packaged) -> None:
     import os
     import signal
-    import sys
 
     port = _free_port()
-    env = {**os.environ, "PHI3OPS_DATA_DIR": packaged["data_dir"]}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "cli.app", "serve", "--model-uri", packaged["onnx"]]
-    cli = subprocess.Popen(
-        [*command, "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command, env = _cli_serve(packaged, port)
+    cli = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     servers: list[int] = []
     try:
