@@ -10,6 +10,12 @@ prompts for every contender:
 
 Contenders alternate prompt by prompt, so machine noise hits both sides alike.
 
+Concurrency (``--only concurrency``), on the same packaged model: output tokens/s and median
+(p50) call latency of the loaded ONNX pyfunc with 8 clients calling ``predict`` at once
+(threads, as a scoring server's pool does) vs 1 client, and against the ceiling, one client
+sending 8 rows per call; the pyfunc's batcher runs concurrent greedy requests as one
+onnxruntime-genai batch. The runs alternate round by round.
+
 Orchestration (``--only orchestration``): the lifecycle flow (fetch, package, register,
 evaluate, promote) on the tiny Phi-3 vs the same task functions called as plain Python, each
 run on a fresh store so nothing is reused; the difference is what Prefect costs per run
@@ -25,9 +31,11 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -114,6 +122,54 @@ def _batched_vs_single(model_uri: str, *, max_tokens: int, rounds: int) -> tuple
         single_tokens += sum(tokens(model.predict([r])) for r in requests)
         single_s += time.perf_counter() - start
     return batched_tokens / batched_s, single_tokens / single_s
+
+
+def _concurrent_clients(
+    model_uri: str, *, clients: int, max_tokens: int, rounds: int
+) -> dict[str, tuple[float, float]]:
+    """Tokens/s and p50 latency (s) of the ONNX pyfunc: 1 client, ``clients`` clients at once,
+    and the batching ceiling, 1 client sending ``clients`` rows in each call.
+
+    Every client sends each prompt once, one call after another, starting at its own prompt so
+    that concurrent requests differ; the three runs alternate for ``rounds`` rounds.
+    """
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(model_uri)
+
+    def client(first: int, rows: int, latencies: list[float]) -> int:
+        tokens = 0
+        for n in range(first, first + len(PROMPTS)):
+            requests = [
+                {
+                    "messages": [{"role": "user", "content": PROMPTS[(n + row) % len(PROMPTS)]}],
+                    "max_tokens": max_tokens,
+                    "temperature": 0.0,
+                }
+                for row in range(rows)
+            ]
+            start = time.perf_counter()
+            results = model.predict(requests)
+            latencies.append(time.perf_counter() - start)
+            tokens += sum(int(result["usage"]["completion_tokens"]) for result in results)
+        return tokens
+
+    client(0, 1, [])  # warm-up
+    runs = {"1 client": (1, 1), f"{clients} clients": (clients, 1), "rows": (1, clients)}
+    tokens, seconds = dict.fromkeys(runs, 0), dict.fromkeys(runs, 0.0)
+    latencies: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (threads, rows) in runs.items():
+            start = time.perf_counter()
+            with ThreadPoolExecutor(threads) as pool:
+                done = pool.map(
+                    lambda first, r=rows, n=name: client(first, r, latencies[n]), range(threads)
+                )
+                tokens[name] += sum(done)
+            seconds[name] += time.perf_counter() - start
+    return {
+        name: (tokens[name] / seconds[name], statistics.median(latencies[name])) for name in runs
+    }
 
 
 def _side_by_side(
@@ -282,6 +338,7 @@ def _orchestration(tmp: Path, *, eval_set: str, rounds: int) -> list[tuple[str, 
 
 SECTIONS = {
     "serving": "Serving: the packaged Phi-3",
+    "concurrency": "Serving: concurrent clients share batches",
     "orchestration": "Orchestration: the lifecycle flow vs plain Python",
 }
 
@@ -298,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=["bench", "tiny"], default="bench")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=8, help="Concurrent clients.")
     parser.add_argument(
         "--lifecycle-eval-set", default="phi3-default", help="Eval set of the lifecycle runs."
     )
@@ -309,15 +367,28 @@ def main(argv: list[str] | None = None) -> int:
 
     sections: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="phi3ops-bench-") as tmp:
+        packaged = (
+            _package(Path(tmp), args.preset) if {"serving", "concurrency"} & set(chosen) else {}
+        )
+        params = getattr(packaged.get("recipe"), "num_parameters", None)
         if "serving" in chosen:
-            rows, recipe = _serving(Path(tmp), args)
-            params = getattr(recipe, "num_parameters", None)
+            rows = _serving(packaged, args)
             sections["serving"] = _section(
                 "serving",
                 f"preset `{args.preset}`, {params:,} parameters; {len(PROMPTS)} prompts x "
                 f"{args.rounds} rounds, max_tokens={args.max_tokens}, greedy. Contenders run "
                 "alternately, prompt by prompt, in one process.",
                 rows,
+            )
+        if "concurrency" in chosen:
+            sections["concurrency"] = _section(
+                "concurrency",
+                f"preset `{args.preset}`, {params:,} parameters; each client sends the "
+                f"{len(PROMPTS)} prompts one after another (max_tokens={args.max_tokens}, "
+                f"greedy), {args.rounds} rounds; 1 client, {args.clients} clients and 1 client "
+                f"sending {args.clients} rows per call alternate; "
+                "model_config defaults (max_batch_size 8, batch_wait_ms 5).",
+                _concurrency(packaged, args),
             )
         if "orchestration" in chosen:
             rows = _orchestration(
@@ -339,9 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _serving(tmp: Path, args) -> tuple[list[tuple[str, str, float, str]], object]:
-    packaged = _package(tmp, args.preset)
-    recipe = packaged["recipe"]
+def _serving(packaged: dict[str, object], args) -> list[tuple[str, str, float, str]]:
     # Load-to-first-token, measured back to back on the same files.
     bare, bare_load = _bare_og(packaged["onnx_model_dir"])
     onnx, onnx_load = _pyfunc(packaged["onnx"])
@@ -391,7 +460,42 @@ def _serving(tmp: Path, args) -> tuple[list[tuple[str, str, float, str]], object
             "report",
         ),
     ]
-    return rows, recipe
+    return rows
+
+
+def _concurrency(packaged: dict[str, object], args) -> list[tuple[str, str, float, str]]:
+    measured = _concurrent_clients(
+        str(packaged["onnx"]), clients=args.clients, max_tokens=args.max_tokens, rounds=args.rounds
+    )
+    (one_tps, one_p50) = measured["1 client"]
+    (many_tps, many_p50) = measured[f"{args.clients} clients"]
+    (rows_tps, _) = measured["rows"]
+    return [
+        (
+            f"tokens/s: ONNX pyfunc, {args.clients} concurrent clients vs 1 client",
+            f"{many_tps:.1f} vs {one_tps:.1f}",
+            many_tps / one_tps,
+            "report; the ceiling is the next row (before the batcher: 1.01)",
+        ),
+        (
+            f"tokens/s: ceiling, 1 client sending {args.clients} rows per call vs 1 row",
+            f"{rows_tps:.1f} vs {one_tps:.1f}",
+            rows_tps / one_tps,
+            "report (2.24 for batch 8 on an idle 2-core machine)",
+        ),
+        (
+            f"tokens/s: {args.clients} concurrent clients vs the ceiling",
+            f"{many_tps:.1f} vs {rows_tps:.1f}",
+            many_tps / rows_tps,
+            ">= 0.8",
+        ),
+        (
+            f"p50 call latency (s): {args.clients} concurrent clients vs 1 client",
+            f"{many_p50:.2f} vs {one_p50:.2f}",
+            many_p50 / one_p50,
+            f"report (< {args.clients}: batching beats a queue)",
+        ),
+    ]
 
 
 def _section(key: str, setup: str, rows: list[tuple[str, str, float, str]]) -> str:

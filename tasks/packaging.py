@@ -49,6 +49,11 @@ from pydantic import BaseModel
 from phi3ops.crash import crash_point
 from phi3ops.errors import InvalidInputError, PackagingError
 from phi3ops.names import LineageTag
+from phi3ops.serving.onnx_chat_model import (
+    DEFAULT_BATCH_WAIT_MS,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE,
+)
 from phi3ops.serving.signatures import (
     CHAT_INPUT_EXAMPLE,
     MODEL_CODE_PATH,
@@ -168,6 +173,11 @@ def plan_package(
             "max_tokens": DEFAULT_MAX_NEW_TOKENS,
             "temperature": 0.0,  # greedy unless a request asks to sample, as in transformers
             "model_name": model_name_for_response or fetched.repo_id,
+            # Logged so that `phi3ops serve` can change them at load time (MLflow's
+            # SERVING_MODEL_CONFIG overrides only keys the logged config has).
+            "max_batch_size": DEFAULT_MAX_BATCH_SIZE,
+            "max_queue": DEFAULT_MAX_QUEUE,
+            "batch_wait_ms": DEFAULT_BATCH_WAIT_MS,
         }
     else:
         if model_name_for_response is not None:

@@ -30,6 +30,17 @@ and they win over the ``model_config`` defaults (``max_tokens``, ``temperature``
 ``top_k``). Every request is validated before any token is generated; a bad one raises
 ``MlflowException`` with ``INVALID_PARAMETER_VALUE`` (HTTP 400 from the scoring server).
 
+Concurrent calls share batches. ``predict`` and ``predict_stream`` calls from many threads
+(MLflow's scoring server, phi3ops' server and evaluation all call from thread pools) queue their
+validated rows with the model's batcher; one engine thread runs waiting rows with equal sampling
+(greedy rows always match) as one onnxruntime-genai batch, waiting ``batch_wait_ms`` for
+company, and hands every call its own answers or stream pieces; a greedy answer is token for
+token the one the request gets alone. Overload is refused, not queued without end: with
+``max_queue`` calls waiting, another gets ``RESOURCE_EXHAUSTED`` (HTTP 429) at once; a call
+past its timeout (``params['timeout_s']``, else ``model_config['request_timeout_s']``) is
+cancelled with ``DEADLINE_EXCEEDED`` (HTTP 504); a stream its consumer closes is cancelled too.
+A cancelled row takes no more tokens.
+
 The model folder is data, never code: ``load_context`` refuses a folder holding anything but
 model files (`MODEL_FILE_SUFFIXES`) or a ``genai_config.json`` that loads a library
 (``custom_ops_library``), names an execution provider other than the CPU, or sets a session
@@ -41,9 +52,13 @@ import json
 import math
 import numbers
 import os
+import queue
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,15 +66,23 @@ import mlflow
 import numpy as np
 import onnxruntime_genai as og
 import pandas as pd
+from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import (
+    DEADLINE_EXCEEDED,
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_EXHAUSTED,
+)
 from mlflow.pyfunc import PythonModel, PythonModelContext  # mypy sees mlflow.pyfunc as a LazyLoader
 
 __all__ = [
     "ALLOWED_PROVIDERS",
     "ALLOWED_ROLES",
     "ALLOWED_SESSION_OPTIONS",
+    "DEFAULT_BATCH_WAIT_MS",
     "DEFAULT_MAX_BATCH_SIZE",
+    "DEFAULT_MAX_QUEUE",
     "DEFAULT_MAX_TOKENS",
     "GENAI_CONFIG",
     "MODEL_DIR_ARTIFACT",
@@ -78,6 +101,13 @@ ALLOWED_ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_TOKENS = 256
 #: Rows generated together at most: the KV cache grows with batch size x sequence length.
 DEFAULT_MAX_BATCH_SIZE = 8
+#: Requests (predict or predict_stream calls) that may wait for the engine; one more is refused.
+DEFAULT_MAX_QUEUE = 64
+#: How long the engine waits, after a request arrives, for others to join its batch.
+DEFAULT_BATCH_WAIT_MS = 5.0
+# The engine thread ends after this long with nothing to do (a new request starts another), so
+# a model that is no longer used holds no thread.
+_ENGINE_IDLE_S = 5.0
 _PROMPT_FORMATS = ("auto", "chat", "raw")
 _GENERATION_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "stop")
 # Rendered through the chat template to find the markers that open a user turn.
@@ -301,6 +331,31 @@ def _as_stop(value: Any, name: str) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def _as_timeout(value: Any, name: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise _invalid(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _as_milliseconds(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise _invalid(f"{name} must be a number of milliseconds >= 0, got {value!r}")
+    if value < 0:
+        raise _invalid(f"{name} must be a number of milliseconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _generation_failed(error: BaseException) -> MlflowException:
+    return MlflowException(
+        f"generation failed inside onnxruntime-genai: {error}", error_code=INTERNAL_ERROR
+    )
+
+
 def _validated_setting(name: str, value: Any, label: str) -> Any:
     if name == "temperature":
         return _as_temperature(value, label)
@@ -469,6 +524,11 @@ class _RowState:
         """The generator stopped on its own (max_length): nothing more will come."""
         self._finish("length")
 
+    def cancel(self) -> None:
+        """Nobody waits for this row any more: it takes no more tokens and hands out nothing."""
+        if not self.done:
+            self.finish_reason = "cancelled"
+
     def _finish(self, reason: str) -> None:
         if not self.done:
             self._append(self.decoder.flush())
@@ -506,15 +566,225 @@ class _RowState:
         return longest
 
 
+# --- the batcher: concurrent calls share one onnxruntime-genai batch ----------------------------
+
+
+def _deadline_exceeded(timeout_s: float) -> MlflowException:
+    return MlflowException(
+        f"the request was cancelled: it did not finish within its timeout of {timeout_s:g} s "
+        "(the model is busy or the answer is long); retry later, ask for fewer max_tokens, or "
+        "send a longer params['timeout_s']",
+        error_code=DEADLINE_EXCEEDED,
+    )
+
+
+class _Ticket:
+    """One predict or predict_stream call, from the caller's side, while the engine serves it.
+
+    The engine puts ``("text", piece)`` (streams only), ``("row", position, state)`` once a row
+    is finished, or ``("error", exception)`` on `events`; the caller takes them with `next`.
+    """
+
+    def __init__(self, requests: list[_Request], *, timeout_s: float, stream: bool) -> None:
+        self.requests = requests
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.stream = stream
+        self.unstarted = len(requests)  # rows still waiting in the queue
+        self.cancelled = False
+        self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+
+    @property
+    def started(self) -> bool:
+        return self.unstarted < len(self.requests)
+
+    def expired(self, now: float) -> bool:
+        """Past its deadline: a stream's deadline covers only its wait for the engine."""
+        return now > self.deadline and not (self.stream and self.started)
+
+    def next(self) -> tuple[Any, ...]:
+        """The next event; raises `_deadline_exceeded` once the deadline has passed."""
+        while True:
+            if self.stream and self.started:
+                return self.events.get()
+            try:
+                return self.events.get(timeout=max(0.0, self.deadline - time.monotonic()))
+            except queue.Empty:
+                if not (self.stream and self.started):
+                    raise _deadline_exceeded(self.timeout_s) from None
+
+
+@dataclass(eq=False)
+class _Job:
+    """One row of a ticket in the engine's queue."""
+
+    ticket: _Ticket
+    position: int
+    arrived: float
+
+    @property
+    def request(self) -> _Request:
+        return self.ticket.requests[self.position]
+
+
+class _Batcher:
+    """The one owner of the state concurrent calls share: a bounded queue and an engine thread.
+
+    Callers `submit` their validated rows and wait on the `_Ticket` they get. The engine thread
+    takes the oldest waiting row and every waiting row with the same sampling (greedy rows
+    always match), up to ``max_batch_size``, waiting up to ``wait_s`` (after the oldest arrived
+    or the engine got free) for more to come, and runs them as one onnxruntime-genai batch to
+    its end (static batching: rows that arrive meanwhile wait for the next batch). A row whose
+    caller is gone (a closed stream, a passed deadline) is cancelled: it stops taking tokens
+    and the batch ends as soon as no live row is left. The thread starts with the first
+    request and ends after ``_ENGINE_IDLE_S`` with nothing to do.
+    """
+
+    def __init__(
+        self,
+        steps: Callable[[list[_Request]], Iterator[list[_RowState]]],
+        fits: Callable[[list[_Request]], bool],
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        wait_s: float,
+    ) -> None:
+        self._steps = steps
+        self._fits = fits
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.wait_s = wait_s
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[_Job] = deque()
+        self._queued = 0  # tickets with rows still waiting
+        self._thread: threading.Thread | None = None
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the engine (not counting those it is generating)."""
+        with self._lock:
+            return self._queued
+
+    def submit(self, requests: list[_Request], *, timeout_s: float, stream: bool) -> _Ticket:
+        """Queues one call's rows; refuses at once when ``max_queue`` requests already wait.
+
+        Raises:
+            MlflowException: ``RESOURCE_EXHAUSTED`` (HTTP 429) when the queue is full.
+        """
+        ticket = _Ticket(requests, timeout_s=timeout_s, stream=stream)
+        with self._lock:
+            if self._queued >= self.max_queue:
+                raise MlflowException(
+                    f"the model's request queue is full ({self.max_queue} requests waiting "
+                    "while it generates): retry later",
+                    error_code=RESOURCE_EXHAUSTED,
+                )
+            now = time.monotonic()
+            self._waiting.extend(_Job(ticket, position, now) for position in range(len(requests)))
+            self._queued += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="onnx-chat-batcher", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify()
+        return ticket
+
+    def cancel(self, ticket: _Ticket) -> None:
+        """Gives up ``ticket``: its waiting rows leave the queue, its running rows stop."""
+        with self._lock:
+            ticket.cancelled = True
+            if ticket.unstarted:
+                self._waiting = deque(job for job in self._waiting if job.ticket is not ticket)
+                ticket.unstarted = 0
+                self._queued -= 1
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    jobs = self._next_jobs()
+                    if jobs is None:  # under the lock: a request queued later starts a thread
+                        self._thread = None
+                        return
+                self._run(jobs)
+        except BaseException:  # unforeseen: let the next request start a new engine thread
+            with self._lock:
+                self._thread = None
+            raise
+
+    def _next_jobs(self) -> list[_Job] | None:
+        """The next batch (holding the lock), or None after ``_ENGINE_IDLE_S`` with no work.
+
+        The wait for company starts when the oldest row arrived or when the engine got free,
+        whichever is later: the callers of the batch just finished come back with their next
+        requests within a few milliseconds, and joining them keeps batches full (rows that
+        waited through a whole batch would otherwise start alone, split from the rest).
+        """
+        free_since = time.monotonic()
+        idle_until = free_since + _ENGINE_IDLE_S
+        while True:
+            now = time.monotonic()
+            if not self._waiting:
+                if now >= idle_until:
+                    return None
+                self._wake.wait(idle_until - now)
+                continue
+            first = self._waiting[0]
+            jobs = [job for job in self._waiting if job.request.sampling == first.request.sampling]
+            window = max(first.arrived, free_since) + self.wait_s - now
+            if len(jobs) >= self.max_batch_size or window <= 0:
+                break
+            self._wake.wait(window)
+        jobs = jobs[: self.max_batch_size]
+        taken = set(map(id, jobs))
+        self._waiting = deque(job for job in self._waiting if id(job) not in taken)
+        for job in jobs:
+            job.ticket.unstarted -= 1
+            if job.ticket.unstarted == 0:
+                self._queued -= 1
+        return jobs
+
+    def _run(self, jobs: list[_Job]) -> None:
+        fits = self._fits([job.request for job in jobs])
+        for group in [jobs] if fits else [[job] for job in jobs]:
+            delivered: set[int] = set()
+            try:
+                for states in self._steps([job.request for job in group]):
+                    now = time.monotonic()
+                    for index, (job, state) in enumerate(zip(group, states, strict=True)):
+                        if index in delivered:
+                            continue
+                        if job.ticket.cancelled or job.ticket.expired(now):
+                            state.cancel()  # the batch ends early once every row is done
+                            delivered.add(index)
+                            continue
+                        if job.ticket.stream:
+                            piece = state.take_stream_text()
+                            if piece:
+                                job.ticket.events.put(("text", piece))
+                        if state.done:
+                            job.ticket.events.put(("row", job.position, state))
+                            delivered.add(index)
+            except Exception as exc:  # handed to every caller waiting on this batch
+                for index, job in enumerate(group):
+                    if index not in delivered:
+                        job.ticket.events.put(("error", exc))
+
+
 # --- the model ----------------------------------------------------------------------------------
 
 
 class OnnxChatModel(PythonModel):
     """Phi-3 chat on onnxruntime-genai: ``llm/v1/chat`` requests and plain prompts.
 
-    ``load_context`` loads the ONNX model and its tokenizer once. ``predict`` keeps all of its
-    state in local variables, one ``og.Generator`` per batch of requests, so concurrent calls
-    from threads share only the read-only model and tokenizer.
+    ``load_context`` loads the ONNX model and its tokenizer once and creates the `_Batcher`,
+    the one owner of what concurrent calls share: ``predict`` and ``predict_stream`` calls from
+    any number of threads (MLflow's scoring server, phi3ops' server, evaluation) validate their
+    rows in their own thread, then queue them; one engine thread runs waiting rows with equal
+    sampling as one onnxruntime-genai batch and hands each call its own rows or stream pieces.
+    A greedy answer is token for token the one the request gets alone.
     """
 
     def load_context(self, context: PythonModelContext) -> None:
@@ -523,8 +793,12 @@ class OnnxChatModel(PythonModel):
         Args:
             context: MLflow context; ``artifacts["model_dir"]`` is the ONNX folder and
                 ``model_config`` may set ``max_tokens``, ``temperature``, ``top_p``,
-                ``top_k``, ``model_name``, ``max_batch_size`` and ``prompt_format``
-                (``auto``, ``chat`` or ``raw``).
+                ``top_k``, ``model_name``, ``prompt_format`` (``auto``, ``chat`` or ``raw``)
+                and the batcher's ``max_batch_size`` (rows per batch, default 8),
+                ``max_queue`` (requests that may wait, default 64; one more gets
+                ``RESOURCE_EXHAUSTED``), ``batch_wait_ms`` (how long a request waits for others
+                to join its batch, default 5) and ``request_timeout_s`` (default
+                ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, 60).
 
         Raises:
             MlflowException: The artifact is missing, holds a file or ``genai_config.json``
@@ -563,10 +837,25 @@ class OnnxChatModel(PythonModel):
                 defaults[name] = _validated_setting(name, config[name], f"model_config[{name!r}]")
         self._defaults = defaults
         self.model_name = str(config.get("model_name") or genai_config.get("type", "phi3"))
-        self._max_batch_size = _as_int(
-            config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE),
-            "model_config['max_batch_size']",
-            minimum=1,
+        self._request_timeout_s = _as_timeout(
+            config.get("request_timeout_s", MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()),
+            "model_config['request_timeout_s']",
+        )
+        self._batcher = _Batcher(
+            self._steps,
+            self._fits,
+            max_batch_size=_as_int(
+                config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE),
+                "model_config['max_batch_size']",
+                minimum=1,
+            ),
+            max_queue=_as_int(
+                config.get("max_queue", DEFAULT_MAX_QUEUE), "model_config['max_queue']", minimum=1
+            ),
+            wait_s=_as_milliseconds(
+                config.get("batch_wait_ms", DEFAULT_BATCH_WAIT_MS), "model_config['batch_wait_ms']"
+            )
+            / 1000,
         )
         self._prompt_format = config.get("prompt_format", "auto")
         if self._prompt_format not in _PROMPT_FORMATS:
@@ -594,18 +883,33 @@ class OnnxChatModel(PythonModel):
             model_input: One request per row: a DataFrame (what pyfunc passes), a dict, or a
                 list of dicts. The hint is exactly ``pd.DataFrame`` so that MLflow validates
                 against the logged signature instead of inferring one from the hint.
-            params: Generation fields for rows that do not set them.
+            params: Generation fields for rows that do not set them, and ``timeout_s``: how
+                long this call may take (default ``model_config['request_timeout_s']``).
 
         Returns:
             One answer per row, in row order.
 
         Raises:
-            MlflowException: A request is invalid (``INVALID_PARAMETER_VALUE``); nothing was
-                generated.
+            MlflowException: A request is invalid (``INVALID_PARAMETER_VALUE``, HTTP 400);
+                nothing was generated. Too many requests already wait (``RESOURCE_EXHAUSTED``,
+                HTTP 429): retry later. The call ran past its timeout (``DEADLINE_EXCEEDED``,
+                HTTP 504): its rows were cancelled.
         """
         requests = self._requests(model_input, params)
-        states = self._generate_all(requests)
-        return [self._answer(state) for state in states]
+        ticket = self._batcher.submit(requests, timeout_s=self._timeout(params), stream=False)
+        states: list[_RowState | None] = [None] * len(requests)
+        left = len(requests)
+        try:
+            while left:
+                event = ticket.next()
+                if event[0] == "error":
+                    raise _generation_failed(event[1]) from event[1]
+                states[event[1]] = event[2]
+                left -= 1
+        finally:
+            if left:
+                self._batcher.cancel(ticket)
+        return [self._answer(state) for state in states if state is not None]
 
     def predict_stream(
         self,
@@ -615,24 +919,40 @@ class OnnxChatModel(PythonModel):
     ) -> Iterator[dict[str, Any] | str]:
         """Streams one request: ``chat.completion.chunk`` dicts, or string pieces for prompts.
 
-        The request is validated before this returns; the last chat chunk carries
-        ``finish_reason`` and ``usage``.
+        The request is validated and queued before this returns; the last chat chunk carries
+        ``finish_reason`` and ``usage``. Closing the iterator early (or dropping it) cancels
+        the request: its row stops generating and leaves its batch.
 
         Args:
             context: Unused.
             model_input: Exactly one request (DataFrame row, dict, or one-element list).
-            params: Generation fields the request does not set.
+            params: Generation fields the request does not set, and ``timeout_s``: how long
+                the request may wait for the engine before its first token (default
+                ``model_config['request_timeout_s']``); once it streams, it runs to its end.
 
         Returns:
             An iterator of chunks whose contents join into what ``predict`` returns.
 
         Raises:
-            MlflowException: The request is invalid, or more than one was sent.
+            MlflowException: The request is invalid, or more than one was sent (both
+                ``INVALID_PARAMETER_VALUE``); too many requests already wait
+                (``RESOURCE_EXHAUSTED``). Iterating raises ``DEADLINE_EXCEEDED`` when the
+                request waited past its timeout.
         """
         requests = self._requests(model_input, params)
         if len(requests) != 1:
             raise _invalid(f"predict_stream takes exactly one request, got {len(requests)}")
-        return self._stream(requests[0])
+        ticket = self._batcher.submit(requests, timeout_s=self._timeout(params), stream=True)
+        stream = self._stream(requests[0], ticket)
+        # A stream dropped unstarted never runs its finally: cancel it when it is collected.
+        weakref.finalize(stream, self._batcher.cancel, ticket)
+        return stream
+
+    def _timeout(self, params: dict[str, Any] | None) -> float:
+        value = (params or {}).get("timeout_s")
+        if _is_missing(value):
+            return self._request_timeout_s
+        return _as_timeout(value, "params['timeout_s']")
 
     # --- input -> requests ----------------------------------------------------------------------
 
@@ -728,30 +1048,11 @@ class OnnxChatModel(PythonModel):
 
     # --- generation -------------------------------------------------------------------------
 
-    def _generate_all(self, requests: list[_Request]) -> list[_RowState]:
-        groups: dict[_Sampling, list[_Request]] = {}
-        for request in requests:
-            groups.setdefault(request.sampling, []).append(request)
-        states: list[_RowState | None] = [None] * len(requests)
-        for group in groups.values():
-            for start in range(0, len(group), self._max_batch_size):
-                for batch in self._fitting_batches(group[start : start + self._max_batch_size]):
-                    for state in self._run(batch):
-                        states[state.request.index] = state
-        return [state for state in states if state is not None]
-
-    def _fitting_batches(self, batch: list[_Request]) -> list[list[_Request]]:
+    def _fits(self, batch: list[_Request]) -> bool:
+        """Whether these rows fit one batch (else they run one by one)."""
         # Padded rows share one max_length: the longest prompt plus the most new tokens.
         width = max(len(request.input_ids) for request in batch)
-        if width + max(request.max_tokens for request in batch) <= self.context_length:
-            return [batch]
-        return [[request] for request in batch]
-
-    def _run(self, batch: list[_Request]) -> list[_RowState]:
-        states: list[_RowState] = []
-        for states in self._steps(batch):  # noqa: B007 - the last step holds the answers
-            pass
-        return states
+        return width + max(request.max_tokens for request in batch) <= self.context_length
 
     def _steps(self, batch: list[_Request]) -> Iterator[list[_RowState]]:
         """Generates a batch of requests with equal sampling; yields the rows after each token."""
@@ -804,7 +1105,7 @@ class OnnxChatModel(PythonModel):
             "usage": _usage(prompt_tokens, state.completion_tokens),
         }
 
-    def _stream(self, request: _Request) -> Iterator[dict[str, Any] | str]:
+    def _stream(self, request: _Request, ticket: _Ticket) -> Iterator[dict[str, Any] | str]:
         chat = request.shape == "chat"
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -817,17 +1118,23 @@ class OnnxChatModel(PythonModel):
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
             }
 
-        if chat:
-            yield chunk({"role": "assistant", "content": ""})
-        state = None
-        for (state,) in self._steps([request]):
-            piece = state.take_stream_text()
-            if piece:
-                yield chunk({"content": piece}) if chat else piece
-        if chat and state is not None:
-            last = chunk({}, state.finish_reason)
-            last["usage"] = _usage(len(request.input_ids), state.completion_tokens)
-            yield last
+        try:
+            if chat:
+                yield chunk({"role": "assistant", "content": ""})
+            while True:
+                event = ticket.next()
+                if event[0] == "error":
+                    raise _generation_failed(event[1]) from event[1]
+                if event[0] == "row":
+                    state = event[2]
+                    break
+                yield chunk({"content": event[1]}) if chat else event[1]
+            if chat:
+                last = chunk({}, state.finish_reason)
+                last["usage"] = _usage(len(request.input_ids), state.completion_tokens)
+                yield last
+        finally:  # a consumer that stops early (GeneratorExit) frees the row's batch slot
+            self._batcher.cancel(ticket)
 
 
 def usable_context(genai_config: dict[str, Any]) -> int:

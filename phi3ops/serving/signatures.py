@@ -96,7 +96,8 @@ def _input_schema() -> Schema:
     return Schema(columns)
 
 
-#: Generation fields accepted as ``params`` too; the defaults mean "not set".
+#: Generation fields accepted as ``params`` too, and the call's ``timeout_s``; the defaults
+#: mean "not set".
 ONNX_CHAT_PARAMS = ParamSchema(
     [
         ParamSpec("temperature", DataType.double, None),
@@ -104,6 +105,9 @@ ONNX_CHAT_PARAMS = ParamSchema(
         ParamSpec("top_p", DataType.double, None),
         ParamSpec("top_k", DataType.long, None),
         ParamSpec("stop", DataType.string, [], shape=(-1,)),
+        # Not a generation field: how long the call may take (the model's batcher cancels it
+        # after that); None means the model's own request_timeout_s.
+        ParamSpec("timeout_s", DataType.double, None),
     ]
 )
 
@@ -146,7 +150,8 @@ def log_kwargs(
     Args:
         model_dir: The ONNX folder (holding ``genai_config.json``); copied into the model.
         model_config: Optional defaults for the model (``max_tokens``, ``temperature``,
-            ``top_p``, ``top_k``, ``model_name``, ``max_batch_size``, ``prompt_format``).
+            ``top_p``, ``top_k``, ``model_name``, ``prompt_format``) and its batcher
+            (``max_batch_size``, ``max_queue``, ``batch_wait_ms``, ``request_timeout_s``).
 
     Returns:
         Keyword arguments: ``python_model``, ``artifacts``, ``signature``, ``input_example``,

@@ -173,6 +173,7 @@ def test_logged_model_metadata_signature_and_requirements(logged, tiny_phi3) -> 
         "top_p",
         "top_k",
         "stop",
+        "timeout_s",
     ]
 
     import mlflow
@@ -576,6 +577,15 @@ def test_bad_requests_are_refused_before_generating(model, generators, request_,
     assert generators == []  # validated before any generation
 
 
+def test_the_timeout_param_reaches_the_model_through_the_pyfunc(pyfunc) -> None:
+    from mlflow.exceptions import MlflowException
+
+    (answer,) = pyfunc.predict(chat(QUESTIONS[0], max_tokens=3), params={"timeout_s": 30.0})
+    assert answer["usage"]["completion_tokens"] == 3
+    with pytest.raises(MlflowException, match=r"params\['timeout_s'\]"):
+        pyfunc.predict(chat(QUESTIONS[0], max_tokens=3), params={"timeout_s": -1.0})
+
+
 def test_bad_params_are_refused_naming_the_param(model) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -601,6 +611,9 @@ def test_predict_stream_refuses_more_than_one_request(model) -> None:
         ({"temperature": "warm"}, "model_config['temperature']"),
         ({"max_batch_size": 0}, "model_config['max_batch_size']"),
         ({"prompt_format": "jinja"}, "model_config['prompt_format']"),
+        ({"max_queue": 0}, "model_config['max_queue']"),
+        ({"batch_wait_ms": -1}, "model_config['batch_wait_ms']"),
+        ({"request_timeout_s": 0}, "model_config['request_timeout_s']"),
     ],
 )
 def test_bad_model_config_fails_at_load(served, tiny_phi3, config, field) -> None:
