@@ -33,8 +33,34 @@ def serve(
     workers: Annotated[
         int, typer.Option(help="Server worker processes (each loads the model).")
     ] = 1,
+    timeout: Annotated[
+        int | None,
+        typer.Option(
+            help="Seconds a request may take before it is cancelled with a 504; SIGTERM drains "
+            "requests in flight for as long (default: MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, "
+            "60).",
+        ),
+    ] = None,
+    max_batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="ONNX flavor: most requests generated together (default 8)."),
+    ] = None,
+    max_queue: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="ONNX flavor: requests that may wait; one more gets a 429 (default 64)."
+        ),
+    ] = None,
+    batch_wait_ms: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help="ONNX flavor: how long a request waits for others to join (default 5)."
+        ),
+    ] = None,
 ) -> None:
-    """Serve a registered model over HTTP (MLflow's scoring server, POST /invocations)."""
+    """Serve a registered model over HTTP: MLflow's POST /invocations and OpenAI's
+    POST /v1/chat/completions and GET /v1/models.
+    """
     from phi3ops.serving import server  # lazy: MLflow
 
     def serve_forever() -> int:
@@ -46,8 +72,20 @@ def serve(
         # SIGTERM (a supervisor, `kill`) must stop the server too, not orphan it; a `kill -9`
         # of this process stops it as well (start_server arms the parent-death signal).
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        process = server.start_server(uri, host=host, port=port, workers=workers)
-        typer.echo(f"Serving {uri} on http://{host}:{port}/invocations (Ctrl-C stops)")
+        batching = {
+            key: value
+            for key, value in zip(
+                server.BATCHING_KEYS, (max_batch_size, max_queue, batch_wait_ms), strict=True
+            )
+            if value is not None
+        }
+        process = server.start_server(
+            uri, host=host, port=port, workers=workers, timeout_s=timeout, batching=batching
+        )
+        typer.echo(
+            f"Serving {uri} on http://{host}:{port}/invocations and "
+            f"http://{host}:{port}/v1/chat/completions (Ctrl-C stops)"
+        )
         try:
             return process.wait()
         except KeyboardInterrupt:

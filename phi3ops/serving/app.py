@@ -1,5 +1,5 @@
-"""The ASGI app behind `phi3ops serve`: MLflow's scoring server, a guard for chat requests, and
-inference records.
+"""The ASGI app behind `phi3ops serve`: MLflow's scoring server, a guard for chat requests,
+OpenAI-compatible routes, and inference records.
 
 ``mlflow models serve --env-manager local`` runs ``uvicorn mlflow.pyfunc.scoring_server.app:app``
 on a downloaded model. This module builds the very same app (``scoring_server.init``) and wraps
@@ -7,16 +7,20 @@ it, because the serving layer is the one place that sees every request of both f
 transformers flavor's ``predict`` is MLflow's own code and happily generates from a prompt
 longer than the model's context, so that check happens here, before the model runs. For the
 same reason every request row is recorded here, as an MLflow trace (`phi3ops.serving.records`).
-It also streams (``"stream": true``) as server-sent events, which the scoring server cannot.
+It also streams (``"stream": true``) as server-sent events, which the scoring server cannot,
+and answers OpenAI's ``/v1/chat/completions`` and ``/v1/models`` (`phi3ops.serving.openai_routes`).
 
-One middleware, `ServingMiddleware`, does all of it for each ``/invocations`` request: read
-within the body limit and parse once (`phi3ops.serving.request`) -> validate (row cap, context)
--> route (refuse, stream, or MLflow's app) while watching for the client leaving -> record
-(`phi3ops.serving.records`, through the durable spool of `phi3ops.serving.spool`).
+One middleware, `ServingMiddleware`, does all of it for each ``/invocations`` and
+``/v1/chat/completions`` request: read within the body limit and parse once
+(`phi3ops.serving.request`) -> validate (row cap, the ONNX pyfunc's validators for both flavors
+(`phi3ops.serving.validate`), context) -> route (refuse, stream, or MLflow's app) while watching
+for the client leaving -> record (`phi3ops.serving.exchange`, `phi3ops.serving.records`, through
+the durable spool of `phi3ops.serving.spool`).
 
 Run by uvicorn as ``phi3ops.serving.app:create_app`` (``--factory``); the model folder comes
 from ``PHI3OPS_SERVE_MODEL_PATH``, the registered name and version that records are tagged with
-from ``PHI3OPS_SERVE_MODEL_NAME`` / ``PHI3OPS_SERVE_MODEL_VERSION`` (set by `start_server`).
+from ``PHI3OPS_SERVE_MODEL_NAME`` / ``PHI3OPS_SERVE_MODEL_VERSION``, the URI it was asked for from
+``PHI3OPS_SERVE_MODEL_URI`` (all set by `start_server`).
 """
 
 from __future__ import annotations
@@ -25,21 +29,29 @@ import asyncio
 import functools
 import json
 import os
-import queue
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from phi3ops.serving.onnx_chat_model import usable_context
-from phi3ops.serving.records import (
-    CANCELLED_STATUS,
-    InferenceRecorder,
-    completion_from_events,
-    write_entries,
+from phi3ops.serving.exchange import (
+    Exchange,
+    iterate_in_thread,
+    next_chunk,
+    send_event,
+    send_json,
+    start_events,
+    watch_client,
 )
+from phi3ops.serving.onnx_chat_model import usable_context
+from phi3ops.serving.openai_routes import (
+    CHAT_COMPLETIONS_PATH,
+    MODELS_PATH,
+    ChatCompletions,
+    ServedModel,
+    error_body,
+)
+from phi3ops.serving.records import InferenceRecorder, write_entries
 from phi3ops.serving.request import (
     ASGIApp,
     BodyTooLarge,
@@ -50,17 +62,17 @@ from phi3ops.serving.request import (
     Scope,
     Send,
     is_invocation,
-    parse_json,
     read_request,
 )
 from phi3ops.serving.spool import RecordSpool
+from phi3ops.serving.validate import chat_problem, quiet_reason
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking, tracking_uri
 
 MODEL_PATH_ENV = "PHI3OPS_SERVE_MODEL_PATH"
 MODEL_NAME_ENV = "PHI3OPS_SERVE_MODEL_NAME"
 MODEL_VERSION_ENV = "PHI3OPS_SERVE_MODEL_VERSION"
-SSE_CONTENT_TYPE = "text/event-stream"
+MODEL_URI_ENV = "PHI3OPS_SERVE_MODEL_URI"
 
 
 class TransformersContextLimit:
@@ -70,7 +82,7 @@ class TransformersContextLimit:
         self.model_path = model_path
         config = json.loads((model_path / "model" / "config.json").read_text())
         self.context = int(config["max_position_embeddings"])
-        mlmodel = _mlmodel(model_path)
+        mlmodel = read_mlmodel(model_path)
         inference = mlmodel["flavors"]["transformers"].get("inference_config") or {}
         model_config = mlmodel["flavors"]["python_function"].get("config") or {}
         self.default_new_tokens = int(
@@ -117,20 +129,26 @@ class TransformersContextLimit:
 
 
 class ServingMiddleware:
-    """ASGI middleware around MLflow's scoring app for ``/invocations``: read the request once
-    (within the body limit), validate it, route it (refuse, stream, or pass to MLflow's app),
-    watch the client, and record it.
+    """ASGI middleware around MLflow's scoring app for ``/invocations`` and the OpenAI-compatible
+    ``/v1`` routes: read the request once (within the body limit), validate it, route it
+    (refuse, stream, or pass to MLflow's app), watch the client, and record it.
 
     - Limits: a body over ``max_body_bytes`` is refused with a 413 before it is parsed (by its
       ``content-length`` before a byte is read); a request of more than ``max_rows`` rows with
       a 413 before the model runs, recorded as one row.
-    - Validate: with a ``limit`` (transformers flavor), a chat row that is malformed or cannot
-      fit the context is refused with a 400 before the model runs.
+    - Validate: every chat row, whatever the flavor, is checked by the ONNX pyfunc's own
+      validators (`phi3ops.serving.validate`) and refused with its 400 and message before the
+      model runs; with a ``limit`` (transformers flavor), a row that cannot fit the context too.
     - Stream: a chat request with ``"stream": true`` is answered as OpenAI-style server-sent
       events (``data: <chat.completion.chunk>``..., ``data: [DONE]``) from the model's
       ``predict_stream``; MLflow's scoring server itself cannot stream. A model without
       ``predict_stream`` (MLflow's transformers flavor) or an invalid request gets a 400 before
-      any event is sent.
+      any event is sent; a model error its MLflow status (RESOURCE_EXHAUSTED: 429).
+    - OpenAI: ``POST /v1/chat/completions`` and ``GET /v1/models``
+      (`phi3ops.serving.openai_routes`), answered by the same model, validator and records.
+    - Time: a stream with no answer within ``timeout_s`` is cut off and recorded as a 504
+      (MLflow's app times the other requests itself, with the same limit); every 429 / 503
+      carries ``Retry-After``.
     - Disconnects: a client that leaves is recorded as cancelled (status 499), whatever the
       route; a stream's generation stops at the next token and its thread is freed. A client
       that leaves while sending the body is recorded the same way, and nothing is routed.
@@ -152,6 +170,8 @@ class ServingMiddleware:
         recorder: InferenceRecorder | None = None,
         max_body_bytes: int = 2 * 1024**2,
         max_rows: int = 64,
+        served: ServedModel | None = None,
+        timeout_s: float | None = None,
     ) -> None:
         self.app = app
         self.model = model
@@ -159,36 +179,68 @@ class ServingMiddleware:
         self.recorder = recorder
         self.max_body_bytes = max_body_bytes
         self.max_rows = max_rows
+        self.served = served or ServedModel.of(name=None, version=None, uri=None)
+        self.timeout_s = timeout_s
+        self.chat = ChatCompletions(
+            app, model=model, served=self.served, problem=self._problem, timeout_s=timeout_s
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Read once, validate, route, watch, record (other paths pass through untouched)."""
         if scope["type"] == "lifespan":
             await self.app(scope, receive, self._draining_at_shutdown(send))
             return
-        if not is_invocation(scope):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        openai = path == CHAT_COMPLETIONS_PATH
+        if path == MODELS_PATH or path.startswith(f"{MODELS_PATH}/"):
+            await self._models(scope, send)
+            return
+        if path.startswith("/v1/") and not openai:
+            message = f"{path[:200]} is not a route of this server: use {CHAT_COMPLETIONS_PATH}"
+            await send_json(send, 404, error_body(404, message, code="ENDPOINT_NOT_FOUND"))
+            return
+        if not (openai or is_invocation(scope)):
             await self.app(scope, receive, send)
             return
-        exchange = _Exchange(send, self.recorder)
+        exchange = Exchange(send, self.recorder, timeout_s=self.timeout_s)
         try:
             try:
                 request = await read_request(scope, receive, max_bytes=self.max_body_bytes)
             except BodyTooLarge as exc:
                 exchange.reason = str(exc)
-                await _send_json(
-                    exchange.send, 413, {"error_code": "REQUEST_TOO_LARGE", "message": f"{exc}."}
-                )
+                if openai:
+                    await self.chat.refuse(exchange, 413, "REQUEST_TOO_LARGE", f"{exc}.")
+                else:
+                    body = {"error_code": "REQUEST_TOO_LARGE", "message": f"{exc}."}
+                    await send_json(exchange.send, 413, body)
                 return
             except ClientDisconnected:
                 exchange.gone.set()
                 return
             exchange.request = request
-            watcher = asyncio.ensure_future(_watch_client(receive, exchange))
+            watcher = asyncio.ensure_future(watch_client(receive, exchange))
             try:
-                await self._route(scope, request, exchange)
+                if openai:
+                    await self.chat(scope, request, exchange)
+                else:
+                    await self._route(scope, request, exchange)
             finally:
                 watcher.cancel()
         finally:  # an app that raised is recorded too, as a 500 unless it had answered
             exchange.record()
+
+    async def _models(self, scope: Scope, send: Send) -> None:
+        """``GET /v1/models`` and ``GET /v1/models/<id>`` (not recorded: no inference)."""
+        wanted = scope["path"].removeprefix(MODELS_PATH).removeprefix("/")
+        if not wanted:
+            await send_json(send, 200, self.served.listing())
+        elif wanted in self.served.names:
+            await send_json(send, 200, self.served.card())
+        else:
+            message = f"model {wanted[:200]!r} is not served here; this server serves " + (
+                f"{self.served.id!r}"
+            )
+            await send_json(send, 404, error_body(404, message, code="RESOURCE_DOES_NOT_EXIST"))
 
     def _draining_at_shutdown(self, send: Send) -> Send:
         """``send`` for the lifespan scope: store the spooled records before shutdown ends."""
@@ -202,211 +254,100 @@ class ServingMiddleware:
 
         return lifespan_send
 
-    async def _route(self, scope: Scope, request: ParsedRequest, exchange: _Exchange) -> None:
+    async def _route(self, scope: Scope, request: ParsedRequest, exchange: Exchange) -> None:
         """Validates ``request``, then refuses it, streams it or hands it to MLflow's app."""
-        problem = self._problem(request)
+        problem = self._problem(request.payload, request.rows)
         if problem:
             status, code, why = problem
-            exchange.reason = why  # our own words: recorded even when prompts are not
-            await _send_json(exchange.send, status, {"error_code": code, "message": why})
+            exchange.reason = quiet_reason(why)  # recorded even when prompts are not
+            await send_json(exchange.send, status, {"error_code": code, "message": why})
         elif request.wants_stream:
             await self._stream(request, exchange)
         else:
             await self.app(scope, request.replay(), exchange.send)
 
-    def _problem(self, request: ParsedRequest) -> tuple[int, str, str] | None:
-        """(status, error code, why) the request is refused with, or None. The why never quotes
-        the request (it is recorded even when prompts are not). A body that is not JSON has no
-        rows and goes on: MLflow's app answers it itself.
+    def _problem(self, payload: Any, rows: list[Any]) -> tuple[int, str, str] | None:
+        """(status, error code, why) the request is refused with, or None. A body that is not
+        JSON has no rows and goes on: MLflow's app answers it itself.
         """
-        if len(request.rows) > self.max_rows:
+        if len(rows) > self.max_rows:
             return (
                 413,
                 "REQUEST_TOO_LARGE",
-                f"the request has {len(request.rows)} rows; the server takes at most "
+                f"the request has {len(rows)} rows; the server takes at most "
                 f"{self.max_rows} per request (PHI3OPS_SERVE_MAX_ROWS): split it.",
             )
+        problem = chat_problem(payload, rows)
+        if problem:
+            return 400, "INVALID_PARAMETER_VALUE", problem
         if self.limit is None:
             return None
-        for row in request.rows:
+        for row in rows:
             problem = self.limit.problem(row)
             if problem:
                 return 400, "INVALID_PARAMETER_VALUE", problem
         return None
 
-    async def _stream(self, request: ParsedRequest, exchange: _Exchange) -> None:
-        import anyio
+    async def _stream(self, request: ParsedRequest, exchange: Exchange) -> None:
         from mlflow.exceptions import MlflowException
 
         chat = request.without_stream()
         send = exchange.send
         # A client that leaves sets ``gone``: the producer stops at the next token.
-        chunks = _iterate_in_thread(lambda: self.model.predict_stream(chat), exchange.gone)
+        chunks = iterate_in_thread(lambda: self.model.predict_stream(chat), exchange.gone)
         # The first chunk before any header: the request is validated when iteration starts.
-        kind, value = await anyio.to_thread.run_sync(chunks.get)
+        kind, value = await next_chunk(chunks, exchange, self.timeout_s)
+        if kind == "timeout":
+            message = f"{exchange.timeout_reason()}; try again"
+            await send_json(send, 504, {"error_code": "DEADLINE_EXCEEDED", "message": message})
+            return
         if kind == "error":
             if not isinstance(value, MlflowException):
                 raise value
-            message = value.message
+            status, code, message = value.get_http_status_code(), value.error_code, value.message
             if "predict_stream" in message:
+                status, code = 400, "BAD_REQUEST"
                 exchange.reason = "this model cannot stream; send the request without stream."
                 message = f"This model cannot stream ({message}); send the request without stream."
-            await _send_json(send, 400, {"error_code": value.error_code, "message": message})
+            await send_json(send, status, {"error_code": code, "message": message})
             return
-        headers = [(b"content-type", SSE_CONTENT_TYPE.encode()), (b"cache-control", b"no-cache")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await start_events(send)
         while kind == "chunk":
-            await _send_event(send, json.dumps(value))
-            kind, value = await anyio.to_thread.run_sync(chunks.get)
+            await send_event(send, json.dumps(value))
+            kind, value = await next_chunk(chunks, exchange, self.timeout_s)
         if kind == "cancelled":
             return  # the client is gone: nothing more to send, the row is recorded as such
-        if kind == "error":  # headers are gone: the error can only be the last event
-            await _send_event(send, json.dumps({"error": {"message": str(value)}}))
-        await _send_event(send, "[DONE]", last=True)
+        if kind == "timeout":
+            why = f"{exchange.timeout_reason()}; the answer is cut short"
+            await send_event(send, json.dumps({"error": {"message": why}}))
+        elif kind == "error":  # headers are gone: the error can only be the last event
+            await send_event(send, json.dumps({"error": {"message": str(value)}}))
+        await send_event(send, "[DONE]", last=True)
 
 
-class _Exchange:
-    """One ``/invocations`` call: passes the response on to the client, keeps what was sent,
-    and records the call's rows exactly once (`record`).
-    """
-
-    def __init__(self, send: Send, recorder: InferenceRecorder | None) -> None:
-        self._send = send
-        self._recorder = recorder
-        self._clock = time.perf_counter()
-        self.started = time.time()
-        self.request: ParsedRequest | None = None
-        self.status = 500  # stays so when the app raised before answering
-        self.streamed = False
-        self.complete = False  # the last byte of the answer was handed to the server
-        self.gone = threading.Event()  # the client left before that
-        self.reason: str | None = None  # the serving layer's own words for a refusal
-        self.parts: list[tuple[float, bytes]] = []  # (seconds since the request came, body)
-        self._recorded = False
-
-    async def send(self, message: Message) -> None:
-        """Passes ``message`` on; the records are spooled before the answer's last byte."""
-        if message["type"] == "http.response.start":
-            self.status = int(message["status"])
-            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
-            self.streamed = content_type.split(b";")[0] == SSE_CONTENT_TYPE.encode()
-        elif message["type"] == "http.response.body" and not message.get("more_body"):
-            self.parts.append((time.perf_counter() - self._clock, message.get("body", b"")))
-            self.record()  # spooled before the client has its answer
-            self.complete = True
-            await self._send(message)
-            return
-        await self._send(message)
-        if message["type"] == "http.response.body":  # timed once the client has it
-            self.parts.append((time.perf_counter() - self._clock, message.get("body", b"")))
-
-    def record(self) -> None:
-        """Spools the records of every row of the call, once; a client that left makes them
-        cancelled (499).
-        """
-        if self._recorded or self._recorder is None:
-            return
-        self._recorded = True
-        latency = time.perf_counter() - self._clock
-        request = self.request
-        status, answer, ttft = self.status, None, None
-        if self.gone.is_set():
-            status, self.reason = CANCELLED_STATUS, "cancelled: the client disconnected"
-        elif self.streamed:
-            answer, ttft = completion_from_events(self.parts)
-        else:
-            answer, _ = parse_json(b"".join(data for _, data in self.parts))
-        rows = None if request is None else request.rows
-        if status == 413 or rows is None:
-            rows = [None if request is None else request.payload]  # one record, not thousands
-        self._recorder.record_exchange(
-            None if request is None else request.payload,
-            rows=rows,
-            status_code=status,
-            body=answer,
-            started=self.started,
-            latency_s=latency,
-            ttft_s=ttft,
-            reason=self.reason,
-        )
-
-
-async def _watch_client(receive: Receive, exchange: _Exchange) -> None:
-    """Sets ``exchange.gone`` if the client disconnects before its answer is complete (the
-    server's ``receive`` gives ``http.disconnect`` then, or once the answer is complete).
-    """
-    try:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if not exchange.complete:
-                    exchange.gone.set()
-                return
-    except Exception:  # the server has nothing more to say about this client
-        return
-
-
-async def _send_event(send: Send, data: str, *, last: bool = False) -> None:
-    """One server-sent event, ``data: <data>``."""
-    body = f"data: {data}\n\n".encode()
-    await send({"type": "http.response.body", "body": body, "more_body": not last})
-
-
-def _iterate_in_thread(start: Callable[[], Any], stop: threading.Event) -> queue.Queue:
-    """Runs ``start()`` and iterates what it returns in one thread of its own, putting
-    ("chunk", item)..., then ("end", None), ("error", exception) or, once ``stop`` is set,
-    ("cancelled", None) on the returned queue.
-
-    One thread for the whole iteration: MLflow's ``predict_stream`` generator sets a context
-    variable around each step, which fails when the steps run in different threads' contexts.
-    When ``stop`` is set the iteration ends at the next item and the iterator is closed, which
-    ends the model's generation (its generator's cleanup runs) and frees the thread.
-    """
-    chunks: queue.Queue = queue.Queue()
-
-    def produce() -> None:
-        iterator: Any = None
-        try:
-            iterator = iter(start())
-            for item in iterator:
-                if stop.is_set():
-                    chunks.put(("cancelled", None))
-                    return
-                chunks.put(("chunk", item))
-            chunks.put(("end", None))
-        except Exception as exc:
-            chunks.put(("error", exc))
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
-
-    threading.Thread(target=produce, name="phi3ops-stream", daemon=True).start()
-    return chunks
-
-
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})
-
-
-def build_app(model_path: Path, *, recorder: InferenceRecorder | None = None) -> Any:
+def build_app(
+    model_path: Path,
+    *,
+    recorder: InferenceRecorder | None = None,
+    served: ServedModel | None = None,
+) -> Any:
     """MLflow's scoring app for the model at ``model_path``, guarded, recording when given one.
 
     Args:
         model_path: A downloaded MLflow model folder (either flavor).
         recorder: Where each request row is recorded; None records nothing.
+        served: How the OpenAI routes name the model; None names it by nothing but ``model``.
 
     Returns:
-        The ASGI app: MLflow's scoring app wrapped in `ServingMiddleware`.
+        The ASGI app: MLflow's scoring app wrapped in `ServingMiddleware`. Both time requests
+        out after ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` seconds (60 by default).
     """
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
     from mlflow.pyfunc import scoring_server
 
     model = scoring_server.load_model_with_mlflow_config(str(model_path))
     app = scoring_server.init(model)
-    is_transformers = "transformers" in _mlmodel(model_path).get("flavors", {})
+    is_transformers = "transformers" in read_mlmodel(model_path).get("flavors", {})
     limit = TransformersContextLimit(model_path) if is_transformers else None
     settings = get_settings()
     app.add_middleware(
@@ -416,6 +357,8 @@ def build_app(model_path: Path, *, recorder: InferenceRecorder | None = None) ->
         recorder=recorder,
         max_body_bytes=settings.serve_max_body_bytes,
         max_rows=settings.serve_max_rows,
+        served=served,
+        timeout_s=float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()),
     )
     return app
 
@@ -451,12 +394,13 @@ def create_app() -> Any:
         if name and version
         else None
     )
-    return build_app(model_path, recorder=recorder)
+    served = ServedModel.of(name=name, version=version, uri=os.environ.get(MODEL_URI_ENV))
+    return build_app(model_path, recorder=recorder, served=served)
 
 
 def context_tokens(model_path: Path) -> int | None:
     """The served model's context window (prompt plus answer), for either flavor."""
-    flavors = _mlmodel(model_path).get("flavors", {})
+    flavors = read_mlmodel(model_path).get("flavors", {})
     if "transformers" in flavors:
         return TransformersContextLimit(model_path).context
     for config in model_path.rglob("genai_config.json"):
@@ -464,7 +408,8 @@ def context_tokens(model_path: Path) -> int | None:
     return None
 
 
-def _mlmodel(model_path: Path) -> dict[str, Any]:
+def read_mlmodel(model_path: Path) -> dict[str, Any]:
+    """The ``MLmodel`` file of the model folder ``model_path``, parsed."""
     import yaml
 
     return yaml.safe_load((model_path / "MLmodel").read_text())

@@ -416,10 +416,14 @@ def _prompt_text(row: Any) -> str | None:
 
 
 def _error_message(body: Any, status_code: int, *, reason: str | None, full: bool) -> str:
-    """``HTTP <status> <error code>: <why>``. The why is the answer's own message only when
-    ``full`` (prompts are recorded: MLflow's and the model's messages may quote the request);
-    else the serving layer's ``reason``, which never does, or nothing.
+    """``HTTP <status> <error code>: <why>`` (of MLflow's or OpenAI's error shape). The why is
+    the answer's own message only when ``full`` (prompts are recorded: MLflow's and the model's
+    messages may quote the request); else the serving layer's ``reason``, which never does, or
+    nothing.
     """
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):  # OpenAI's shape (the /v1 routes)
+        body = {"error_code": str(error.get("code") or "").upper(), "message": error.get("message")}
     code = body.get("error_code") if isinstance(body, dict) else None
     head = f"HTTP {status_code}"
     if isinstance(code, str) and _ERROR_CODE.fullmatch(code):

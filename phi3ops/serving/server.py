@@ -8,6 +8,10 @@ guard in front of it. Like ``mlflow models serve``, it first downloads the model
 payloads or the bare OpenAI-style ``{"messages": [...], "max_tokens": ...}`` body, and
 ``GET /ping`` / ``GET /health``.
 
+It also answers OpenAI's ``POST /v1/chat/completions`` and ``GET /v1/models``. A request
+with no answer within the request timeout is cancelled (504); on ``SIGTERM`` the server stops
+accepting, drains the requests in flight (at most that timeout and a margin), then exits.
+
 The server cannot outlive what started it: on Linux, uvicorn gets ``SIGTERM`` (a graceful stop,
 which stores its spooled inference records) when the thread that started it dies, even by
 ``kill -9``. A port that cannot be bound fails `start_server` before anything is downloaded.
@@ -16,6 +20,7 @@ which stores its spooled inference records) when the thread that started it dies
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -33,13 +38,23 @@ from typing import Any
 import httpx
 
 from phi3ops.errors import InvalidInputError
-from phi3ops.serving.app import MODEL_NAME_ENV, MODEL_PATH_ENV, MODEL_VERSION_ENV
+from phi3ops.serving.app import (
+    MODEL_NAME_ENV,
+    MODEL_PATH_ENV,
+    MODEL_URI_ENV,
+    MODEL_VERSION_ENV,
+    read_mlmodel,
+)
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
 
 #: MLflow model locations other than a local folder: the registry, a run, a remote store.
 _MODEL_URI = re.compile(r"^(models|runs):/.+|^[a-z][a-z0-9+.-]*://.+")
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+#: Seconds a stopping server gives in-flight requests beyond the request timeout.
+DRAIN_MARGIN_S = 5
+#: Seconds `stop_server` gives a server beyond its drain to store its records and exit.
+_EXIT_MARGIN_S = 20
 
 
 def model_uri_for(model_name: str, *, alias: str | None = None, version: str | None = None) -> str:
@@ -155,12 +170,43 @@ def registered_version(model_uri: str) -> tuple[str, str] | None:
         ) from exc
 
 
-def serve_command(model_path: Path, *, host: str, port: int, workers: int = 1) -> list[str]:
-    """The uvicorn command line serving the downloaded model at ``model_path``."""
+def request_timeout(timeout_s: int | None = None) -> int:
+    """The request timeout in seconds: ``timeout_s``, else MLflow's
+    ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` (60 by default).
+
+    Raises:
+        InvalidInputError: The timeout is not a positive number of seconds.
+    """
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
+    try:
+        timeout = (
+            int(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()) if timeout_s is None else timeout_s
+        )
+    except ValueError as exc:
+        raise InvalidInputError(
+            f"MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT is not a whole number of seconds: {exc}"
+        ) from exc
+    if timeout < 1:
+        raise InvalidInputError(f"timeout={timeout}: use 1 second or more.")
+    return timeout
+
+
+def serve_command(
+    model_path: Path, *, host: str, port: int, workers: int = 1, timeout_s: int = 60
+) -> list[str]:
+    """The uvicorn command line serving the downloaded model at ``model_path``.
+
+    On ``SIGTERM`` uvicorn stops accepting connections and lets the requests in flight finish
+    for up to ``timeout_s`` (the request timeout) plus `DRAIN_MARGIN_S` seconds
+    (``--timeout-graceful-shutdown``), then stores its spooled records and exits.
+    """
     if not 0 < port < 65536:
         raise InvalidInputError(f"port {port} is out of range: use 1-65535.")
     if workers < 1:
         raise InvalidInputError(f"workers={workers}: use 1 or more.")
+    if timeout_s < 1:
+        raise InvalidInputError(f"timeout={timeout_s}: use 1 second or more.")
     return [
         sys.executable,
         "-m",
@@ -173,7 +219,43 @@ def serve_command(model_path: Path, *, host: str, port: int, workers: int = 1) -
         str(port),
         "--workers",
         str(workers),
+        "--timeout-graceful-shutdown",
+        str(timeout_s + DRAIN_MARGIN_S),
     ]
+
+
+#: The ONNX flavor's batcher settings (its ``model_config``) that serving may change at load.
+BATCHING_KEYS = ("max_batch_size", "max_queue", "batch_wait_ms")
+#: MLflow's variable with ``model_config`` overrides for the scoring server's model.
+_SERVING_MODEL_CONFIG = "SERVING_MODEL_CONFIG"
+
+
+def batching_env(model_path: Path, batching: Mapping[str, float] | None) -> dict[str, str]:
+    """The environment that loads the model at ``model_path`` with ``batching`` changed.
+
+    Raises:
+        InvalidInputError: An unknown setting, a transformers model (MLflow's pipeline has no
+            batcher across requests), or a version packaged before the settings were logged.
+    """
+    if not batching:
+        return {}
+    unknown = sorted(set(batching) - set(BATCHING_KEYS))
+    if unknown:
+        raise InvalidInputError(f"Unknown batching setting(s) {unknown}: use {BATCHING_KEYS}.")
+    flavors = read_mlmodel(model_path).get("flavors", {})
+    if "transformers" in flavors:
+        raise InvalidInputError(
+            "--max-batch-size, --max-queue and --batch-wait-ms apply to the onnx flavor; this "
+            "is a transformers model, whose pipeline batches within one request only."
+        )
+    logged = flavors.get("python_function", {}).get("config") or {}
+    missing = sorted(key for key in batching if key not in logged)
+    if missing:
+        raise InvalidInputError(
+            f"This version was packaged before {', '.join(missing)} could be set at serving "
+            f"time: serve it without the batching options, or package it again."
+        )
+    return {_SERVING_MODEL_CONFIG: json.dumps(dict(batching))}
 
 
 def start_server(
@@ -182,10 +264,16 @@ def start_server(
     host: str = "127.0.0.1",
     port: int = 5001,
     workers: int = 1,
+    timeout_s: int | None = None,
+    batching: Mapping[str, float] | None = None,
     extra_env: Mapping[str, str] | None = None,
     **popen_kwargs: Any,  # passed on to subprocess.Popen, whose keywords differ in type
 ) -> subprocess.Popen:
     """Download ``model_uri`` and start serving it in the background.
+
+    ``batching`` changes the ONNX flavor's batcher (`BATCHING_KEYS`) for this server.
+    A request with no answer within ``timeout_s`` seconds (default: MLflow's
+    ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, 60) is cancelled with a 504 and recorded.
 
     The server gets a session of its own, so `stop_server` can stop uvicorn's workers with it,
     and, on Linux, a ``SIGTERM`` when the calling thread dies (started from the main thread:
@@ -193,7 +281,8 @@ def start_server(
     A registered version's requests are recorded as MLflow traces (`phi3ops.serving.records`);
     the alias is resolved once, here, so records name the version actually served.
     """
-    command = serve_command(Path("."), host=host, port=port, workers=workers)  # check first
+    timeout = request_timeout(timeout_s)
+    command = serve_command(Path("."), host=host, port=port, workers=workers, timeout_s=timeout)
     check_model_uri(model_uri)
     check_port_free(host, port)
     parent = get_settings().data_dir / "serving"
@@ -203,7 +292,14 @@ def start_server(
         served = registered_version(model_uri) if _MODEL_URI.match(model_uri) else None
         pinned = f"models:/{served[0]}/{served[1]}" if served else model_uri
         model_path = download_model(pinned, download_dir)
-        env = {**os.environ, **(extra_env or {}), MODEL_PATH_ENV: str(model_path)}
+        env = {
+            **os.environ,
+            **(extra_env or {}),
+            MODEL_PATH_ENV: str(model_path),
+            MODEL_URI_ENV: model_uri,
+            "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(timeout),
+            **batching_env(model_path, batching),
+        }
         if served is not None:
             env[MODEL_NAME_ENV], env[MODEL_VERSION_ENV] = served
         process = subprocess.Popen(
@@ -217,6 +313,7 @@ def start_server(
         shutil.rmtree(download_dir, ignore_errors=True)
         raise
     process.download_dir = download_dir  # type: ignore[attr-defined]  # removed by stop_server
+    process.drain_s = timeout + DRAIN_MARGIN_S  # type: ignore[attr-defined]  # for stop_server
     return process
 
 
@@ -257,8 +354,14 @@ def wait_until_ready(process: subprocess.Popen, url: str, *, timeout: float = 18
     raise TimeoutError(f"The model server at {url} was not ready within {timeout:.0f} s.")
 
 
-def stop_server(process: subprocess.Popen, *, timeout: float = 20.0) -> None:
-    """Stop the server and every worker it started, and remove its downloaded model."""
+def stop_server(process: subprocess.Popen, *, timeout: float | None = None) -> None:
+    """Stop the server and every worker it started, and remove its downloaded model.
+
+    ``SIGTERM`` first: the server drains the requests in flight and stores its records; it is
+    killed if it has not exited after ``timeout`` seconds (default: its drain time plus 20).
+    """
+    if timeout is None:
+        timeout = getattr(process, "drain_s", 0) + _EXIT_MARGIN_S
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)

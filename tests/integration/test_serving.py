@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +18,7 @@ from phi3ops.errors import InvalidInputError
 from phi3ops.serving.server import (
     check_model_uri,
     model_uri_for,
+    request_timeout,
     serve_command,
     start_server,
     stop_server,
@@ -55,6 +58,13 @@ def test_serve_command_runs_the_guarded_scoring_app_and_checks_inputs(tmp_path) 
     assert cmd[1:5] == ["-m", "uvicorn", "--factory", "phi3ops.serving.app:create_app"]
     assert cmd[cmd.index("--port") + 1] == "5005"
     assert cmd[cmd.index("--workers") + 1] == "2"
+    assert cmd[cmd.index("--timeout-graceful-shutdown") + 1] == "65"  # drains, then exits
+    assert request_timeout(7) == 7
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", "12")  # MLflow's own setting
+        assert request_timeout() == 12
+    with pytest.raises(InvalidInputError, match="timeout"):
+        request_timeout(0)
     with pytest.raises(InvalidInputError, match="port"):
         serve_command(tmp_path, host="127.0.0.1", port=70000)
     with pytest.raises(InvalidInputError, match="workers"):
@@ -325,19 +335,13 @@ def _load(
 
 
 def _served_records(packaged: dict, started: float) -> list:
-    from phi3ops.settings import get_settings
-    from tasks.monitoring import load_records
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PHI3OPS_DATA_DIR", packaged["data_dir"])
-        get_settings.cache_clear()
-        try:
-            return load_records("phi3-onnx", "1", start=started, end=time.time() + 1)
-        finally:
-            get_settings.cache_clear()
+    return _records_of(packaged, "onnx", started)
 
 
-def _start(packaged: dict, log_path: Path, *, workers: int) -> tuple[subprocess.Popen, str]:
+def _start(
+    packaged: dict, log_path: Path, *, workers: int = 1, **options: Any
+) -> tuple[subprocess.Popen, str]:
+    """The ONNX version served with ``options`` (`start_server`'s), once it is ready."""
     from phi3ops.settings import get_settings
 
     port = _free_port()
@@ -346,7 +350,12 @@ def _start(packaged: dict, log_path: Path, *, workers: int) -> tuple[subprocess.
         mp.setenv("PHI3OPS_DATA_DIR", packaged["data_dir"])
         get_settings.cache_clear()
         process = start_server(
-            packaged["onnx"], port=port, workers=workers, stdout=log, stderr=subprocess.STDOUT
+            packaged["onnx"],
+            port=port,
+            workers=workers,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            **options,
         )
     get_settings.cache_clear()
     url = f"http://127.0.0.1:{port}"
@@ -499,3 +508,179 @@ def test_a_killed_cli_takes_its_server_with_it(packaged) -> None:
         for pid in servers:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+# --- the OpenAI-compatible routes, through the official client -------------------------------
+
+
+def _openai(url: str) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.slow
+def test_the_openai_client_gets_a_completion_a_stream_and_our_errors(server, packaged) -> None:
+    import openai
+
+    flavor, url = server
+    client = _openai(url)
+    started = time.time()
+    (listed,) = client.models.list().data
+    assert listed.id == f"phi3-{flavor}/1"  # the registered name and version, never a path
+    hello = [{"role": "user", "content": "Say hello"}]
+    completion = client.chat.completions.create(
+        model=listed.id, messages=hello, max_completion_tokens=8, temperature=0, seed=1
+    )
+    assert completion.model == listed.id and completion.object == "chat.completion"
+    assert isinstance(completion.choices[0].message.content, str)
+    assert 0 < completion.usage.completion_tokens <= 8
+    if flavor == "onnx":
+        stream = client.chat.completions.create(
+            model=listed.id,
+            messages=hello,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == completion.choices[0].message.content  # greedy: the same answer
+        assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+        assert {c.model for c in chunks} == {listed.id}
+    else:
+        with pytest.raises(openai.BadRequestError, match="cannot stream"):
+            client.chat.completions.create(model=listed.id, messages=hello, stream=True)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=listed.id, messages=[])
+    assert refused.value.status_code == 400
+    assert refused.value.body["message"] == "messages is empty: send at least one message"
+    assert refused.value.body["param"] == "messages"
+    with pytest.raises(openai.NotFoundError, match=listed.id):
+        client.chat.completions.create(model="gpt-4o", messages=hello)
+    # One record per call, the refusals too (the 404 never reached a model).
+    records, deadline = [], time.monotonic() + 30
+    while len(records) < 4 and time.monotonic() < deadline:
+        records = _records_of(packaged, flavor, started)
+        time.sleep(0.5)
+    served_calls = 2 if flavor == "onnx" else 1  # the transformers flavor refused the stream
+    outcomes = sorted(r.outcome for r in records)
+    assert outcomes == ["refused"] * (4 - served_calls) + ["served"] * served_calls, outcomes
+    served = [r for r in records if r.outcome == "served"]
+    assert all(r.model_version == "1" and r.completion_tokens for r in served)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"messages": []}, "messages is empty: send at least one message"),
+        (
+            {"messages": [{"role": "wizard", "content": "hi"}]},
+            "messages[0].role must be one of system, user, assistant, got 'wizard'",
+        ),
+        ({**CHAT, "n": 2}, "n=2 is not supported: one choice per request"),
+        ({**CHAT, "top_p": 1.5}, "top_p must be a number in (0, 1], got 1.5"),
+        ({**CHAT, "max_tokens": 0}, "max_tokens must be an integer >= 1, got 0"),
+    ],
+    ids=["empty", "role", "n", "top_p", "max_tokens"],
+)
+def test_both_flavors_refuse_what_the_onnx_pyfunc_refuses_with_its_words(
+    server, row, message
+) -> None:
+    _, url = server
+    response = _post(url, row)
+    assert response.status_code == 400, response.text[:500]
+    assert response.json()["message"] == message
+    openai_response = httpx.post(f"{url}/v1/chat/completions", json=row, timeout=60)
+    assert openai_response.status_code == 400
+    assert openai_response.json()["error"]["message"] == message
+
+
+@pytest.mark.slow
+def test_sigterm_lets_a_stream_in_flight_finish_and_turns_new_requests_away(
+    packaged, tmp_path
+) -> None:
+    import os
+    import signal
+
+    process, url = _start(packaged, tmp_path / "server.log", workers=1)
+    events: list[str] = []
+    try:
+        body = {"messages": CHAT["messages"], "max_tokens": 1000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as answer:
+            lines = answer.iter_lines()
+            events.append(next(line for line in lines if line.startswith("data:")))
+            os.killpg(process.pid, signal.SIGTERM)  # mid-answer
+            time.sleep(0.5)
+            with pytest.raises(httpx.TransportError):  # no longer accepting
+                httpx.get(f"{url}/ping", timeout=2)
+            events.extend(line for line in lines if line.startswith("data:"))
+        # Drained, then exited (uvicorn re-raises the SIGTERM it handled once it is done).
+        assert process.wait(timeout=60) in {0, -signal.SIGTERM}
+    finally:
+        stop_server(process)
+    assert events[-1] == "data: [DONE]"
+    finish = json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"]
+    assert finish in {"stop", "length"}  # answered to its end, not cut off
+
+
+def _records_of(packaged: dict, flavor: str, started: float) -> list:
+    from phi3ops.settings import get_settings
+    from tasks.monitoring import load_records
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PHI3OPS_DATA_DIR", packaged["data_dir"])
+        get_settings.cache_clear()
+        try:
+            return load_records(f"phi3-{flavor}", "1", start=started, end=time.time() + 1)
+        finally:
+            get_settings.cache_clear()
+
+
+@pytest.mark.slow
+def test_a_full_queue_answers_429_with_retry_after_at_once_and_records_it_shed(
+    packaged, tmp_path
+) -> None:
+    """One request generating, one waiting (serve's batching options), the rest turned away."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.time()
+    batching = {"max_batch_size": 1, "max_queue": 1, "batch_wait_ms": 0}
+    process, url = _start(packaged, tmp_path / "server.log", batching=batching)
+    body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 2000}
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(
+                pool.map(
+                    lambda _: httpx.post(f"{url}/v1/chat/completions", json=body, timeout=240),
+                    range(8),
+                )
+            )
+    finally:
+        stop_server(process)
+    shed = [r for r in responses if r.status_code == 429]
+    assert shed and {r.status_code for r in responses} <= {200, 429}
+    assert all(r.headers["retry-after"] for r in shed)
+    assert "queue is full" in shed[0].json()["error"]["message"]
+    # Turned away at once, not after waiting for the requests ahead of it (the one waiting is
+    # answered after two whole generations).
+    served = [r for r in responses if r.status_code == 200]
+    assert max(r.elapsed for r in shed) < max(r.elapsed for r in served)
+    outcomes = sorted(r.outcome for r in _served_records(packaged, started))
+    assert outcomes == sorted(["shed"] * len(shed) + ["served"] * len(served))
+
+
+def test_batching_options_are_checked_against_the_model(tmp_path) -> None:
+    from phi3ops.serving.server import batching_env
+
+    with pytest.raises(InvalidInputError, match="Unknown batching"):
+        batching_env(tmp_path, {"max_batch": 2})
+    (tmp_path / "MLmodel").write_text("flavors:\n  transformers: {}\n  python_function: {}\n")
+    with pytest.raises(InvalidInputError, match="onnx flavor"):
+        batching_env(tmp_path, {"max_queue": 2})
+    (tmp_path / "MLmodel").write_text("flavors:\n  python_function:\n    config: {max_tokens: 8}\n")
+    with pytest.raises(InvalidInputError, match="packaged before max_queue"):
+        batching_env(tmp_path, {"max_queue": 2})
+    assert batching_env(tmp_path, {}) == {}
