@@ -16,6 +16,11 @@ Concurrency (``--only concurrency``), on the same packaged model: output tokens/
 sending 8 rows per call; the pyfunc's batcher runs concurrent greedy requests as one
 onnxruntime-genai batch. The runs alternate round by round.
 
+Serving under load (``--only load``, `bench.serving`): the model server as a subprocess (one
+worker) and HTTP clients on loopback: 8 concurrent clients vs 1 (tokens/s, p50 latency), vs a
+bare onnxruntime-genai batch of the same prompts, and ``/v1/chat/completions`` vs
+``/invocations``, for the ONNX flavor (and, reported, the transformers flavor).
+
 Orchestration (``--only orchestration``): the lifecycle flow (fetch, package, register,
 evaluate, promote) on the tiny Phi-3 vs the same task functions called as plain Python, each
 run on a fresh store so nothing is reused; the difference is what Prefect costs per run
@@ -339,6 +344,7 @@ def _orchestration(tmp: Path, *, eval_set: str, rounds: int) -> list[tuple[str, 
 SECTIONS = {
     "serving": "Serving: the packaged Phi-3",
     "concurrency": "Serving: concurrent clients share batches",
+    "load": "Serving under load: the HTTP server, clients on loopback",
     "orchestration": "Orchestration: the lifecycle flow vs plain Python",
 }
 
@@ -357,6 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=8, help="Concurrent clients.")
     parser.add_argument(
+        "--load-skip-transformers",
+        action="store_true",
+        help="--only load: measure the ONNX flavor only.",
+    )
+    parser.add_argument(
+        "--load-batch-wait-ms",
+        type=float,
+        help="--only load: serve the ONNX flavor with this batch_wait_ms (default: as packaged).",
+    )
+    parser.add_argument(
         "--lifecycle-eval-set", default="phi3-default", help="Eval set of the lifecycle runs."
     )
     parser.add_argument("--lifecycle-rounds", type=int, default=3)
@@ -368,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     sections: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="phi3ops-bench-") as tmp:
         packaged = (
-            _package(Path(tmp), args.preset) if {"serving", "concurrency"} & set(chosen) else {}
+            _package(Path(tmp), args.preset)
+            if {"serving", "concurrency", "load"} & set(chosen)
+            else {}
         )
         params = getattr(packaged.get("recipe"), "num_parameters", None)
         if "serving" in chosen:
@@ -389,6 +407,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"sending {args.clients} rows per call alternate; "
                 "model_config defaults (max_batch_size 8, batch_wait_ms 5).",
                 _concurrency(packaged, args),
+            )
+        if "load" in chosen:
+            from bench.serving import serving_under_load
+
+            setup, rows = serving_under_load(packaged, args, Path(tmp), prompts=PROMPTS)
+            sections["load"] = _section(
+                "load", f"preset `{args.preset}`, {params:,} parameters; {setup}", rows
             )
         if "orchestration" in chosen:
             rows = _orchestration(

@@ -6,6 +6,7 @@ when a build runs.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -134,5 +135,12 @@ def _save_onnx(repos: TinyPhi3Repos, recipe: TinyPhi3Recipe) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copyfile(repos.pytorch_dir / name, repos.onnx_model_dir / name)
     shutil.copyfile(repos.pytorch_dir / "config.json", repos.onnx_model_dir / "config.json")
+    # Like the published folder, added_tokens.json too. Its configuration_phi3.py (remote code)
+    # is not mirrored: the folder is used as a model directly, and the served model refuses
+    # code in its folder; fetch's skipping of .py files is tested with a hub repo of its own.
+    # (Its tokenizer.model, a SentencePiece file, neither: nothing here writes one, and
+    # tokenizer.json is what every loader reads.)
+    added = json.loads((repos.pytorch_dir / "tokenizer.json").read_text())["added_tokens"]
+    write_json(repos.onnx_model_dir / "added_tokens.json", {t["content"]: t["id"] for t in added})
     write_text(repos.onnx_dir / "README.md", onnx_model_card(recipe, repos.recipe_hash))
     write_text(repos.onnx_dir / "LICENSE", LICENSE)

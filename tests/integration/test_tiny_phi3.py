@@ -92,7 +92,10 @@ def test_repos_are_laid_out_like_the_hub_repos(tiny_phi3: TinyPhi3Repos) -> None
         "tokenizer_config.json",
         "special_tokens_map.json",
         "config.json",
+        "added_tokens.json",
     } == onnx_files
+    added = json.loads((tiny_phi3.onnx_model_dir / "added_tokens.json").read_text())
+    assert added["<|assistant|>"] == added["<|endoftext|>"] + 1
     assert (tiny_phi3.onnx_dir / "README.md").is_file()
     assert (tiny_phi3.onnx_dir / "LICENSE").is_file()
     genai = json.loads((tiny_phi3.onnx_model_dir / "genai_config.json").read_text())

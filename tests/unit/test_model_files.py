@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from phi3ops.serving.onnx_chat_model import model_file_problems, model_folder_problems
+from phi3ops.serving.onnx_chat_model import (
+    model_file_problems,
+    model_folder_problems,
+    usable_context,
+)
 
 # What onnxruntime-genai 0.18's builder writes for a CPU Phi-3 (abridged), and the published
 # Phi-3-mini-4k-instruct-onnx cpu-int4 config has the same session options.
@@ -144,3 +148,21 @@ def test_a_folder_is_checked_file_by_file_with_links_refused(tmp_path: Path) -> 
         "tokenizer.json: a symbolic link (a model folder holds plain files only)",
         "sub/libevil.so: code (a shared library, executable or script)",
     ]
+
+
+def test_the_context_served_is_the_published_4096_or_the_builders_2048() -> None:
+    """The published folder's config has no sliding window and serves its 4096 tokens; a local
+    int4 build declares a 2047-token window whose cache does not slide, and holds 2048.
+    """
+    built = BUILDER_CONFIG["model"]
+    published = {
+        **built,
+        "decoder": {k: v for k, v in built["decoder"].items() if k != "sliding_window"},
+    }
+    assert usable_context(published) == 4096
+    assert usable_context(built) == 2048
+    sliding = {**built["decoder"]["sliding_window"], "slide_key_value_cache": True}
+    assert (
+        usable_context({**built, "decoder": {**built["decoder"], "sliding_window": sliding}})
+        == 4096
+    )
