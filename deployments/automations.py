@@ -1,7 +1,9 @@
 """Automations as code: what the Prefect server does when the pipeline's events arrive.
 
 * ``phi3ops-monitor-after-promotion``: ``phi3ops.model.promoted`` -> run the ``monitor``
-  deployment on the promoted model (its name comes from the event).
+  deployment on the promoted model (its name comes from the event), scheduled one monitoring
+  window (``PHI3OPS_MONITOR_WINDOW_MINUTES``) after the promotion, so the run reads a window of
+  the new champion's traffic instead of ending "insufficient data" at once.
 * ``phi3ops-on-monitoring-failed``: ``phi3ops.monitoring.failed`` -> a notification through the
   notification block named by ``PHI3OPS_NOTIFICATION_BLOCK``, and, with
   ``PHI3OPS_MONITOR_ROLLBACK_ON_FAILURE=true``, a run of the ``rollback`` deployment too.
@@ -86,13 +88,20 @@ def _on_each(event: str) -> EventTrigger:
     )
 
 
-def monitor_after_promotion(monitor_deployment_id: UUID) -> Automation:
-    """``phi3ops.model.promoted`` -> run the monitor deployment on that model's champion."""
+def monitor_after_promotion(monitor_deployment_id: UUID, *, window_minutes: int) -> Automation:
+    """``phi3ops.model.promoted`` -> one window later, monitor that model's champion.
+
+    Args:
+        monitor_deployment_id: The ``monitor`` deployment.
+        window_minutes: The monitoring window: the run is scheduled this long after the
+            promotion and reads this window, so it sees the new champion's first full window.
+    """
     return Automation(
         name=MONITOR_AFTER_PROMOTION,
         description=(
             f"When a version is promoted ({PROMOTED_EVENT}), run the {MONITOR_DEPLOYMENT} "
-            "deployment on that model's champion. Managed by `phi3ops automations apply`."
+            f"deployment on that model's champion {window_minutes} minutes later, over its "
+            "first full window. Managed by `phi3ops automations apply`."
         ),
         tags=TAGS,
         trigger=_on_each(PROMOTED_EVENT),
@@ -100,7 +109,12 @@ def monitor_after_promotion(monitor_deployment_id: UUID) -> Automation:
             RunDeployment(
                 source="selected",
                 deployment_id=monitor_deployment_id,
-                parameters={"model_name": _jinja(MODEL_NAME), "alias": "champion"},
+                parameters={
+                    "model_name": _jinja(MODEL_NAME),
+                    "alias": "champion",
+                    "window_minutes": window_minutes,
+                },
+                schedule_after=timedelta(minutes=window_minutes),
             )
         ],
     )
@@ -193,6 +207,7 @@ def build_automations(
     monitor_deployment_id: UUID,
     notification_block_id: UUID,
     rollback_deployment_id: UUID | None = None,
+    monitor_window_minutes: int | None = None,
 ) -> list[Automation]:
     """Every phi3ops automation, pointing at the given deployments and block.
 
@@ -201,9 +216,13 @@ def build_automations(
         notification_block_id: The block that monitoring failures are notified through.
         rollback_deployment_id: The ``rollback`` deployment, to run on monitoring failures;
             None leaves rollback to a person.
+        monitor_window_minutes: How long after a promotion the monitor runs, and the window
+            it reads; default ``PHI3OPS_MONITOR_WINDOW_MINUTES``.
     """
+    if monitor_window_minutes is None:
+        monitor_window_minutes = get_settings().monitor_window_minutes
     return [
-        monitor_after_promotion(monitor_deployment_id),
+        monitor_after_promotion(monitor_deployment_id, window_minutes=monitor_window_minutes),
         on_monitoring_failed(notification_block_id, rollback_deployment_id=rollback_deployment_id),
         on_regression(notification_block_id),
     ]

@@ -134,6 +134,33 @@ class MonitorThresholds(_Policy):
             "baseline is the version's evaluation on the default eval set."
         ),
     )
+    max_psi: float = Field(
+        default=0.25,
+        gt=0,
+        description=(
+            "Highest population stability index of the window's prompt and completion token "
+            "counts against the evaluation's per-item sample (bins at the sample's quantiles); "
+            "guards against the traffic's mix shifting away from what was evaluated."
+        ),
+    )
+    min_ks_pvalue: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description=(
+            "Lowest two-sample Kolmogorov-Smirnov p-value of the window's prompt tokens, "
+            "completion tokens (two-sided) and seconds per token (one-sided: slower) against "
+            "the evaluation's sample; guards against distributions that no longer match it."
+        ),
+    )
+    min_drift_samples: int = Field(
+        default=20,
+        ge=2,
+        description=(
+            "Fewest values per side (evaluation and window) for PSI and KS; with fewer, those "
+            "checks are 'not run' rather than judged on noise."
+        ),
+    )
 
     @model_validator(mode="after")
     def _answer_length_range(self) -> Self:

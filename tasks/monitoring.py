@@ -10,7 +10,9 @@ monitor reads one version's records in a time window, validates them with a grea
   ``failed`` (or ``insufficient-data``) to Prefect's event stream, where automations react.
 
 Drift is measured against the version's evaluation on the baseline eval set (`Baseline`): the
-statistic is the median, the threshold a ratio (``PHI3OPS_MONITOR_MAX_DRIFT_RATIO``).
+medians within a ratio (``PHI3OPS_MONITOR_MAX_DRIFT_RATIO``), and the whole distributions by PSI
+and two-sample KS against its per-item sample (`tasks.drift`; ``PHI3OPS_MONITOR_MAX_PSI``,
+``PHI3OPS_MONITOR_MIN_KS_PVALUE``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ from phi3ops.policies import MonitorThresholds
 from phi3ops.serving.records import CLIENT_OUTCOMES, InferenceRecord
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
+from tasks.drift import (
+    SAMPLE_COLUMNS,
+    Statistic,
+    drift_statistics,
+    statistic_expectations,
+    window_sample,
+    with_statistics,
+)
 from tasks.evaluation import EvalSummary, find_evaluation
 
 if TYPE_CHECKING:
@@ -64,6 +74,8 @@ class Baseline:
     items: int
     median_completion_tokens: float | None
     median_seconds_per_token: float | None
+    # The answered items' values per column (`tasks.drift.SAMPLE_COLUMNS`), for PSI and KS.
+    samples: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,7 +189,7 @@ def records_frame(records: list[InferenceRecord]) -> pd.DataFrame:
 
 
 def baseline_from_evaluation(summary: EvalSummary) -> Baseline:
-    """Medians of the evaluation's per-item table (answered items only).
+    """Medians and samples of the evaluation's per-item table (answered items only).
 
     A batched item's latency is its batch's wall time, an upper bound of what one request of
     that length takes alone, so seconds per token is checked only upwards.
@@ -189,6 +201,9 @@ def baseline_from_evaluation(summary: EvalSummary) -> Baseline:
     answered = table[table["error"].isna()] if "error" in table else table
     tokens = answered["completion_tokens"].astype("float64")
     per_token = (answered["latency_s"].astype("float64") / tokens.where(tokens > 0)).dropna()
+    columns = {"completion_tokens": tokens, "seconds_per_token": per_token}
+    if "prompt_tokens" in answered:  # evaluations logged before it was recorded lack it
+        columns["prompt_tokens"] = answered["prompt_tokens"].astype("float64")
     return Baseline(
         eval_run_id=summary.run_id,
         eval_set=summary.eval_set,
@@ -196,6 +211,9 @@ def baseline_from_evaluation(summary: EvalSummary) -> Baseline:
         items=len(answered),
         median_completion_tokens=_median(tokens.dropna()),
         median_seconds_per_token=_median(per_token),
+        samples={
+            c: [float(v) for v in columns[c].dropna()] for c in SAMPLE_COLUMNS if c in columns
+        },
     )
 
 
@@ -337,6 +355,16 @@ def _not_run(name: str, baseline: Baseline | None) -> Check:
     )
 
 
+def _statistic_not_run(statistic: Statistic) -> Check:
+    return Check(
+        name=statistic.check,
+        guards_against=statistic.guards_against,
+        expectation=statistic.expectation,
+        success=None,
+        observed=statistic.reason,
+    )
+
+
 def validate(
     frame: pd.DataFrame, expectations: list, *, docs_dir: Path
 ) -> tuple[list[Check], dict[str, Any]]:
@@ -439,8 +467,14 @@ def run_monitor(
         )
         return report, None, None
     expectations, skipped = build_expectations(thresholds, baseline)
+    frame = records_frame(records)
+    samples = baseline.samples if baseline is not None else None
+    statistics = drift_statistics(samples, window_sample(frame), thresholds)
+    expectations += statistic_expectations(statistics)
+    skipped += [_statistic_not_run(s) for s in statistics if s.value is None]
     docs_dir = Path(tempfile.mkdtemp(prefix="phi3ops-data-docs-"))
-    checks, validation = validate(records_frame(records), expectations, docs_dir=docs_dir)
+    frame = with_statistics(frame, statistics)
+    checks, validation = validate(frame, expectations, docs_dir=docs_dir)
     report.checks = checks + skipped
     report.notes += [f"{check.name}: {check.observed}" for check in skipped]
     report.outcome = "failed" if report.broken else "passed"

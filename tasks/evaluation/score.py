@@ -330,6 +330,7 @@ def _item_table(
             "error": answer.error,
             "latency_s": answer.latency_s,
             "batch_size": answer.batch_size,
+            "prompt_tokens": answer.prompt_tokens,
             "completion_tokens": answer.completion_tokens,
             "finish_reason": answer.finish_reason,
         }
@@ -353,7 +354,8 @@ def _item_table(
         row["passed"] = answer.error is None and bool(checks) and all(checks)
         rows.append(row)
     table = pd.DataFrame(rows)
-    table["completion_tokens"] = table["completion_tokens"].astype("Int64")
+    for column in ("prompt_tokens", "completion_tokens"):
+        table[column] = table[column].astype("Int64")
     return table
 
 

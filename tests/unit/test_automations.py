@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from types import SimpleNamespace
 from uuid import UUID, uuid4
 
@@ -38,11 +39,28 @@ def test_promotion_runs_the_monitor_deployment_on_the_promoted_model() -> None:
     assert action.source == "selected"
     assert action.deployment_id == MONITOR_ID
     assert action.parameters["alias"] == "champion"
+    # The run waits for the new champion's first full window, then reads exactly that window.
+    assert action.schedule_after == timedelta(minutes=60)
+    assert action.parameters["window_minutes"] == 60
     # Rendered by the server from the event; tasks.promotion.emit puts the name in this label.
     assert action.parameters["model_name"] == {
         "__prefect_kind": "jinja",
         "template": "{{ event.resource['phi3ops.model_name'] }}",
     }
+
+
+def test_the_monitor_after_promotion_waits_for_the_configured_window(monkeypatch) -> None:
+    from phi3ops.settings import get_settings
+
+    monkeypatch.setenv("PHI3OPS_MONITOR_WINDOW_MINUTES", "15")
+    get_settings.cache_clear()
+    (action,) = _by_name()[automations.MONITOR_AFTER_PROMOTION].actions
+    assert (action.schedule_after, action.parameters["window_minutes"]) == (
+        timedelta(minutes=15),
+        15,
+    )
+    (action,) = _by_name(monitor_window_minutes=5)[automations.MONITOR_AFTER_PROMOTION].actions
+    assert action.schedule_after == timedelta(minutes=5)
 
 
 def test_monitoring_failure_notifies_only_by_default() -> None:

@@ -18,8 +18,10 @@ from phi3ops.serving.records import (
     request_rows,
     with_text_features,
 )
+from tasks.drift import drift_statistics, statistic_expectations, window_sample, with_statistics
 from tasks.monitoring import (
     Baseline,
+    baseline_from_evaluation,
     build_expectations,
     records_frame,
     validate,
@@ -277,3 +279,68 @@ def test_streamed_events_add_up_to_a_completion_with_time_to_first_token() -> No
     )
     assert (record.response, record.finish_reason, record.completion_tokens) == ("Hello", "stop", 2)
     assert completion_from_events([(0.1, b"not an event")]) == (None, None)
+
+
+def test_the_baseline_keeps_the_evaluations_per_item_samples(monkeypatch) -> None:
+    import mlflow
+    import pandas as pd
+
+    from tasks.evaluation import EvalSummary
+
+    table = pd.DataFrame(
+        {
+            "error": [None, None, "HTTP 500"],
+            "latency_s": [2.0, 3.0, 1.0],
+            "prompt_tokens": pd.array([10, 12, 9], dtype="Int64"),
+            "completion_tokens": pd.array([4, 0, None], dtype="Int64"),
+        }
+    )
+    monkeypatch.setattr("tasks.monitoring.configure_tracking", lambda: "0")
+    monkeypatch.setattr(mlflow, "load_table", lambda *a, **kw: table)
+    summary = EvalSummary.model_construct(run_id="run", eval_set="smoke", eval_set_hash="h")
+    baseline = baseline_from_evaluation(summary)
+    assert baseline.samples == {
+        "prompt_tokens": [10.0, 12.0],  # answered items only
+        "completion_tokens": [4.0, 0.0],
+        "seconds_per_token": [0.5],  # only where tokens were generated
+    }
+    assert baseline.median_completion_tokens == 2.0
+
+
+@pytest.mark.slow  # great-expectations takes seconds to import
+def test_drift_statistics_are_validated_by_the_suite_and_shown_in_its_docs(tmp_path) -> None:
+    from phi3ops.settings import get_settings
+
+    base = dict(timestamp=1.0, model_name="m", model_version="1", response="r")
+    records = [
+        InferenceRecord(**base, latency_s=1.0, prompt_tokens=20 + i % 5, completion_tokens=10)
+        for i in range(30)
+    ]
+    frame = records_frame(records)
+    same = Baseline(
+        "run",
+        "smoke",
+        "h",
+        30,
+        median_completion_tokens=10.0,
+        median_seconds_per_token=0.1,
+        samples=window_sample(frame),
+    )
+    longer = dataclasses.replace(same, samples={**same.samples, "completion_tokens": [40.0] * 30})
+    thresholds = get_settings().monitor
+    results = {}
+    for name, baseline in (("same", same), ("longer", longer)):
+        statistics = drift_statistics(baseline.samples, window_sample(frame), thresholds)
+        checks, validation = validate(
+            with_statistics(frame, statistics),
+            statistic_expectations(statistics),
+            docs_dir=tmp_path / name,
+        )
+        json.dumps(validation)  # the results artifact must serialise
+        results[name] = {check.name: check for check in checks}
+    assert len(results["same"]) == 5 and all(c.success for c in results["same"].values())
+    assert results["same"]["drift-psi-completion-tokens"].observed == "observed 0"
+    broken = {name for name, check in results["longer"].items() if not check.success}
+    assert broken == {"drift-psi-completion-tokens", "drift-ks-completion-tokens"}
+    docs = "".join(p.read_text() for p in (tmp_path / "longer").rglob("*.html"))
+    assert "drift-psi-completion-tokens" in docs
