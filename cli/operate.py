@@ -57,6 +57,15 @@ def serve(
             min=0, help="ONNX flavor: how long a request waits for others to join (default 5)."
         ),
     ] = None,
+    poll_interval: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Seconds between looks at the alias served; when it moves, the new version is "
+            "loaded beside the old one and takes over new requests (0: never look; default: "
+            "PHI3OPS_SERVE_POLL_S, 30).",
+        ),
+    ] = None,
 ) -> None:
     """Serve a registered model over HTTP: MLflow's POST /invocations and OpenAI's
     POST /v1/chat/completions and GET /v1/models.
@@ -80,7 +89,13 @@ def serve(
             if value is not None
         }
         process = server.start_server(
-            uri, host=host, port=port, workers=workers, timeout_s=timeout, batching=batching
+            uri,
+            host=host,
+            port=port,
+            workers=workers,
+            timeout_s=timeout,
+            batching=batching,
+            poll_s=poll_interval,
         )
         typer.echo(
             f"Serving {uri} on http://{host}:{port}/invocations and "

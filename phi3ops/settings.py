@@ -174,6 +174,15 @@ class Settings(BaseSettings):
             "the request) and recorded once."
         ),
     )
+    serve_poll_s: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "Seconds between the checks `phi3ops serve` makes of the alias it serves; when the "
+            "alias moves, the new version is loaded beside the old one and takes over new "
+            "requests. 0: serve the version the alias pointed at on start, and never check."
+        ),
+    )
     monitor_window_minutes: int = Field(
         default=60, ge=1, description="How far back the monitor reads inference traces."
     )

@@ -20,7 +20,9 @@ the durable spool of `phi3ops.serving.spool`).
 Run by uvicorn as ``phi3ops.serving.app:create_app`` (``--factory``); the model folder comes
 from ``PHI3OPS_SERVE_MODEL_PATH``, the registered name and version that records are tagged with
 from ``PHI3OPS_SERVE_MODEL_NAME`` / ``PHI3OPS_SERVE_MODEL_VERSION``, the URI it was asked for from
-``PHI3OPS_SERVE_MODEL_URI`` (all set by `start_server`).
+``PHI3OPS_SERVE_MODEL_URI`` (all set by `start_server`). When that URI names an alias, the app
+follows it (`phi3ops.serving.follow`): each call is answered, validated and recorded by the
+version serving when it started, whichever the alias names by the time it ends.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,13 @@ from phi3ops.serving.exchange import (
     start_events,
     watch_client,
 )
+from phi3ops.serving.follow import (
+    AliasFollower,
+    ContextLimit,
+    LoadedModel,
+    ModelSwitcher,
+    alias_of,
+)
 from phi3ops.serving.onnx_chat_model import usable_context
 from phi3ops.serving.openai_routes import (
     CHAT_COMPLETIONS_PATH,
@@ -53,10 +63,8 @@ from phi3ops.serving.openai_routes import (
 )
 from phi3ops.serving.records import InferenceRecorder, write_entries
 from phi3ops.serving.request import (
-    ASGIApp,
     BodyTooLarge,
     ClientDisconnected,
-    Message,
     ParsedRequest,
     Receive,
     Scope,
@@ -73,6 +81,10 @@ MODEL_PATH_ENV = "PHI3OPS_SERVE_MODEL_PATH"
 MODEL_NAME_ENV = "PHI3OPS_SERVE_MODEL_NAME"
 MODEL_VERSION_ENV = "PHI3OPS_SERVE_MODEL_VERSION"
 MODEL_URI_ENV = "PHI3OPS_SERVE_MODEL_URI"
+#: The folder `start_server` downloads into; versions the server switches to go there too.
+DOWNLOAD_DIR_ENV = "PHI3OPS_SERVE_DOWNLOAD_DIR"
+#: The setting with the seconds between looks at the alias served (`Settings.serve_poll_s`).
+POLL_ENV = "PHI3OPS_SERVE_POLL_S"
 
 
 class TransformersContextLimit:
@@ -129,9 +141,14 @@ class TransformersContextLimit:
 
 
 class ServingMiddleware:
-    """ASGI middleware around MLflow's scoring app for ``/invocations`` and the OpenAI-compatible
-    ``/v1`` routes: read the request once (within the body limit), validate it, route it
-    (refuse, stream, or pass to MLflow's app), watch the client, and record it.
+    """The served ASGI app, in front of MLflow's scoring app, for ``/invocations`` and the
+    OpenAI-compatible ``/v1`` routes: read the request once (within the body limit), validate
+    it, route it (refuse, stream, or pass to MLflow's app), watch the client, and record it.
+
+    - Model: each call is answered by the model ``models`` holds when it starts (its scoring
+      app, context check, OpenAI name and recorder), held until the call ends; with a
+      ``follower`` (started with the app's lifespan), the alias it follows moves that model for
+      later calls only (`phi3ops.serving.follow`).
 
     - Limits: a body over ``max_body_bytes`` is refused with a 413 before it is parsed (by its
       ``content-length`` before a byte is read); a request of more than ``max_rows`` rows with
@@ -152,43 +169,34 @@ class ServingMiddleware:
     - Disconnects: a client that leaves is recorded as cancelled (status 499), whatever the
       route; a stream's generation stops at the next token and its thread is freed. A client
       that leaves while sending the body is recorded the same way, and nothing is routed.
-    - Record: with a ``recorder``, every row is recorded exactly once, whichever route answered
-      it, refusals too, before the client has the last byte of its answer; the latency is the
-      whole call's, and a streamed answer's time to first token is when its first text was
-      sent. On the app's lifespan shutdown the recorder stores what it holds before the
-      process ends.
+    - Record: with a model's ``recorder``, every row is recorded exactly once, tagged with the
+      version that answered it, whichever route answered it, refusals too, before the client
+      has the last byte of its answer; the latency is the whole call's, and a streamed answer's
+      time to first token is when its first text was sent. On the app's lifespan shutdown the
+      records spooled are stored before the process ends.
 
-    Other paths and scopes (``/ping``) go to MLflow's app untouched.
+    Other paths and scopes (``/ping``) go to the current model's scoring app untouched.
     """
 
     def __init__(
         self,
-        app: ASGIApp,
+        models: ModelSwitcher,
         *,
-        model: Any,
-        limit: TransformersContextLimit | None = None,
-        recorder: InferenceRecorder | None = None,
         max_body_bytes: int = 2 * 1024**2,
         max_rows: int = 64,
-        served: ServedModel | None = None,
         timeout_s: float | None = None,
+        follower: AliasFollower | None = None,
     ) -> None:
-        self.app = app
-        self.model = model
-        self.limit = limit
-        self.recorder = recorder
+        self.models = models
         self.max_body_bytes = max_body_bytes
         self.max_rows = max_rows
-        self.served = served or ServedModel.of(name=None, version=None, uri=None)
         self.timeout_s = timeout_s
-        self.chat = ChatCompletions(
-            app, model=model, served=self.served, problem=self._problem, timeout_s=timeout_s
-        )
+        self.follower = follower
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Read once, validate, route, watch, record (other paths pass through untouched)."""
         if scope["type"] == "lifespan":
-            await self.app(scope, receive, self._draining_at_shutdown(send))
+            await self._lifespan(receive, send)
             return
         path = scope.get("path", "") if scope["type"] == "http" else ""
         openai = path == CHAT_COMPLETIONS_PATH
@@ -199,17 +207,31 @@ class ServingMiddleware:
             message = f"{path[:200]} is not a route of this server: use {CHAT_COMPLETIONS_PATH}"
             await send_json(send, 404, error_body(404, message, code="ENDPOINT_NOT_FOUND"))
             return
-        if not (openai or is_invocation(scope)):
-            await self.app(scope, receive, send)
-            return
-        exchange = Exchange(send, self.recorder, timeout_s=self.timeout_s)
+        with self.models.using() as loaded:  # this call's model, however the alias moves
+            if openai or is_invocation(scope):
+                await self._exchange(loaded, scope, receive, send, openai=openai)
+            else:
+                await loaded.app(scope, receive, send)
+
+    async def _exchange(
+        self, loaded: LoadedModel, scope: Scope, receive: Receive, send: Send, *, openai: bool
+    ) -> None:
+        """One ``/invocations`` or ``/v1/chat/completions`` call, answered by ``loaded``."""
+        exchange = Exchange(send, loaded.recorder, timeout_s=self.timeout_s)
+        chat = ChatCompletions(
+            loaded.app,
+            model=loaded.model,
+            served=loaded.served,
+            problem=functools.partial(self._problem, limit=loaded.limit),
+            timeout_s=self.timeout_s,
+        )
         try:
             try:
                 request = await read_request(scope, receive, max_bytes=self.max_body_bytes)
             except BodyTooLarge as exc:
                 exchange.reason = str(exc)
                 if openai:
-                    await self.chat.refuse(exchange, 413, "REQUEST_TOO_LARGE", f"{exc}.")
+                    await chat.refuse(exchange, 413, "REQUEST_TOO_LARGE", f"{exc}.")
                 else:
                     body = {"error_code": "REQUEST_TOO_LARGE", "message": f"{exc}."}
                     await send_json(exchange.send, 413, body)
@@ -221,9 +243,9 @@ class ServingMiddleware:
             watcher = asyncio.ensure_future(watch_client(receive, exchange))
             try:
                 if openai:
-                    await self.chat(scope, request, exchange)
+                    await chat(scope, request, exchange)
                 else:
-                    await self._route(scope, request, exchange)
+                    await self._route(loaded, scope, request, exchange)
             finally:
                 watcher.cancel()
         finally:  # an app that raised is recorded too, as a 500 unless it had answered
@@ -231,44 +253,65 @@ class ServingMiddleware:
 
     async def _models(self, scope: Scope, send: Send) -> None:
         """``GET /v1/models`` and ``GET /v1/models/<id>`` (not recorded: no inference)."""
+        served = self.models.current.served
         wanted = scope["path"].removeprefix(MODELS_PATH).removeprefix("/")
         if not wanted:
-            await send_json(send, 200, self.served.listing())
-        elif wanted in self.served.names:
-            await send_json(send, 200, self.served.card())
+            await send_json(send, 200, served.listing())
+        elif wanted in served.names:
+            await send_json(send, 200, served.card())
         else:
             message = f"model {wanted[:200]!r} is not served here; this server serves " + (
-                f"{self.served.id!r}"
+                f"{served.id!r}"
             )
             await send_json(send, 404, error_body(404, message, code="RESOURCE_DOES_NOT_EXIST"))
 
-    def _draining_at_shutdown(self, send: Send) -> Send:
-        """``send`` for the lifespan scope: store the spooled records before shutdown ends."""
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """Start following the alias at startup; at shutdown stop, and store the spooled
+        records before shutdown ends.
+        """
+        import anyio
 
-        async def lifespan_send(message: Message) -> None:
-            if self.recorder is not None and message["type"].startswith("lifespan.shutdown."):
-                import anyio
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if self.follower is not None:
+                    self.follower.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await anyio.to_thread.run_sync(self._shut_down)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
-                await anyio.to_thread.run_sync(self.recorder.close)
-            await send(message)
+    def _shut_down(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+        recorder = self.models.current.recorder  # every version's recorder shares its spool
+        self.models.close()
+        if recorder is not None:
+            recorder.close()
 
-        return lifespan_send
-
-    async def _route(self, scope: Scope, request: ParsedRequest, exchange: Exchange) -> None:
-        """Validates ``request``, then refuses it, streams it or hands it to MLflow's app."""
-        problem = self._problem(request.payload, request.rows)
+    async def _route(
+        self, loaded: LoadedModel, scope: Scope, request: ParsedRequest, exchange: Exchange
+    ) -> None:
+        """Validates ``request``, then refuses it, streams it or hands it to ``loaded``'s
+        scoring app.
+        """
+        problem = self._problem(request.payload, request.rows, limit=loaded.limit)
         if problem:
             status, code, why = problem
             exchange.reason = quiet_reason(why)  # recorded even when prompts are not
             await send_json(exchange.send, status, {"error_code": code, "message": why})
         elif request.wants_stream:
-            await self._stream(request, exchange)
+            await self._stream(loaded.model, request, exchange)
         else:
-            await self.app(scope, request.replay(), exchange.send)
+            await loaded.app(scope, request.replay(), exchange.send)
 
-    def _problem(self, payload: Any, rows: list[Any]) -> tuple[int, str, str] | None:
-        """(status, error code, why) the request is refused with, or None. A body that is not
-        JSON has no rows and goes on: MLflow's app answers it itself.
+    def _problem(
+        self, payload: Any, rows: list[Any], *, limit: ContextLimit | None = None
+    ) -> tuple[int, str, str] | None:
+        """(status, error code, why) the request is refused with, or None; ``limit`` is the
+        answering model's context check. A body that is not JSON has no rows and goes on:
+        MLflow's app answers it itself.
         """
         if len(rows) > self.max_rows:
             return (
@@ -280,21 +323,21 @@ class ServingMiddleware:
         problem = chat_problem(payload, rows)
         if problem:
             return 400, "INVALID_PARAMETER_VALUE", problem
-        if self.limit is None:
+        if limit is None:
             return None
         for row in rows:
-            problem = self.limit.problem(row)
+            problem = limit.problem(row)
             if problem:
                 return 400, "INVALID_PARAMETER_VALUE", problem
         return None
 
-    async def _stream(self, request: ParsedRequest, exchange: Exchange) -> None:
+    async def _stream(self, model: Any, request: ParsedRequest, exchange: Exchange) -> None:
         from mlflow.exceptions import MlflowException
 
         chat = request.without_stream()
         send = exchange.send
         # A client that leaves sets ``gone``: the producer stops at the next token.
-        chunks = iterate_in_thread(lambda: self.model.predict_stream(chat), exchange.gone)
+        chunks = iterate_in_thread(lambda: model.predict_stream(chat), exchange.gone)
         # The first chunk before any header: the request is validated when iteration starts.
         kind, value = await next_chunk(chunks, exchange, self.timeout_s)
         if kind == "timeout":
@@ -325,77 +368,153 @@ class ServingMiddleware:
         await send_event(send, "[DONE]", last=True)
 
 
+def load_model(
+    model_path: Path,
+    *,
+    served: ServedModel,
+    version: str | None = None,
+    recorder: InferenceRecorder | None = None,
+) -> LoadedModel:
+    """Loads the model at ``model_path`` with what answers with it: MLflow's scoring app (the
+    one ``mlflow models serve`` runs) and, for the transformers flavor, its context check
+    (tokenizer loaded now, not by the first request).
+
+    Args:
+        model_path: A downloaded MLflow model folder (either flavor).
+        served: How the OpenAI routes name the model.
+        version: Its registry version, if it is one.
+        recorder: Where its requests are recorded; None records nothing.
+    """
+    from mlflow.pyfunc import scoring_server
+
+    model = scoring_server.load_model_with_mlflow_config(str(model_path))
+    limit = None
+    if "transformers" in read_mlmodel(model_path).get("flavors", {}):
+        limit = TransformersContextLimit(model_path)
+        _ = limit.tokenizer
+    return LoadedModel(
+        app=scoring_server.init(model),
+        model=model,
+        served=served,
+        version=version,
+        limit=limit,
+        recorder=recorder,
+    )
+
+
 def build_app(
     model_path: Path,
     *,
     recorder: InferenceRecorder | None = None,
     served: ServedModel | None = None,
-) -> Any:
+    follow: Callable[[ModelSwitcher], AliasFollower] | None = None,
+) -> ServingMiddleware:
     """MLflow's scoring app for the model at ``model_path``, guarded, recording when given one.
 
     Args:
         model_path: A downloaded MLflow model folder (either flavor).
         recorder: Where each request row is recorded; None records nothing.
         served: How the OpenAI routes name the model; None names it by nothing but ``model``.
+        follow: Makes the follower that moves the served model with its alias; None serves
+            this one model.
 
     Returns:
-        The ASGI app: MLflow's scoring app wrapped in `ServingMiddleware`. Both time requests
+        The ASGI app: `ServingMiddleware` before MLflow's scoring app. Both time requests
         out after ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` seconds (60 by default).
     """
     from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
-    from mlflow.pyfunc import scoring_server
 
-    model = scoring_server.load_model_with_mlflow_config(str(model_path))
-    app = scoring_server.init(model)
-    is_transformers = "transformers" in read_mlmodel(model_path).get("flavors", {})
-    limit = TransformersContextLimit(model_path) if is_transformers else None
-    settings = get_settings()
-    app.add_middleware(
-        ServingMiddleware,
-        model=model,
-        limit=limit,
+    first = load_model(
+        model_path,
+        served=served or ServedModel.of(name=None, version=None, uri=None),
+        version=recorder.model_version if recorder is not None else None,
         recorder=recorder,
+    )
+    models = ModelSwitcher(first)
+    settings = get_settings()
+    return ServingMiddleware(
+        models,
         max_body_bytes=settings.serve_max_body_bytes,
         max_rows=settings.serve_max_rows,
-        served=served,
         timeout_s=float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()),
+        follower=follow(models) if follow is not None else None,
     )
-    return app
 
 
-def recorder_for(model_path: Path, *, model_name: str, model_version: str) -> InferenceRecorder:
+def recorder_for(
+    model_path: Path, *, model_name: str, model_version: str, spool: RecordSpool | None = None
+) -> InferenceRecorder:
     """A recorder writing to the inference experiment of the project's tracking store, through
-    this process's spool under ``<data dir>/serving/spool`` (started here: it first stores any
-    records a killed server left behind).
+    ``spool``, else this process's spool under ``<data dir>/serving/spool`` (started here: it
+    first stores any records a killed server left behind).
     """
     settings = get_settings()
     experiment_id = configure_tracking(settings.inference_experiment_name)
-    uri = tracking_uri()
-    spool = RecordSpool(
-        settings.data_dir / "serving" / "spool",
-        functools.partial(write_entries, tracking_uri=uri),
-    )
+    if spool is None:
+        spool = RecordSpool(
+            settings.data_dir / "serving" / "spool",
+            functools.partial(write_entries, tracking_uri=tracking_uri()),
+        ).start()
     return InferenceRecorder(
         model_name=model_name,
         model_version=model_version,
         experiment_id=experiment_id,
         record_prompts=settings.record_prompts,
         context_tokens=context_tokens(model_path),
-        spool=spool.start(),
+        spool=spool,
     )
 
 
-def create_app() -> Any:
-    """The app for ``$PHI3OPS_SERVE_MODEL_PATH``; it records when the served version is known."""
+def create_app() -> ServingMiddleware:
+    """The app for ``$PHI3OPS_SERVE_MODEL_PATH``; it records when the served version is known,
+    and follows the alias of ``$PHI3OPS_SERVE_MODEL_URI`` every ``PHI3OPS_SERVE_POLL_S`` seconds
+    when it names one.
+    """
     model_path = Path(os.environ[MODEL_PATH_ENV])
     name, version = os.environ.get(MODEL_NAME_ENV), os.environ.get(MODEL_VERSION_ENV)
-    recorder = (
-        recorder_for(model_path, model_name=name, model_version=version)
-        if name and version
-        else None
-    )
-    served = ServedModel.of(name=name, version=version, uri=os.environ.get(MODEL_URI_ENV))
-    return build_app(model_path, recorder=recorder, served=served)
+    uri = os.environ.get(MODEL_URI_ENV)
+    if not (name and version):
+        return build_app(model_path, served=ServedModel.of(name=None, version=None, uri=uri))
+    recorder = recorder_for(model_path, model_name=name, model_version=version)
+    settings = get_settings()
+    followed = alias_of(uri)
+    follow = None
+    if followed is not None and followed[0] == name and settings.serve_poll_s > 0:
+        _log_like_uvicorn()
+
+        def load(new_version: str, path: Path) -> LoadedModel:
+            new_recorder = recorder_for(
+                path, model_name=name, model_version=new_version, spool=recorder.spool
+            )
+            served = ServedModel.of(name=name, version=new_version, uri=uri)
+            return load_model(path, served=served, version=new_version, recorder=new_recorder)
+
+        def follow(models: ModelSwitcher) -> AliasFollower:
+            return AliasFollower(
+                models,
+                model_name=name,
+                alias=followed[1],
+                load=load,
+                download_dir=Path(
+                    os.environ.get(DOWNLOAD_DIR_ENV) or settings.data_dir / "serving"
+                ),
+                poll_s=settings.serve_poll_s,
+            )
+
+    served = ServedModel.of(name=name, version=version, uri=uri)
+    return build_app(model_path, recorder=recorder, served=served, follow=follow)
+
+
+def _log_like_uvicorn() -> None:
+    """Writes the serving layer's news (a switch, a version that failed to load) to the
+    server's log as uvicorn writes its own (its handlers are set before the app is made).
+    """
+    ours, uvicorn = logging.getLogger("phi3ops.serving"), logging.getLogger("uvicorn")
+    if uvicorn.handlers and not ours.handlers:
+        for handler in uvicorn.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
 
 
 def context_tokens(model_path: Path) -> int | None:

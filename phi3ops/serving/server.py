@@ -3,7 +3,8 @@
 The server is MLflow's scoring server (what ``mlflow models serve --env-manager local`` runs:
 uvicorn over ``mlflow.pyfunc.scoring_server.init``), built by `phi3ops.serving.app` with a
 guard in front of it. Like ``mlflow models serve``, it first downloads the model (resolving
-``models:/<name>@<alias>`` once), then starts uvicorn on that folder. It answers
+``models:/<name>@<alias>`` to a version), then starts uvicorn on that folder; served from an
+alias, each worker then follows the alias as it moves (`phi3ops.serving.follow`). It answers
 ``POST /invocations`` with MLflow's ``{"inputs": ...}`` / ``{"dataframe_records": ...}``
 payloads or the bare OpenAI-style ``{"messages": [...], "max_tokens": ...}`` body, and
 ``GET /ping`` / ``GET /health``.
@@ -39,17 +40,18 @@ import httpx
 
 from phi3ops.errors import InvalidInputError
 from phi3ops.serving.app import (
+    DOWNLOAD_DIR_ENV,
     MODEL_NAME_ENV,
     MODEL_PATH_ENV,
     MODEL_URI_ENV,
     MODEL_VERSION_ENV,
+    POLL_ENV,
     read_mlmodel,
 )
+from phi3ops.serving.follow import MODEL_URI, check_model_uri, download_model
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
 
-#: MLflow model locations other than a local folder: the registry, a run, a remote store.
-_MODEL_URI = re.compile(r"^(models|runs):/.+|^[a-z][a-z0-9+.-]*://.+")
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 #: Seconds a stopping server gives in-flight requests beyond the request timeout.
 DRAIN_MARGIN_S = 5
@@ -65,65 +67,6 @@ def model_uri_for(model_name: str, *, alias: str | None = None, version: str | N
             "serve."
         )
     return f"models:/{model_name}@{alias}" if alias else f"models:/{model_name}/{version}"
-
-
-def check_model_uri(model_uri: str) -> None:
-    """Refuse anything but an MLflow model location, before anything is copied.
-
-    Accepted: ``models:/...``, ``runs:/...``, a remote store URI (``s3://``...), or a local
-    folder (a path or ``file://``) holding an ``MLmodel`` file.
-
-    Raises:
-        InvalidInputError: ``model_uri`` is none of those.
-    """
-    local = _local_folder(model_uri)
-    if local is None:
-        if _MODEL_URI.match(model_uri):
-            return
-        if "://" not in model_uri and ":/" not in model_uri:
-            local = Path(model_uri).expanduser()
-    if local is not None and (local / "MLmodel").is_file():
-        return
-    raise InvalidInputError(
-        f"model_uri {model_uri!r} is not an MLflow model URI: use models:/<name>@<alias>, "
-        f"models:/<name>/<version>, runs:/<run id>/<path>, a model store URI, or a local "
-        f"folder that holds an MLmodel file."
-    )
-
-
-def download_model(model_uri: str, target: Path) -> Path:
-    """Resolve ``model_uri`` once and copy the model into ``target``; returns the model folder.
-
-    Raises:
-        InvalidInputError: ``model_uri`` is not an MLflow model location (`check_model_uri`),
-            cannot be loaded, or what it points at has no MLmodel file.
-    """
-    check_model_uri(model_uri)
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    configure_tracking()
-    try:
-        path = Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target))
-        )
-    except MlflowException as exc:
-        raise InvalidInputError(
-            f"Cannot load {model_uri}: {exc.message} Check the name and alias/version with "
-            f"`mlflow ui` (or the registry of MLFLOW_TRACKING_URI)."
-        ) from exc
-    if not (path / "MLmodel").is_file():
-        raise InvalidInputError(
-            f"{model_uri} is not an MLflow model: what it points at has no MLmodel file."
-        )
-    return path
-
-
-def _local_folder(model_uri: str) -> Path | None:
-    """The folder of a ``file://`` URI, else None."""
-    if model_uri.startswith("file://"):
-        return Path(model_uri.removeprefix("file://")).expanduser()
-    return None
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -266,6 +209,7 @@ def start_server(
     workers: int = 1,
     timeout_s: int | None = None,
     batching: Mapping[str, float] | None = None,
+    poll_s: float | None = None,
     extra_env: Mapping[str, str] | None = None,
     **popen_kwargs: Any,  # passed on to subprocess.Popen, whose keywords differ in type
 ) -> subprocess.Popen:
@@ -274,13 +218,19 @@ def start_server(
     ``batching`` changes the ONNX flavor's batcher (`BATCHING_KEYS`) for this server.
     A request with no answer within ``timeout_s`` seconds (default: MLflow's
     ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, 60) is cancelled with a 504 and recorded.
+    Served from ``models:/<name>@<alias>``, each worker looks at the alias every ``poll_s``
+    seconds (default: ``PHI3OPS_SERVE_POLL_S``; 0: never) and switches to the version it moves
+    to (`phi3ops.serving.follow`); every version is downloaded under one folder of
+    ``<data dir>/serving``, which `stop_server` removes.
 
     The server gets a session of its own, so `stop_server` can stop uvicorn's workers with it,
     and, on Linux, a ``SIGTERM`` when the calling thread dies (started from the main thread:
     when this process dies), so a killed caller leaves no server behind.
-    A registered version's requests are recorded as MLflow traces (`phi3ops.serving.records`);
-    the alias is resolved once, here, so records name the version actually served.
+    A registered version's requests are recorded as MLflow traces (`phi3ops.serving.records`),
+    each tagged with the version that answered it.
     """
+    if poll_s is not None and poll_s < 0:
+        raise InvalidInputError(f"poll_s={poll_s}: use 0 (never look) or more seconds.")
     timeout = request_timeout(timeout_s)
     command = serve_command(Path("."), host=host, port=port, workers=workers, timeout_s=timeout)
     check_model_uri(model_uri)
@@ -289,19 +239,22 @@ def start_server(
     parent.mkdir(parents=True, exist_ok=True)
     download_dir = Path(tempfile.mkdtemp(prefix="model-", dir=parent))
     try:
-        served = registered_version(model_uri) if _MODEL_URI.match(model_uri) else None
+        served = registered_version(model_uri) if MODEL_URI.match(model_uri) else None
         pinned = f"models:/{served[0]}/{served[1]}" if served else model_uri
-        model_path = download_model(pinned, download_dir)
+        model_path = download_model(pinned, download_dir / "first")
         env = {
             **os.environ,
             **(extra_env or {}),
             MODEL_PATH_ENV: str(model_path),
             MODEL_URI_ENV: model_uri,
+            DOWNLOAD_DIR_ENV: str(download_dir),
             "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(timeout),
             **batching_env(model_path, batching),
         }
         if served is not None:
             env[MODEL_NAME_ENV], env[MODEL_VERSION_ENV] = served
+        if poll_s is not None:
+            env[POLL_ENV] = str(poll_s)
         process = subprocess.Popen(
             command,
             env=env,

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from phi3ops.serving.app import ServingMiddleware
+from phi3ops.serving.follow import LoadedModel, ModelSwitcher
 from phi3ops.serving.openai_routes import RequestProblem, ServedModel, chat_row, error_body
 from phi3ops.serving.records import InferenceRecorder, _span_dict
 from phi3ops.serving.spool import RecordSpool
@@ -163,13 +164,14 @@ def recorder(tmp_path: Path, store: Store) -> Iterator[InferenceRecorder]:
 
 
 def middleware(recorder: InferenceRecorder, app: Any = None, **kwargs: Any) -> ServingMiddleware:
-    return ServingMiddleware(
-        app or ScoringApp(),
+    loaded = LoadedModel(
+        app=app or ScoringApp(),
         model=kwargs.pop("model", None),
-        recorder=recorder,
         served=SERVED,
-        **kwargs,
+        version="3",
+        recorder=recorder,
     )
+    return ServingMiddleware(ModelSwitcher(loaded), **kwargs)
 
 
 # --- the request -> the chat row -----------------------------------------------------------------

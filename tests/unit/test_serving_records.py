@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 
 from phi3ops.serving.app import ServingMiddleware
+from phi3ops.serving.follow import LoadedModel, ModelSwitcher
+from phi3ops.serving.openai_routes import ServedModel
 from phi3ops.serving.records import InferenceRecorder, trace_id_of, write_entries
 from phi3ops.serving.spool import RecordSpool
 
@@ -197,8 +199,12 @@ def _recorder(spool: RecordSpool, *, record_prompts: bool = False) -> InferenceR
     )
 
 
-def _middleware(recorder: InferenceRecorder, model: Any = None, **limits: int) -> Any:
-    return ServingMiddleware(scoring_app, model=model, recorder=recorder, **limits)
+def _middleware(
+    recorder: InferenceRecorder, model: Any = None, app: Any = scoring_app, **limits: int
+) -> Any:
+    served = ServedModel.of(name="m", version="7", uri=None)
+    loaded = LoadedModel(app=app, model=model, served=served, version="7", recorder=recorder)
+    return ServingMiddleware(ModelSwitcher(loaded), **limits)
 
 
 def _body(payload: Any) -> list[bytes]:
@@ -229,7 +235,7 @@ def test_an_upload_the_client_abandons_is_recorded_cancelled_and_never_routed(sp
 
     recorder = _recorder(spool)
     client = Client([b'{"messages": [{"role": "us'], leave_while_sending=True)
-    client.call(ServingMiddleware(app, model=None, recorder=recorder))
+    client.call(_middleware(recorder, app=app))
     assert recorder.flush(5)
     assert not routed and not client.messages
     (record,) = store.records

@@ -1,0 +1,210 @@
+"""`phi3ops serve` on an alias follows it: a moved ``@champion`` is loaded beside the version
+serving and takes over without a failed request; a version that cannot load changes nothing.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from phi3ops.names import MODEL_VERSION_TAG
+from phi3ops.serving.server import start_server, stop_server, wait_until_ready
+
+NAME = "phi3-follow"
+POLL_S = 1.0
+CHAT = {"messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[dict[str, str]]:
+    """Versions of NAME in one store: 'old' and 'new' (the same ONNX package registered twice)
+    and 'broken' (an MLmodel without a loadable flavor); @champion on 'old'.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from offline.local_hub import LocalHub
+    from phi3ops.settings import get_settings
+    from phi3ops.sources import ONNX_REPO_ID, Flavor, Variant
+    from phi3ops.tracking import configure_tracking
+    from tasks.hub import fetch_snapshot
+    from tasks.packaging import log_model
+    from tasks.registry import register_version
+
+    data_dir = tmp_path_factory.mktemp("follow-data")
+    broken = tmp_path_factory.mktemp("broken-model")
+    (broken / "MLmodel").write_text("artifact_path: model\nflavors: {}\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PHI3OPS_DATA_DIR", str(data_dir))
+        get_settings.cache_clear()
+        with LocalHub() as hub:
+            hub.add_repo(ONNX_REPO_ID, tiny_phi3.onnx_dir)
+            fetched = fetch_snapshot(ONNX_REPO_ID, variant=Variant.ONNX_CPU_INT4, endpoint=hub.url)
+            old = register_version(log_model(fetched, flavor=Flavor.ONNX), fetched, model_name=NAME)
+        new = mlflow.register_model(old.source, NAME).version
+        configure_tracking()
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(broken), "model")
+        client = MlflowClient()
+        bad = client.create_model_version(
+            NAME, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+        ).version
+        client.set_registered_model_alias(NAME, "champion", old.version)
+        yield {"old": old.version, "new": str(new), "broken": str(bad), "data_dir": str(data_dir)}
+    get_settings.cache_clear()
+
+
+@dataclass
+class Answer:
+    sent: float  # time.monotonic() when the request was sent
+    latency_s: float
+    status: int
+    model: str | None
+
+
+class Traffic:
+    """A steady stream of chat completions from ``clients`` threads, until `stop`."""
+
+    def __init__(self, url: str, clients: int = 2) -> None:
+        self.url = url
+        self.answers: list[Answer] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send, daemon=True) for _ in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _send(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                sent = time.monotonic()
+                try:
+                    response = client.post(f"{self.url}/v1/chat/completions", json=CHAT)
+                    status = response.status_code
+                    model = response.json().get("model") if status == 200 else response.text
+                except httpx.HTTPError as exc:
+                    status, model = -1, repr(exc)
+                self.answers.append(Answer(sent, time.monotonic() - sent, status, model))
+
+    def wait_for(self, model: str, *, timeout: float) -> float:
+        """Seconds until the first answer naming ``model``."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            named = [a for a in list(self.answers) if a.status == 200 and a.model == model]
+            if named:
+                return named[0].sent + named[0].latency_s - start
+            time.sleep(0.1)
+        raise AssertionError(f"no answer named {model} within {timeout} s")
+
+    def stop(self) -> list[Answer]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        return self.answers
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _recorded_versions(data_dir: str) -> dict[str, int]:
+    """How many inference records each version of NAME has in the store."""
+    import mlflow
+
+    from phi3ops.settings import get_settings
+    from phi3ops.tracking import configure_tracking
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PHI3OPS_DATA_DIR", data_dir)
+        get_settings.cache_clear()
+        try:
+            experiment_id = configure_tracking(get_settings().inference_experiment_name)
+            traces = mlflow.search_traces(locations=[experiment_id], return_type="list")
+        finally:
+            get_settings.cache_clear()
+    counts: dict[str, int] = {}
+    for trace in traces:
+        version = trace.info.tags.get(MODEL_VERSION_TAG)
+        counts[version] = counts.get(version, 0) + 1
+    return counts
+
+
+def _wait_for_line(log_path: Path, text: str, *, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log_path.read_text().splitlines():
+            if text in line:
+                return line
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in the server log:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_the_server_follows_champion_without_failing_a_request(versions, tmp_path) -> None:
+    from mlflow import MlflowClient
+
+    from phi3ops.settings import get_settings
+
+    log_path = tmp_path / "server.log"
+    port, url = _free_port(), ""
+    with log_path.open("w") as log, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PHI3OPS_DATA_DIR", versions["data_dir"])
+        get_settings.cache_clear()
+        process = start_server(
+            f"models:/{NAME}@champion",
+            port=port,
+            poll_s=POLL_S,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_ready(process, url, timeout=240)
+            traffic = Traffic(url)
+            time.sleep(3)  # the latency before any switch
+            moved = time.monotonic()
+            MlflowClient().set_registered_model_alias(NAME, "champion", versions["new"])
+            switch_s = traffic.wait_for(f"{NAME}/{versions['new']}", timeout=60)
+            time.sleep(2)  # the latency after it
+            assert (
+                httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == f"{NAME}/{versions['new']}"
+            )
+
+            MlflowClient().set_registered_model_alias(NAME, "champion", versions["broken"])
+            why = _wait_for_line(log_path, f"Cannot serve version {versions['broken']}", timeout=30)
+            time.sleep(3 * POLL_S)  # more looks at the alias: the broken version is not retried
+            answers = traffic.stop()
+        finally:
+            stop_server(process)
+            get_settings.cache_clear()
+
+    log_text = log_path.read_text()
+    assert [a for a in answers if a.status != 200] == []  # not one request failed
+    before = [a for a in answers if a.sent + a.latency_s < moved]
+    across = [a for a in answers if moved <= a.sent + a.latency_s <= moved + switch_s + 1]
+    assert before and across
+    assert switch_s < 15 * POLL_S, f"the switch took {switch_s:.1f} s"
+    # Every request after the broken version's failure is still answered by the new version.
+    assert answers[-1].model == f"{NAME}/{versions['new']}"
+    assert "WARNING" in why and "python_function" in why  # the version, and why it failed
+    assert f"Still serving version {versions['new']}" in why
+    assert log_text.count(f"Cannot serve version {versions['broken']}") == 1
+    print(  # the switch pause, for the record (pytest -s)
+        f"switch {switch_s:.2f} s; longest latency before {max(a.latency_s for a in before):.3f} "
+        f"s, across the switch {max(a.latency_s for a in across):.3f} s; {len(answers)} answers"
+    )
+    recorded = _recorded_versions(versions["data_dir"])
+    served = {a.model for a in answers}
+    assert served == {f"{NAME}/{versions['old']}", f"{NAME}/{versions['new']}"}
+    assert recorded.get(versions["old"], 0) > 0 and recorded.get(versions["new"], 0) > 0
+    assert sum(recorded.values()) == len(answers)  # each request recorded, by who answered it
+    assert not process.download_dir.exists()
