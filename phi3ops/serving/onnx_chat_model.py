@@ -58,7 +58,7 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -958,13 +958,7 @@ class OnnxChatModel(PythonModel):
 
     def _requests(self, model_input: Any, params: dict[str, Any] | None) -> list[_Request]:
         rows = _rows(model_input)
-        shared = {}
-        for name, value in (params or {}).items():
-            # MLflow fills params the caller left out with their defaults (None, [] for stop).
-            if name in _GENERATION_FIELDS and not _is_missing(value):
-                if name == "stop" and len(value) == 0:
-                    continue
-                shared[name] = _validated_setting(name, value, f"params[{name!r}]")
+        shared = validated_params(params)
         where_prefix = len(rows) > 1
         return [
             self._request(index, row, shared, f"request[{index}]." if where_prefix else "")
@@ -974,27 +968,11 @@ class OnnxChatModel(PythonModel):
     def _request(
         self, index: int, row: dict[str, Any], shared: dict[str, Any], where: str
     ) -> _Request:
-        has_messages, has_prompt = "messages" in row, "prompt" in row
-        if has_messages == has_prompt:
-            problem = "both" if has_messages else "neither"
-            raise _invalid(
-                f"{where}messages/prompt: got {problem}; send exactly one of messages "
-                "(a chat request) or prompt (a text prompt)"
-            )
-        if "n" in row and _as_int(row["n"], f"{where}n", minimum=1) != 1:
-            raise _invalid(f"{where}n={row['n']} is not supported: one choice per request")
-        if "stream" in row and not isinstance(row["stream"], bool | np.bool_):
-            raise _invalid(f"{where}stream must be true or false, got {row['stream']!r}")
-
-        settings = dict(self._defaults)
-        settings.update(shared)
-        for name in _GENERATION_FIELDS:
-            if name in row:
-                settings[name] = _validated_setting(name, row[name], f"{where}{name}")
-
-        if has_messages:
+        own, messages = validated_row(row, where)
+        settings = {**self._defaults, **shared, **own}
+        if messages is not None:
             shape, field_name = "chat", "messages"
-            text = self._render(_validated_messages(row["messages"], where))
+            text = self._render(messages)
         else:
             shape, field_name = "prompt", "prompt"
             prompt = row["prompt"]
@@ -1160,6 +1138,60 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def validated_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The generation settings in MLflow ``params`` (they apply to every row), checked.
+
+    Also the serving layer's check of either flavor's requests: one validator for both.
+
+    Raises:
+        MlflowException: ``INVALID_PARAMETER_VALUE`` naming the parameter.
+    """
+    shared = {}
+    for name, value in (params or {}).items():
+        # MLflow fills params the caller left out with their defaults (None, [] for stop).
+        if name in _GENERATION_FIELDS and not _is_missing(value):
+            if name == "stop" and isinstance(value, Sized) and len(value) == 0:
+                continue
+            shared[name] = _validated_setting(name, value, f"params[{name!r}]")
+    return shared
+
+
+def validated_row(
+    row: Mapping[str, Any], where: str = ""
+) -> tuple[dict[str, Any], list[dict[str, str]] | None]:
+    """One request row's own generation settings and its messages (None for a prompt row),
+    checked in this order: messages or prompt, ``n``, ``stream``, the settings, the messages.
+
+    Also the serving layer's check of either flavor's requests: one validator for both.
+
+    Args:
+        row: The row; fields it left empty (None, NaN) count as absent.
+        where: Prefix naming the row in messages (``request[2].``), empty for one row.
+
+    Raises:
+        MlflowException: ``INVALID_PARAMETER_VALUE`` naming the field.
+    """
+    row = {str(key): value for key, value in row.items() if not _is_missing(value)}
+    has_messages, has_prompt = "messages" in row, "prompt" in row
+    if has_messages == has_prompt:
+        problem = "both" if has_messages else "neither"
+        raise _invalid(
+            f"{where}messages/prompt: got {problem}; send exactly one of messages "
+            "(a chat request) or prompt (a text prompt)"
+        )
+    if "n" in row and _as_int(row["n"], f"{where}n", minimum=1) != 1:
+        raise _invalid(f"{where}n={row['n']} is not supported: one choice per request")
+    if "stream" in row and not isinstance(row["stream"], bool | np.bool_):
+        raise _invalid(f"{where}stream must be true or false, got {row['stream']!r}")
+    settings = {
+        name: _validated_setting(name, row[name], f"{where}{name}")
+        for name in _GENERATION_FIELDS
+        if name in row
+    }
+    messages = _validated_messages(row["messages"], where) if has_messages else None
+    return settings, messages
 
 
 def _rows(model_input: Any) -> list[dict[str, Any]]:
