@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
@@ -261,6 +262,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[Stack
                 "PHI3OPS_HF_ENDPOINT": hub.url,
                 "PHI3OPS_GATE_MIN_PASS_RATE": "0",
                 "PHI3OPS_GATE_MIN_TOKENS_PER_S": "0",
+                # The monitor a promotion triggers runs one window later: the shortest one.
+                "PHI3OPS_MONITOR_WINDOW_MINUTES": "1",
                 "HF_TOKEN": "",
                 "HF_HOME": str(tmp / "hf-home"),
                 "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -462,12 +465,16 @@ def test_promotion_triggers_a_monitor_run(stack: Stack, lifecycle_run) -> None:
 
         run = stack.wait("the monitor run the promotion triggers", triggered_run, timeout=60)
         assert run.parameters["alias"] == "champion"
+        assert run.parameters["window_minutes"] == 1
+        # Scheduled one window after the promotion, so that its window is full.
+        assert run.expected_start_time is not None
+        assert run.expected_start_time >= lifecycle_run.start_time + timedelta(minutes=1)
 
         def ended():
             current = client.read_flow_run(run.id)
             return current if current.state and current.state.is_final() else None
 
-        run = stack.wait("the monitor run to end", ended, timeout=120)
+        run = stack.wait("the monitor run to end", ended, timeout=240)
     # No inference traffic yet: the monitor ends "insufficient data", which is not a failure.
     assert run.state.is_completed(), f"{run.state}\n{stack.processes.log('worker')}"
 
