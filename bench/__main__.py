@@ -21,6 +21,10 @@ worker) and HTTP clients on loopback: 8 concurrent clients vs 1 (tokens/s, p50 l
 bare onnxruntime-genai batch of the same prompts, and ``/v1/chat/completions`` vs
 ``/invocations``, for the ONNX flavor (and, reported, the transformers flavor).
 
+Two arms (``--only arms``, `bench.arms`): the server with ``@candidate`` loaded beside
+``@champion``: resident memory, champion latency with shadow copies on vs off, and the pause of
+an alias switch.
+
 Orchestration (``--only orchestration``): the lifecycle flow (fetch, package, register,
 evaluate, promote) on the tiny Phi-3 vs the same task functions called as plain Python, each
 run on a fresh store so nothing is reused; the difference is what Prefect costs per run
@@ -345,6 +349,7 @@ SECTIONS = {
     "serving": "Serving: the packaged Phi-3",
     "concurrency": "Serving: concurrent clients share batches",
     "load": "Serving under load: the HTTP server, clients on loopback",
+    "arms": "Serving two arms: champion and candidate side by side",
     "orchestration": "Orchestration: the lifecycle flow vs plain Python",
 }
 
@@ -385,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="phi3ops-bench-") as tmp:
         packaged = (
             _package(Path(tmp), args.preset)
-            if {"serving", "concurrency", "load"} & set(chosen)
+            if {"serving", "concurrency", "load", "arms"} & set(chosen)
             else {}
         )
         params = getattr(packaged.get("recipe"), "num_parameters", None)
@@ -414,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
             setup, rows = serving_under_load(packaged, args, Path(tmp), prompts=PROMPTS)
             sections["load"] = _section(
                 "load", f"preset `{args.preset}`, {params:,} parameters; {setup}", rows
+            )
+        if "arms" in chosen:
+            from bench.arms import cost_of_two_arms
+
+            setup, rows = cost_of_two_arms(packaged, args, Path(tmp), prompts=PROMPTS)
+            sections["arms"] = _section(
+                "arms", f"preset `{args.preset}`, {params:,} parameters; {setup}", rows
             )
         if "orchestration" in chosen:
             rows = _orchestration(

@@ -78,6 +78,14 @@ OWNER_TAG = f"{TAG_PREFIX}owner"
 #: Inference traces: the served model's registered name and version, the root span, the record.
 MODEL_NAME_TAG = f"{TAG_PREFIX}model_name"
 MODEL_VERSION_TAG = f"{TAG_PREFIX}model_version"
+#: Inference traces: the arm that answered (``champion`` / ``candidate``) and whether the answer
+#: was a shadow copy the client never saw (``true`` / ``false``).
+ARM_TAG = f"{TAG_PREFIX}arm"
+SHADOW_TAG = f"{TAG_PREFIX}shadow"
+#: Registered-model tag: the live-traffic plan every server follows (`phi3ops.traffic`).
+TRAFFIC_TAG = f"{TAG_PREFIX}traffic"
+#: Model version tag prefix of the online (canary / shadow) verdicts (``phi3ops.canary.verdict``).
+CANARY_TAG_PREFIX = f"{TAG_PREFIX}canary."
 RECORD_SPAN_NAME = f"{TAG_PREFIX}inference"
 RECORD_ATTRIBUTE = f"{TAG_PREFIX}record"
 
@@ -92,6 +100,9 @@ REGRESSED_EVENT = "phi3ops.model.regressed"
 MONITORING_PASSED_EVENT = "phi3ops.monitoring.passed"
 MONITORING_FAILED_EVENT = "phi3ops.monitoring.failed"
 MONITORING_INSUFFICIENT_DATA_EVENT = "phi3ops.monitoring.insufficient-data"
+#: The online verdict on a candidate taking live traffic: promoted, or taken out of traffic.
+CANARY_PROMOTED_EVENT = "phi3ops.canary.promoted"
+CANARY_ABORTED_EVENT = "phi3ops.canary.aborted"
 #: The resource every model event is about: ``phi3ops.model.<name>.<version>``.
 MODEL_RESOURCE_PREFIX = "phi3ops.model."
 
@@ -99,6 +110,16 @@ MODEL_RESOURCE_PREFIX = "phi3ops.model."
 def model_resource_id(model_name: str, version: str) -> str:
     """The Prefect resource id of one model version (the resource of its events)."""
     return f"{MODEL_RESOURCE_PREFIX}{model_name}.{version}"
+
+
+#: Prefect global concurrency limit (one slot) that every alias move of a model runs under
+#: when a Prefect server is configured: ``phi3ops-aliases-<model>``.
+ALIAS_LIMIT_PREFIX = "phi3ops-aliases-"
+
+
+def alias_limit_name(model_name: str) -> str:
+    """The name of the Prefect global concurrency limit guarding ``model_name``'s aliases."""
+    return f"{ALIAS_LIMIT_PREFIX}{model_name}"
 
 
 # --- MLflow artifacts of an evaluation run ----------------------------------------------------

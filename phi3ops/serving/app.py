@@ -32,11 +32,11 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
-from functools import cached_property
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from phi3ops.names import CANDIDATE_ALIAS, CHAMPION_ALIAS
 from phi3ops.serving.exchange import (
     Exchange,
     iterate_in_thread,
@@ -53,7 +53,7 @@ from phi3ops.serving.follow import (
     ModelSwitcher,
     alias_of,
 )
-from phi3ops.serving.onnx_chat_model import usable_context
+from phi3ops.serving.model_folder import TransformersContextLimit, context_tokens, read_mlmodel
 from phi3ops.serving.openai_routes import (
     CHAT_COMPLETIONS_PATH,
     MODELS_PATH,
@@ -65,17 +65,21 @@ from phi3ops.serving.records import InferenceRecorder, write_entries
 from phi3ops.serving.request import (
     BodyTooLarge,
     ClientDisconnected,
+    Message,
     ParsedRequest,
     Receive,
     Scope,
     Send,
     is_invocation,
+    parse_json,
     read_request,
 )
+from phi3ops.serving.shadow import ShadowCopies, ShadowCopy
 from phi3ops.serving.spool import RecordSpool
 from phi3ops.serving.validate import chat_problem, quiet_reason
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking, tracking_uri
+from phi3ops.traffic import Arm, TrafficMode
 
 MODEL_PATH_ENV = "PHI3OPS_SERVE_MODEL_PATH"
 MODEL_NAME_ENV = "PHI3OPS_SERVE_MODEL_NAME"
@@ -85,59 +89,6 @@ MODEL_URI_ENV = "PHI3OPS_SERVE_MODEL_URI"
 DOWNLOAD_DIR_ENV = "PHI3OPS_SERVE_DOWNLOAD_DIR"
 #: The setting with the seconds between looks at the alias served (`Settings.serve_poll_s`).
 POLL_ENV = "PHI3OPS_SERVE_POLL_S"
-
-
-class TransformersContextLimit:
-    """Counts a chat request's prompt tokens with a transformers model's own tokenizer."""
-
-    def __init__(self, model_path: Path) -> None:
-        self.model_path = model_path
-        config = json.loads((model_path / "model" / "config.json").read_text())
-        self.context = int(config["max_position_embeddings"])
-        mlmodel = read_mlmodel(model_path)
-        inference = mlmodel["flavors"]["transformers"].get("inference_config") or {}
-        model_config = mlmodel["flavors"]["python_function"].get("config") or {}
-        self.default_new_tokens = int(
-            model_config.get("max_new_tokens") or inference.get("max_new_tokens") or 0
-        )
-
-    @cached_property
-    def tokenizer(self) -> Any:
-        """The served model's tokenizer, loaded on first use."""
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.model_path / "components" / "tokenizer")
-
-    def problem(self, request: Any) -> str | None:
-        """Why ``request`` cannot fit the context, or None when it fits (or is not chat)."""
-        messages = request.get("messages") if isinstance(request, dict) else None
-        if not isinstance(messages, list):
-            return None  # not a chat request: MLflow's schema check answers it
-        for i, message in enumerate(messages):
-            # MLflow's transformers predict fails with a 500 on these; they are the caller's.
-            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-                return f"messages[{i}].content: each message needs a string 'content'."
-        try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, tokenize=True, add_generation_prompt=True
-            )
-        except Exception:
-            return None  # e.g. an unknown role: left to the model's own validation
-        # transformers 5 returns a BatchEncoding (a Mapping) where 4.x returned a list.
-        prompt_tokens = len(ids["input_ids"] if isinstance(ids, Mapping) else ids)
-        max_tokens = request.get("max_tokens")
-        new_tokens = max_tokens if isinstance(max_tokens, int) else self.default_new_tokens
-        if prompt_tokens >= self.context:
-            return (
-                f"messages: the prompt is {prompt_tokens} tokens but the model's context is "
-                f"{self.context} tokens; shorten the conversation."
-            )
-        if prompt_tokens + new_tokens > self.context:
-            return (
-                f"max_tokens={new_tokens} does not fit: prompt uses {prompt_tokens} of "
-                f"{self.context} tokens; lower max_tokens or shorten the conversation."
-            )
-        return None
 
 
 class ServingMiddleware:
@@ -192,6 +143,7 @@ class ServingMiddleware:
         self.max_rows = max_rows
         self.timeout_s = timeout_s
         self.follower = follower
+        self.shadows = ShadowCopies(self._answer_copy)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Read once, validate, route, watch, record (other paths pass through untouched)."""
@@ -207,17 +159,57 @@ class ServingMiddleware:
             message = f"{path[:200]} is not a route of this server: use {CHAT_COMPLETIONS_PATH}"
             await send_json(send, 404, error_body(404, message, code="ENDPOINT_NOT_FOUND"))
             return
-        with self.models.using() as loaded:  # this call's model, however the alias moves
-            if openai or is_invocation(scope):
-                await self._exchange(loaded, scope, receive, send, openai=openai)
-            else:
-                await loaded.app(scope, receive, send)
+        if openai or is_invocation(scope):
+            with self.shadows.client_call():
+                await self._call(scope, receive, send, openai=openai)
+            return
+        with self.models.using() as loaded:
+            await loaded.app(scope, receive, send)
+
+    async def _call(
+        self, scope: Scope, receive: Receive, send: Send, *, openai: bool, shadow: bool = False
+    ) -> None:
+        """One ``/invocations`` or ``/v1/chat/completions`` call: read it, pick its arm under
+        the traffic plan (a ``shadow`` copy: the candidate's, or none), answer it with that
+        arm's model, held until the call ends however the aliases move; then, in shadow mode,
+        offer a call the champion served to the candidate.
+        """
+        read: ParsedRequest | Exception
+        try:
+            read = await read_request(scope, receive, max_bytes=self.max_body_bytes)
+        except (BodyTooLarge, ClientDisconnected) as exc:
+            read = exc
+        wanted = Arm.CANDIDATE if shadow else self.models.arm_for(_user(read))
+        with self.models.using_arm(wanted) as (arm, loaded):
+            if arm is not wanted:  # a shadow copy whose candidate left traffic meanwhile
+                return
+            exchange = Exchange(
+                send, loaded.recorder, timeout_s=self.timeout_s, arm=arm.value, shadow=shadow
+            )
+            await self._exchange(loaded, scope, receive, read, exchange, openai=openai)
+        plan = self.models.plan
+        if (
+            not shadow
+            and arm is Arm.CHAMPION
+            and plan is not None
+            and plan.mode is TrafficMode.SHADOW
+            and isinstance(read, ParsedRequest)
+            and exchange.complete
+            and exchange.status < 400
+        ):
+            self.shadows.offer(ShadowCopy(scope=dict(scope), body=read.body, openai=openai))
 
     async def _exchange(
-        self, loaded: LoadedModel, scope: Scope, receive: Receive, send: Send, *, openai: bool
+        self,
+        loaded: LoadedModel,
+        scope: Scope,
+        receive: Receive,
+        read: ParsedRequest | Exception,
+        exchange: Exchange,
+        *,
+        openai: bool,
     ) -> None:
-        """One ``/invocations`` or ``/v1/chat/completions`` call, answered by ``loaded``."""
-        exchange = Exchange(send, loaded.recorder, timeout_s=self.timeout_s)
+        """Answers the call read (or refuses what could not be read) with ``loaded``."""
         chat = ChatCompletions(
             loaded.app,
             model=loaded.model,
@@ -226,30 +218,62 @@ class ServingMiddleware:
             timeout_s=self.timeout_s,
         )
         try:
-            try:
-                request = await read_request(scope, receive, max_bytes=self.max_body_bytes)
-            except BodyTooLarge as exc:
-                exchange.reason = str(exc)
+            if isinstance(read, BodyTooLarge):
+                exchange.reason = str(read)
                 if openai:
-                    await chat.refuse(exchange, 413, "REQUEST_TOO_LARGE", f"{exc}.")
+                    await chat.refuse(exchange, 413, "REQUEST_TOO_LARGE", f"{read}.")
                 else:
-                    body = {"error_code": "REQUEST_TOO_LARGE", "message": f"{exc}."}
+                    body = {"error_code": "REQUEST_TOO_LARGE", "message": f"{read}."}
                     await send_json(exchange.send, 413, body)
                 return
-            except ClientDisconnected:
+            if not isinstance(read, ParsedRequest):  # the client left while sending the body
                 exchange.gone.set()
                 return
-            exchange.request = request
+            exchange.request = read
             watcher = asyncio.ensure_future(watch_client(receive, exchange))
             try:
                 if openai:
-                    await chat(scope, request, exchange)
+                    await chat(scope, read, exchange)
                 else:
-                    await self._route(loaded, scope, request, exchange)
+                    await self._route(loaded, scope, read, exchange)
             finally:
                 watcher.cancel()
         finally:  # an app that raised is recorded too, as a 500 unless it had answered
             exchange.record()
+
+    async def _answer_copy(self, copy: ShadowCopy, preempt: asyncio.Event) -> None:
+        """Answers a shadow copy with the candidate, into nothing but its record: streamed
+        when its model can, so a client call arriving cuts it off at the next token
+        (``preempt`` reads as the client leaving).
+        """
+        candidate = self.models.serving(Arm.CANDIDATE)
+        if candidate is None:
+            return
+        body = copy.body
+        payload, _ = parse_json(body)
+        if candidate.streams and isinstance(payload, dict) and "messages" in payload:
+            body = json.dumps({**payload, "stream": True}).encode()
+        headers = [
+            (name, value)
+            for name, value in copy.scope.get("headers", [])
+            if name.lower() != b"content-length"
+        ]
+        length = (b"content-length", str(len(body)).encode())
+        scope = {**copy.scope, "headers": [*headers, length]}
+        sent = False
+
+        async def receive() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await preempt.wait()
+            return {"type": "http.disconnect"}
+
+        async def discard(message: Message) -> None:
+            return None
+
+        await self._call(scope, receive, discard, openai=copy.openai, shadow=True)
 
     async def _models(self, scope: Scope, send: Send) -> None:
         """``GET /v1/models`` and ``GET /v1/models/<id>`` (not recorded: no inference)."""
@@ -278,6 +302,7 @@ class ServingMiddleware:
                     self.follower.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self.shadows.close()
                 await anyio.to_thread.run_sync(self._shut_down)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
@@ -368,6 +393,13 @@ class ServingMiddleware:
         await send_event(send, "[DONE]", last=True)
 
 
+def _user(read: ParsedRequest | Exception) -> str | None:
+    """The OpenAI ``user`` of a request (what keeps a canary sticky), if it names one."""
+    payload = read.payload if isinstance(read, ParsedRequest) else None
+    user = payload.get("user") if isinstance(payload, dict) else None
+    return user if isinstance(user, str) and user else None
+
+
 def load_model(
     model_path: Path,
     *,
@@ -389,7 +421,8 @@ def load_model(
 
     model = scoring_server.load_model_with_mlflow_config(str(model_path))
     limit = None
-    if "transformers" in read_mlmodel(model_path).get("flavors", {}):
+    transformers = "transformers" in read_mlmodel(model_path).get("flavors", {})
+    if transformers:
         limit = TransformersContextLimit(model_path)
         _ = limit.tokenizer
     return LoadedModel(
@@ -399,6 +432,7 @@ def load_model(
         version=version,
         limit=limit,
         recorder=recorder,
+        streams=not transformers,  # MLflow's transformers pyfunc has no predict_stream
     )
 
 
@@ -462,6 +496,7 @@ def recorder_for(
         record_prompts=settings.record_prompts,
         context_tokens=context_tokens(model_path),
         spool=spool,
+        model_id=read_mlmodel(model_path).get("model_id"),
     )
 
 
@@ -499,6 +534,8 @@ def create_app() -> ServingMiddleware:
                     os.environ.get(DOWNLOAD_DIR_ENV) or settings.data_dir / "serving"
                 ),
                 poll_s=settings.serve_poll_s,
+                # Serving the champion, a traffic plan may give the candidate live traffic.
+                candidate_alias=CANDIDATE_ALIAS if followed[1] == CHAMPION_ALIAS else None,
             )
 
     served = ServedModel.of(name=name, version=version, uri=uri)
@@ -515,20 +552,3 @@ def _log_like_uvicorn() -> None:
             ours.addHandler(handler)
         ours.setLevel(logging.INFO)
         ours.propagate = False
-
-
-def context_tokens(model_path: Path) -> int | None:
-    """The served model's context window (prompt plus answer), for either flavor."""
-    flavors = read_mlmodel(model_path).get("flavors", {})
-    if "transformers" in flavors:
-        return TransformersContextLimit(model_path).context
-    for config in model_path.rglob("genai_config.json"):
-        return usable_context(json.loads(config.read_text())["model"])
-    return None
-
-
-def read_mlmodel(model_path: Path) -> dict[str, Any]:
-    """The ``MLmodel`` file of the model folder ``model_path``, parsed."""
-    import yaml
-
-    return yaml.safe_load((model_path / "MLmodel").read_text())

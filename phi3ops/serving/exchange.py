@@ -41,13 +41,23 @@ class Exchange:
         send: The server's ASGI ``send``.
         recorder: Where the call's rows are recorded; None records nothing.
         timeout_s: The server's request timeout, named in the record of a call that hit it.
+        arm: The alias whose model answers (``champion`` / ``candidate``), for the records.
+        shadow: The call is a shadow copy: its answer goes nowhere but the records.
     """
 
     def __init__(
-        self, send: Send, recorder: InferenceRecorder | None, *, timeout_s: float | None = None
+        self,
+        send: Send,
+        recorder: InferenceRecorder | None,
+        *,
+        timeout_s: float | None = None,
+        arm: str = "champion",
+        shadow: bool = False,
     ) -> None:
         self._send = send
         self._recorder = recorder
+        self.arm = arm
+        self.shadow = shadow
         self._timeout_s = timeout_s
         self._clock = time.perf_counter()
         self.started = time.time()
@@ -128,6 +138,8 @@ class Exchange:
             latency_s=latency,
             ttft_s=ttft,
             reason=self.reason,
+            arm=self.arm,
+            shadow=self.shadow,
         )
 
 

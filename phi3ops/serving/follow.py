@@ -35,6 +35,7 @@ from phi3ops.registry import alias_version
 from phi3ops.serving.openai_routes import ServedModel
 from phi3ops.serving.records import InferenceRecorder
 from phi3ops.tracking import configure_tracking
+from phi3ops.traffic import Arm, TrafficPlan, read_plan
 
 _log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class LoadedModel:
         recorder: Where its requests are recorded, tagged with its version; None records none.
         folder: A download folder of its own, removed once it is released; None when the
             folder is someone else's to remove (the one `start_server` downloaded).
+        streams: Its model answers ``predict_stream`` (the ONNX flavor; MLflow's transformers
+            pyfunc cannot).
         users: Requests answering with it now (kept by `ModelSwitcher`).
         retired: No new request gets it; it is released when ``users`` reaches 0.
         released: Its folder is removed and nothing answers with it any more.
@@ -77,35 +80,68 @@ class LoadedModel:
     limit: ContextLimit | None = None
     recorder: InferenceRecorder | None = None
     folder: Path | None = None
+    streams: bool = True
     users: int = field(default=0, init=False)
     retired: bool = field(default=False, init=False)
     released: bool = field(default=False, init=False)
 
 
 class ModelSwitcher:
-    """The one owner of the model that answers new requests; see the module docstring.
+    """The one owner of the models that answer new requests, one per arm; see the module
+    docstring. ``@champion`` always has one; ``@candidate`` has one only while a traffic plan
+    (`phi3ops.traffic`) gives it live traffic, and `plan` says how it shares it.
 
     Args:
-        first: The model served from the start.
+        first: The champion served from the start.
     """
 
     def __init__(self, first: LoadedModel) -> None:
         self._lock = threading.Lock()
-        self._current = first
+        self._models: dict[Arm, LoadedModel] = {Arm.CHAMPION: first}
+        self._plan: TrafficPlan | None = None
         self._closed = False
 
     @property
     def current(self) -> LoadedModel:
-        """The model new requests get."""
+        """The champion: the model new requests get unless the plan sends them elsewhere."""
         with self._lock:
-            return self._current
+            return self._models[Arm.CHAMPION]
 
-    def acquire(self) -> LoadedModel:
-        """The current model, counted as in use until `release` is called with it."""
+    def serving(self, arm: Arm) -> LoadedModel | None:
+        """The model of ``arm``, or None when that arm takes no traffic."""
         with self._lock:
-            loaded = self._current
+            return self._models.get(arm)
+
+    @property
+    def plan(self) -> TrafficPlan | None:
+        """The traffic plan in force: None unless a candidate is loaded to follow it."""
+        with self._lock:
+            return self._plan if Arm.CANDIDATE in self._models else None
+
+    def set_plan(self, plan: TrafficPlan | None) -> None:
+        """Follow ``plan`` from the next request on (it applies once a candidate is loaded)."""
+        with self._lock:
+            self._plan = plan
+
+    def arm_for(self, user: str | None) -> Arm:
+        """The arm that answers a new request from ``user``, under the plan in force."""
+        plan = self.plan
+        return plan.arm_for(user) if plan is not None else Arm.CHAMPION
+
+    def acquire(self, arm: Arm = Arm.CHAMPION) -> LoadedModel:
+        """The model of ``arm`` (the champion's when ``arm`` has none), counted as in use until
+        `release` is called with it.
+        """
+        return self.acquire_arm(arm)[1]
+
+    def acquire_arm(self, arm: Arm = Arm.CHAMPION) -> tuple[Arm, LoadedModel]:
+        """(the arm that answers, its model): `acquire`, saying which arm it fell to."""
+        with self._lock:
+            if arm not in self._models:
+                arm = Arm.CHAMPION
+            loaded = self._models[arm]
             loaded.users += 1
-            return loaded
+            return arm, loaded
 
     def release(self, loaded: LoadedModel) -> None:
         """Ends one use of ``loaded``; a retired model is released when its last use ends."""
@@ -118,43 +154,74 @@ class ModelSwitcher:
             _free(loaded)
 
     @contextlib.contextmanager
-    def using(self) -> Iterator[LoadedModel]:
+    def using(self, arm: Arm = Arm.CHAMPION) -> Iterator[LoadedModel]:
         """`acquire`, then `release` when the block ends, however it ends."""
-        loaded = self.acquire()
-        try:
+        with self.using_arm(arm) as (_, loaded):
             yield loaded
-        finally:
-            self.release(loaded)
 
-    def switch(self, new: LoadedModel) -> LoadedModel:
-        """Makes ``new`` the model of every request that starts from now on; the one it
-        replaces is released as soon as its requests in flight have finished.
+    @contextlib.contextmanager
+    def using_arm(self, arm: Arm = Arm.CHAMPION) -> Iterator[tuple[Arm, LoadedModel]]:
+        """`acquire_arm`, then `release` when the block ends, however it ends."""
+        taken = self.acquire_arm(arm)
+        try:
+            yield taken
+        finally:
+            self.release(taken[1])
+
+    def switch(self, new: LoadedModel, *, arm: Arm = Arm.CHAMPION) -> LoadedModel | None:
+        """Makes ``new`` the model of ``arm`` for every request that starts from now on; the
+        one it replaces is released as soon as its requests in flight have finished. A model
+        that serves another arm moves (a promoted candidate: no second load, no pause).
 
         Returns:
-            The model replaced (``new`` itself, released at once, after `close`).
+            The model replaced (None when ``arm`` had none; ``new`` itself, released at once,
+            after `close`).
         """
         with self._lock:
             if self._closed:
-                old = new
+                old: LoadedModel | None = new
             else:
-                old, self._current = self._current, new
-            old.retired = True
-            done = old.users == 0
-        if done:
+                old = self._models.get(arm)
+                for other in [a for a, m in self._models.items() if m is new and a is not arm]:
+                    del self._models[other]
+                self._models[arm] = new
+            done = old is not None and self._retire(old)
+        if done and old is not None:
+            _free(old)
+        return old
+
+    def remove(self, arm: Arm) -> LoadedModel | None:
+        """``arm`` takes no new request (never the champion's); its model is released once its
+        requests in flight have finished. Returns it, or None when the arm had none.
+        """
+        if arm is Arm.CHAMPION:
+            raise ValueError("the champion arm always serves: switch it instead")
+        with self._lock:
+            old = self._models.pop(arm, None)
+            done = old is not None and self._retire(old)
+        if done and old is not None:
             _free(old)
         return old
 
     def close(self) -> None:
-        """At shutdown: the current model is released once its requests have finished, and
-        no model can be switched to any more.
+        """At shutdown: every model is released once its requests have finished, and no model
+        can be switched to any more.
         """
         with self._lock:
             self._closed = True
-            current = self._current
-            current.retired = True
-            done = current.users == 0
-        if done:
-            _free(current)
+            models = list(self._models.values())
+            done = [loaded for loaded in models if self._retire(loaded, closing=True)]
+        for loaded in done:
+            _free(loaded)
+
+    def _retire(self, loaded: LoadedModel, *, closing: bool = False) -> bool:
+        """Marks ``loaded`` retired unless another arm still serves it (under the lock);
+        whether nothing uses it any more, so it can be freed.
+        """
+        if not closing and any(m is loaded for m in self._models.values()):
+            return False
+        loaded.retired = True
+        return loaded.users == 0
 
 
 def _free(loaded: LoadedModel) -> None:
@@ -174,7 +241,10 @@ def alias_of(model_uri: str | None) -> tuple[str, str] | None:
 
 
 class AliasFollower:
-    """Keeps a `ModelSwitcher` on the version ``models:/<model_name>@<alias>`` points at.
+    """Keeps a `ModelSwitcher` on the version ``models:/<model_name>@<alias>`` points at and,
+    with ``candidate_alias``, on the model's traffic plan: while a plan is in force the
+    version ``@<candidate_alias>`` names is loaded beside the champion as the candidate arm
+    (`phi3ops.traffic`), and unloaded once the plan ends or the candidate becomes champion.
 
     Args:
         switcher: Where a new version goes once it is loaded.
@@ -184,6 +254,8 @@ class AliasFollower:
         download_dir: Where versions are downloaded, each into a folder of its own.
         poll_s: Seconds between looks at the registry.
         retry_s: Seconds before a version that failed to load is tried again.
+        candidate_alias: The alias whose version takes part in live traffic under the model's
+            traffic plan; None: the plan is not followed.
     """
 
     def __init__(
@@ -196,6 +268,7 @@ class AliasFollower:
         download_dir: Path,
         poll_s: float,
         retry_s: float = RETRY_FAILED_S,
+        candidate_alias: str | None = None,
     ) -> None:
         if poll_s <= 0:
             raise InvalidInputError(f"poll_s={poll_s}: use a positive number of seconds.")
@@ -206,6 +279,7 @@ class AliasFollower:
         self.download_dir = download_dir
         self.poll_s = poll_s
         self.retry_s = retry_s
+        self.candidate_alias = candidate_alias
         self._failed: dict[str, float] = {}  # version -> when it last failed (monotonic)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -236,12 +310,12 @@ class AliasFollower:
                 _log.exception("Following %s failed this time; trying again.", self.uri)
 
     def poll_once(self) -> str | None:
-        """One look at the registry: switches when the alias moved to a version that loads.
+        """One look at the registry: switches when the alias moved to a version that loads,
+        then (with ``candidate_alias``) brings the candidate arm in line with the plan.
 
         Returns:
-            The version switched to, or None when nothing changed.
+            The version the followed alias switched to, or None when it did not change.
         """
-        serving = self.switcher.current.version
         try:
             version = alias_version(self.model_name, self.alias)
         except Exception as exc:  # an unreachable store must not stop the serving
@@ -249,22 +323,94 @@ class AliasFollower:
                 "Cannot read %s from the registry (%s); still serving version %s.",
                 self.uri,
                 exc,
-                serving,
+                self.switcher.current.version,
             )
             return None
-        if version not in self._failed:
-            self._failed.clear()  # the alias moved on: a version it comes back to is tried again
+        switched = self._follow(version)
+        wanted = {version}
+        if self.candidate_alias is not None:
+            try:
+                wanted.add(self._follow_plan())
+            except Exception as exc:  # the champion keeps serving whatever the candidate does
+                _log.warning("Cannot follow the traffic plan of %s (%s).", self.model_name, exc)
+                wanted.update(self._failed)
+        # A version no alias names any more is forgotten: if one comes back to it, it is tried.
+        self._failed = {v: when for v, when in self._failed.items() if v in wanted}
+        return switched
+
+    def _follow(self, version: str | None) -> str | None:
+        """Makes ``version`` the champion arm's (moving the candidate's model when it is that
+        version); returns it when it switched.
+        """
+        serving = self.switcher.current.version
         if version is None or version == serving:
             return None
+        candidate = self.switcher.serving(Arm.CANDIDATE)
+        if candidate is not None and candidate.version == version:
+            loaded: LoadedModel | None = candidate  # promoted while it served: already loaded
+        else:
+            _log.info(
+                "%s moved from version %s to %s: loading it beside the one serving.",
+                self.uri,
+                serving,
+                version,
+            )
+            loaded = self._load(version, still_serving=serving)
+        if loaded is None:
+            return None
+        old = self.switcher.switch(loaded)
+        _log.info(
+            "Now serving version %s of %s (%s); version %s is released once its requests in "
+            "flight have finished.",
+            version,
+            self.model_name,
+            self.uri,
+            None if old is None else old.version,
+        )
+        return version
+
+    def _follow_plan(self) -> str | None:
+        """Loads, replaces or unloads the candidate arm as the traffic plan and the candidate
+        alias say, and hands the plan to the switcher; returns the candidate version wanted.
+        """
+        assert self.candidate_alias is not None
+        plan = read_plan(self.model_name)
+        wanted = alias_version(self.model_name, self.candidate_alias) if plan else None
+        if wanted == self.switcher.current.version:
+            wanted = None  # the candidate is the champion now: nothing to compare
+        have = self.switcher.serving(Arm.CANDIDATE)
+        if wanted is None:
+            if have is not None:
+                self.switcher.remove(Arm.CANDIDATE)
+                _log.info(
+                    "Version %s of %s takes no more live traffic (no traffic plan, or it is "
+                    "the champion now).",
+                    have.version,
+                    self.model_name,
+                )
+        elif have is None or have.version != wanted:
+            loaded = self._load(wanted, still_serving=self.switcher.current.version)
+            if loaded is not None:
+                self.switcher.switch(loaded, arm=Arm.CANDIDATE)
+                assert plan is not None
+                _log.info(
+                    "Version %s of %s (@%s) now takes live traffic: %s%s.",
+                    wanted,
+                    self.model_name,
+                    self.candidate_alias,
+                    plan.mode.value,
+                    f", {plan.share:.0%} of requests" if plan.share else "",
+                )
+        self.switcher.set_plan(plan)
+        return wanted
+
+    def _load(self, version: str, *, still_serving: str | None) -> LoadedModel | None:
+        """Downloads and loads ``version`` into a folder of its own; None when it cannot (the
+        warning says why; it is tried again after ``retry_s`` or when the alias moves).
+        """
         failed = self._failed.get(version)
         if failed is not None and time.monotonic() - failed < self.retry_s:
             return None
-        _log.info(
-            "%s moved from version %s to %s: loading it beside the one serving.",
-            self.uri,
-            serving,
-            version,
-        )
         self.download_dir.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f"v{version}-", dir=self.download_dir))
         try:
@@ -274,29 +420,19 @@ class AliasFollower:
             shutil.rmtree(folder, ignore_errors=True)
             self._failed[version] = time.monotonic()
             _log.warning(
-                "Cannot serve version %s of %s (%s now points at it): %s. Still serving version "
-                "%s; version %s is tried again in %.0f s or when the alias moves.",
+                "Cannot serve version %s of %s: %s. Still serving version %s; version %s is "
+                "tried again in %.0f s or when the alias moves.",
                 version,
                 self.model_name,
-                self.uri,
                 exc,
-                serving,
+                still_serving,
                 version,
                 self.retry_s,
             )
             return None
         loaded.folder = folder
         self._failed.pop(version, None)
-        old = self.switcher.switch(loaded)
-        _log.info(
-            "Now serving version %s of %s (%s); version %s is released once its requests in "
-            "flight have finished.",
-            version,
-            self.model_name,
-            self.uri,
-            old.version,
-        )
-        return version
+        return loaded
 
 
 def check_model_uri(model_uri: str) -> None:

@@ -26,7 +26,14 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from phi3ops.names import MODEL_NAME_TAG, MODEL_VERSION_TAG, RECORD_ATTRIBUTE, RECORD_SPAN_NAME
+from phi3ops.names import (
+    ARM_TAG,
+    MODEL_NAME_TAG,
+    MODEL_VERSION_TAG,
+    RECORD_ATTRIBUTE,
+    RECORD_SPAN_NAME,
+    SHADOW_TAG,
+)
 from phi3ops.serving.spool import Entry, RecordSpool
 
 _log = logging.getLogger(__name__)
@@ -72,6 +79,8 @@ class InferenceRecord:
     response_chars: int | None = None  # length of the answer text
     blank_response: bool | None = None  # the answer has no visible character
     template_tokens: int | None = None  # chat-template markers in the answer
+    arm: str = "champion"  # the alias that answered: champion or candidate (`phi3ops.traffic`)
+    shadow: bool = False  # a shadow copy: answered in the background, never seen by the client
 
     @classmethod
     def from_attribute(cls, value: dict[str, Any]) -> InferenceRecord:
@@ -122,6 +131,8 @@ class InferenceRecorder:
         context_tokens: The served model's context window, for each record.
         spool: Where records wait for the tracking store; needed by `record` and
             `record_exchange` (`records_for` alone needs none).
+        model_id: The logged model behind the version (its ``MLmodel``'s ``model_id``): the
+            traces' ``mlflow.modelId``, which links them to it in the MLflow UI.
     """
 
     def __init__(
@@ -133,6 +144,7 @@ class InferenceRecorder:
         record_prompts: bool = False,
         context_tokens: int | None = None,
         spool: RecordSpool | None = None,
+        model_id: str | None = None,
     ) -> None:
         self.model_name = model_name
         self.model_version = str(model_version)
@@ -140,6 +152,7 @@ class InferenceRecorder:
         self.record_prompts = record_prompts
         self.context_tokens = context_tokens
         self.spool = spool
+        self.model_id = model_id
 
     def entry(self, record: InferenceRecord, *, request: Any = None) -> Entry:
         """The stored form of ``record``: without any text unless prompts are recorded.
@@ -159,6 +172,7 @@ class InferenceRecorder:
             "experiment_id": self.experiment_id,
             "record": asdict(record),
             "inputs": request if self.record_prompts else {"recorded": False},
+            "model_id": self.model_id,
         }
 
     def record(self, record: InferenceRecord, *, request: Any = None) -> str:
@@ -178,10 +192,13 @@ class InferenceRecorder:
         ttft_s: float | None = None,
         rows: list[Any] | None = None,
         reason: str | None = None,
+        arm: str = "champion",
+        shadow: bool = False,
     ) -> list[tuple[InferenceRecord, Any]]:
         """Pair each request row of an HTTP exchange with its answer (or the call's error);
         ``rows`` are ``request_rows(payload)`` when the caller has them already, ``reason`` the
-        serving layer's own words for a refusal (kept even when messages are redacted).
+        serving layer's own words for a refusal (kept even when messages are redacted),
+        ``arm`` the alias that answered and ``shadow`` whether the client never saw it.
         """
         rows = request_rows(payload) if rows is None else rows
         if not rows:
@@ -215,6 +232,8 @@ class InferenceRecorder:
                 batch_size=len(rows),
                 prompt=prompt_text,
                 outcome=outcome_of(status_code, answered=answer is not None),
+                arm=arm,
+                shadow=shadow,
             )
             out.append((with_text_features(record), row))
         return out
@@ -256,16 +275,51 @@ def trace_id_of(entry: Entry) -> str:
 def write_entries(entries: list[Entry], *, tracking_uri: str | None = None) -> None:
     """Store spool entries as traces, one ``log_spans`` call per experiment; raises if the store
     did not take them (the spool then tries again). Writing an entry again rewrites its trace.
+
+    An entry with the logged model's id first gets its trace's info, so that the trace carries
+    ``mlflow.modelId`` (the MLflow UI lists it under the logged model); ``log_spans`` alone
+    cannot set trace metadata. Starting a trace that exists merges into it, so a rewrite after
+    a crash is still one trace.
     """
     from mlflow.entities import Span
     from mlflow.tracing.client import TracingClient
 
     by_experiment: dict[str, list[Span]] = defaultdict(list)
-    for entry in entries:
-        by_experiment[str(entry["experiment_id"])].append(Span.from_dict(_span_dict(entry)))
     client = TracingClient(tracking_uri)
+    for entry in entries:
+        if entry.get("model_id"):
+            client.start_trace(_trace_info(entry))
+        by_experiment[str(entry["experiment_id"])].append(Span.from_dict(_span_dict(entry)))
     for experiment_id, spans in by_experiment.items():
         client.log_spans(experiment_id, spans)
+
+
+def _trace_info(entry: Entry) -> Any:
+    """The trace info of an entry: its time, state and tags, and its logged model's id."""
+    from mlflow.entities import TraceInfo, TraceLocation, TraceState
+    from mlflow.tracing.constant import TraceMetadataKey
+
+    record = entry["record"]
+    served = record.get("outcome", "served") == "served"
+    return TraceInfo(
+        trace_id=trace_id_of(entry),
+        trace_location=TraceLocation.from_experiment_id(str(entry["experiment_id"])),
+        request_time=int(record["timestamp"] * 1000),
+        execution_duration=int(float(record["latency_s"]) * 1000),
+        state=TraceState.OK if served else TraceState.ERROR,
+        trace_metadata={TraceMetadataKey.MODEL_ID: str(entry["model_id"])},
+        tags=_trace_tags(record),
+    )
+
+
+def _trace_tags(record: dict[str, Any]) -> dict[str, str]:
+    """The tags the monitor and the canary verdict search traces by."""
+    return {
+        MODEL_NAME_TAG: record["model_name"],
+        MODEL_VERSION_TAG: str(record["model_version"]),
+        ARM_TAG: record.get("arm", "champion"),
+        SHADOW_TAG: str(bool(record.get("shadow"))).lower(),
+    }
 
 
 def _span_dict(entry: Entry) -> dict[str, Any]:
@@ -281,8 +335,10 @@ def _span_dict(entry: Entry) -> dict[str, Any]:
         SpanAttributeKey.INPUTS: entry.get("inputs"),
         SpanAttributeKey.OUTPUTS: record.get("response"),
         RECORD_ATTRIBUTE: record,
-        f"{SpanAttributeKey.TRACE_TAG_PREFIX}{MODEL_NAME_TAG}": record["model_name"],
-        f"{SpanAttributeKey.TRACE_TAG_PREFIX}{MODEL_VERSION_TAG}": str(record["model_version"]),
+        **{
+            f"{SpanAttributeKey.TRACE_TAG_PREFIX}{key}": value
+            for key, value in _trace_tags(record).items()
+        },
     }
     prompt_tokens, completion_tokens = record.get("prompt_tokens"), record.get("completion_tokens")
     if prompt_tokens is not None and completion_tokens is not None:

@@ -46,9 +46,9 @@ from phi3ops.serving.app import (
     MODEL_URI_ENV,
     MODEL_VERSION_ENV,
     POLL_ENV,
-    read_mlmodel,
 )
 from phi3ops.serving.follow import MODEL_URI, check_model_uri, download_model
+from phi3ops.serving.model_folder import read_mlmodel
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
 

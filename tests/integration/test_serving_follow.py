@@ -1,5 +1,7 @@
 """`phi3ops serve` on an alias follows it: a moved ``@champion`` is loaded beside the version
 serving and takes over without a failed request; a version that cannot load changes nothing.
+Serving ``@champion``, it follows the model's traffic plan too: ``@candidate`` takes a canary
+share of the requests or answers shadow copies of them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from phi3ops.names import MODEL_VERSION_TAG
+from phi3ops.names import ARM_TAG, MODEL_VERSION_TAG, SHADOW_TAG
 from phi3ops.serving.server import start_server, stop_server, wait_until_ready
 
 NAME = "phi3-follow"
@@ -118,23 +120,9 @@ def _free_port() -> int:
 
 def _recorded_versions(data_dir: str) -> dict[str, int]:
     """How many inference records each version of NAME has in the store."""
-    import mlflow
-
-    from phi3ops.settings import get_settings
-    from phi3ops.tracking import configure_tracking
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PHI3OPS_DATA_DIR", data_dir)
-        get_settings.cache_clear()
-        try:
-            experiment_id = configure_tracking(get_settings().inference_experiment_name)
-            traces = mlflow.search_traces(locations=[experiment_id], return_type="list")
-        finally:
-            get_settings.cache_clear()
     counts: dict[str, int] = {}
-    for trace in traces:
-        version = trace.info.tags.get(MODEL_VERSION_TAG)
-        counts[version] = counts.get(version, 0) + 1
+    for (version, _, _), n in _recorded_arms(data_dir).items():
+        counts[version] = counts.get(version, 0) + n
     return counts
 
 
@@ -208,3 +196,136 @@ def test_the_server_follows_champion_without_failing_a_request(versions, tmp_pat
     assert recorded.get(versions["old"], 0) > 0 and recorded.get(versions["new"], 0) > 0
     assert sum(recorded.values()) == len(answers)  # each request recorded, by who answered it
     assert not process.download_dir.exists()
+
+
+def _recorded_arms(data_dir: str) -> dict[tuple[str, str, str], int]:
+    """How many inference records each (version, arm, shadow) of NAME has in the store."""
+    import mlflow
+
+    from phi3ops.settings import get_settings
+    from phi3ops.tracking import configure_tracking
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PHI3OPS_DATA_DIR", data_dir)
+        get_settings.cache_clear()
+        try:
+            experiment_id = configure_tracking(get_settings().inference_experiment_name)
+            traces = mlflow.search_traces(locations=[experiment_id], return_type="list")
+        finally:
+            get_settings.cache_clear()
+    counts: dict[tuple[str, str, str], int] = {}
+    for trace in traces:
+        tags = trace.info.tags
+        key = (tags.get(MODEL_VERSION_TAG), tags.get(ARM_TAG), tags.get(SHADOW_TAG))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _chat(client: httpx.Client, url: str, content: str, *, user: str | None = None) -> dict:
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 6}
+    if user is not None:
+        body["user"] = user
+    response = client.post(f"{url}/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _wait_until(check, *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+@pytest.mark.slow
+def test_canary_and_shadow_follow_the_traffic_plan(versions, tmp_path) -> None:
+    """A candidate that gets a traffic plan mid-traffic joins without a failed request; a
+    canary splits by its share and sticks per user; shadow copies never reach the client.
+    """
+    from mlflow import MlflowClient
+
+    from phi3ops.settings import get_settings
+    from phi3ops.traffic import TrafficPlan, clear_plan, write_plan
+
+    old, new = f"{NAME}/{versions['old']}", f"{NAME}/{versions['new']}"
+    log_path = tmp_path / "server.log"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("w") as log, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PHI3OPS_DATA_DIR", versions["data_dir"])
+        get_settings.cache_clear()
+        registry = MlflowClient()
+        registry.set_registered_model_alias(NAME, "champion", versions["old"])
+        clear_plan(NAME)
+        process = start_server(
+            f"models:/{NAME}@champion",
+            port=port,
+            poll_s=POLL_S,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until_ready(process, url, timeout=240)
+            before = _recorded_arms(versions["data_dir"])
+            # Canary, mid-traffic: a new candidate takes 30% of the requests.
+            traffic = Traffic(url)
+            time.sleep(2)
+            registry.set_registered_model_alias(NAME, "candidate", versions["new"])
+            share = 0.3
+            write_plan(NAME, TrafficPlan.start("canary", share=share))
+            traffic.wait_for(new, timeout=60)
+            time.sleep(1)
+            during = traffic.stop()
+            assert [a for a in during if a.status != 200] == []  # not one request failed
+
+            with httpx.Client(timeout=60) as client:
+                # The split: one request each from many users, within 4 standard deviations.
+                n = 160
+                arms = [_chat(client, url, "Hi", user=f"user-{i}")["model"] for i in range(n)]
+                observed = arms.count(new) / n
+                assert abs(observed - share) < 4 * (share * (1 - share) / n) ** 0.5, observed
+                # Sticky: a user keeps its arm for the whole canary.
+                for i in (1, 2, 3):
+                    again = [_chat(client, url, "Hi", user=f"user-{i}")["model"] for _ in range(4)]
+                    assert set(again) == {arms[i]}
+                    arms += again
+
+                # Shadow: the champion answers everything, exactly as without a shadow.
+                clear_plan(NAME)
+
+                def canary_over() -> bool:
+                    answered = [
+                        _chat(client, url, "Hi", user=f"user-{i}")["model"] for i in range(20)
+                    ]
+                    arms.extend(answered)
+                    return set(answered) == {old}
+
+                _wait_until(canary_over, timeout=30, what="the canary ending")
+                prompts = [f"Tell me about {topic}" for topic in ("cats", "rain", "tea")]
+                alone = [_chat(client, url, p)["choices"][0]["message"] for p in prompts]
+                write_plan(NAME, TrafficPlan.start("shadow"))
+                time.sleep(3 * POLL_S)  # the servers' next looks at the plan
+                shadowed = []
+                for prompt in prompts * 3:
+                    answer = _chat(client, url, prompt)
+                    assert answer["model"] == old  # the client only ever sees the champion
+                    shadowed.append(answer["choices"][0]["message"])
+                    time.sleep(0.5)  # idle moments: the shadow copies run
+                assert shadowed == alone * 3  # shadow copies never alter the champion's answers
+                clear_plan(NAME)
+        finally:
+            stop_server(process)
+            get_settings.cache_clear()
+
+    after = _recorded_arms(versions["data_dir"])
+    added = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+    # Every answer the candidate gave is recorded as its own (none as the champion's).
+    by_candidate = sum(1 for a in during if a.model == new) + arms.count(new)
+    assert added.get((versions["new"], "candidate", "false"), 0) == by_candidate
+    assert added.get((versions["new"], "candidate", "true"), 0) >= 1  # shadow copies recorded
+    assert added.get((versions["old"], "candidate", "true"), 0) == 0
+    assert not any(arm == "champion" and shadow == "true" for _, arm, shadow in added)
+    log_text = log_path.read_text()
+    assert f"Version {versions['new']} of {NAME} (@candidate) now takes live traffic" in log_text

@@ -1,17 +1,23 @@
-"""Switching the served model without a model: the holder's use counts, its release, and the
-follower's decisions (a moved alias, a version that fails to load).
+"""Switching the served model without a model: the holder's use counts, its release, the
+follower's decisions (a moved alias, a version that fails to load, a traffic plan), the traffic
+plan's split, and shadow copies giving way to clients.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from pathlib import Path
 
 import pytest
 
+from phi3ops.errors import InvalidInputError
 from phi3ops.serving import follow
 from phi3ops.serving.follow import AliasFollower, LoadedModel, ModelSwitcher, alias_of
 from phi3ops.serving.openai_routes import ServedModel
+from phi3ops.serving.shadow import ShadowCopies, ShadowCopy
+from phi3ops.traffic import Arm, TrafficPlan
 
 
 def _loaded(version: str, folder: Path | None = None) -> LoadedModel:
@@ -158,3 +164,123 @@ def test_a_poll_interval_of_zero_is_not_a_follower(tmp_path) -> None:
             download_dir=tmp_path,
             poll_s=0,
         )
+
+
+def test_the_candidate_arm_serves_beside_the_champion_and_moves_when_promoted() -> None:
+    champion, candidate = _loaded("1"), _loaded("2")
+    switcher = ModelSwitcher(champion)
+    assert switcher.acquire_arm(Arm.CANDIDATE) == (Arm.CHAMPION, champion)  # no candidate yet
+    switcher.release(champion)
+    assert switcher.switch(candidate, arm=Arm.CANDIDATE) is None
+    with switcher.using_arm(Arm.CANDIDATE) as (arm, loaded):
+        assert (arm, loaded) == (Arm.CANDIDATE, candidate)
+        switcher.switch(candidate)  # promoted: the same loaded model moves, nothing reloads
+        assert switcher.serving(Arm.CANDIDATE) is None and switcher.current is candidate
+        assert champion.released and not candidate.retired  # still serving, now as champion
+    switcher.switch(_loaded("3"), arm=Arm.CANDIDATE)
+    removed = switcher.remove(Arm.CANDIDATE)
+    assert removed is not None and removed.released
+    with pytest.raises(ValueError, match="champion arm always serves"):
+        switcher.remove(Arm.CHAMPION)
+
+
+def test_the_plan_applies_only_while_a_candidate_is_loaded() -> None:
+    switcher = ModelSwitcher(_loaded("1"))
+    plan = TrafficPlan.start("canary", share=0.5)
+    switcher.set_plan(plan)
+    assert switcher.plan is None and switcher.arm_for("anyone") is Arm.CHAMPION
+    switcher.switch(_loaded("2"), arm=Arm.CANDIDATE)
+    assert switcher.plan == plan
+    arms = {switcher.arm_for(f"user-{i}") for i in range(50)}
+    assert arms == {Arm.CHAMPION, Arm.CANDIDATE}
+
+
+def test_the_follower_loads_the_candidate_for_a_plan_and_unloads_it_after(
+    registry, tmp_path, monkeypatch
+) -> None:
+    plans: dict[str, TrafficPlan | None] = {"phi3": None}
+    monkeypatch.setattr(follow, "read_plan", lambda name: plans[name])
+    registry["candidate"] = "2"
+    switcher, loads = ModelSwitcher(_loaded("1")), []
+    follower = _follower(switcher, tmp_path, loads)
+    follower.candidate_alias = "candidate"
+    follower.poll_once()
+    assert switcher.serving(Arm.CANDIDATE) is None and loads == []  # no plan: no second model
+    plans["phi3"] = TrafficPlan.start("shadow")
+    follower.poll_once()
+    candidate = switcher.serving(Arm.CANDIDATE)
+    assert candidate is not None and candidate.version == "2" and switcher.plan == plans["phi3"]
+    registry["champion"] = "2"  # promoted: the candidate's model becomes the champion's
+    assert follower.poll_once() == "2"
+    assert switcher.current is candidate and switcher.serving(Arm.CANDIDATE) is None
+    assert loads == ["2"]
+    registry["candidate"] = "3"  # a candidate that cannot load: the champion serves alone
+    follower.poll_once()
+    assert switcher.serving(Arm.CANDIDATE) is None and loads == ["2", "3"]
+    follower.poll_once()
+    assert loads == ["2", "3"]  # not tried again at every look
+    registry["candidate"] = "4"
+    follower.poll_once()
+    assert switcher.serving(Arm.CANDIDATE).version == "4"
+    plans["phi3"] = None  # the plan ended (a verdict, `phi3ops canary stop`)
+    follower.poll_once()
+    assert switcher.serving(Arm.CANDIDATE) is None and switcher.plan is None
+
+
+def test_a_canary_plan_is_sticky_per_user_and_splits_by_its_share() -> None:
+    plan = TrafficPlan.start("canary", share=0.2)
+    assert all(plan.arm_for("ada") is plan.arm_for("ada") for _ in range(5))
+    users = [plan.arm_for(f"user-{i}") for i in range(5000)]
+    assert 0.18 < users.count(Arm.CANDIDATE) / 5000 < 0.22
+    other = TrafficPlan.start("canary", share=0.2)  # each canary draws its own users
+    assert [other.arm_for(f"user-{i}") for i in range(200)] != users[:200]
+    rng = random.Random(7)
+    anonymous = [plan.arm_for(None, rng=rng) for _ in range(5000)]
+    assert 0.18 < anonymous.count(Arm.CANDIDATE) / 5000 < 0.22
+    assert TrafficPlan.start("shadow").arm_for("ada") is Arm.CHAMPION
+    assert TrafficPlan.from_tag(plan.to_tag()) == plan
+    assert TrafficPlan.from_tag("not json") is None and TrafficPlan.from_tag(None) is None
+
+
+@pytest.mark.parametrize(
+    ("mode", "share", "message"),
+    [
+        ("canary", 0.0, "between 0 and 1"),
+        ("canary", 1.0, "between 0 and 1"),
+        ("shadow", 0.5, "canary mode only"),
+        ("blue-green", None, "use canary, shadow"),
+    ],
+)
+def test_a_plan_that_makes_no_sense_is_refused(mode, share, message) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        TrafficPlan.start(mode, share=share)
+
+
+def test_shadow_copies_wait_for_idle_moments_are_cut_off_by_clients_and_shed_first() -> None:
+    async def scenario() -> tuple[list[str], ShadowCopies]:
+        events: list[str] = []
+
+        async def run(copy: ShadowCopy, preempt: asyncio.Event) -> None:
+            events.append(f"start {copy.body.decode()}")
+            try:
+                await asyncio.wait_for(preempt.wait(), 0.2)
+                events.append(f"cut {copy.body.decode()}")
+            except TimeoutError:
+                events.append(f"done {copy.body.decode()}")
+
+        copies = ShadowCopies(run, max_pending=2, idle_s=0.02)
+        with copies.client_call():
+            for body in (b"a", b"b", b"c"):  # a client call in flight: nothing starts
+                copies.offer(ShadowCopy(scope={}, body=body, openai=True))
+            await asyncio.sleep(0.05)
+            assert events == [] and copies.pending == 2 and copies.dropped == 1
+        await asyncio.sleep(0.05)  # idle: the oldest copy kept starts
+        with copies.client_call():  # a client arrives: the running copy stops
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.4)
+        await copies.close()
+        return events, copies
+
+    events, copies = asyncio.run(scenario())
+    assert events == ["start b", "cut b", "start c", "done c"]
+    assert copies.answered == 2 and copies.dropped == 1

@@ -389,7 +389,9 @@ def test_an_entry_stored_twice_is_one_trace(tmp_path) -> None:
     from tasks.monitoring import load_records
 
     experiment_id = configure_tracking("phi3ops-inference")
-    recorder = InferenceRecorder(model_name="m", model_version="7", experiment_id=experiment_id)
+    recorder = InferenceRecorder(
+        model_name="m", model_version="7", experiment_id=experiment_id, model_id="m-123abc"
+    )
     started = time.time()
     pairs = recorder.records_for(
         {"inputs": [CHAT, CHAT]},
@@ -397,6 +399,8 @@ def test_an_entry_stored_twice_is_one_trace(tmp_path) -> None:
         body={"predictions": [ANSWER, ANSWER]},
         started=started,
         latency_s=0.5,
+        arm="candidate",
+        shadow=True,
     )
     entries = [recorder.entry(record, request=row) for record, row in pairs]
     write_entries(entries, tracking_uri=mlflow.get_tracking_uri())
@@ -406,6 +410,14 @@ def test_an_entry_stored_twice_is_one_trace(tmp_path) -> None:
     assert records[0].completion_tokens == 3 and records[0].response is None
     trace = mlflow.get_trace(trace_id_of(entries[0]))
     assert trace.info.tags["phi3ops.model_version"] == "7"
+    # MLflow's own fields: the trace view shows the tokens and links the logged model.
+    assert trace.info.trace_metadata["mlflow.modelId"] == "m-123abc"
+    assert trace.info.token_usage == {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8}
+    assert (trace.info.tags["phi3ops.arm"], trace.info.tags["phi3ops.shadow"]) == (
+        "candidate",
+        "true",
+    )
+    assert (records[0].arm, records[0].shadow) == ("candidate", True)
 
 
 def test_lifespan_shutdown_stores_every_spooled_record_first(tmp_path, store) -> None:
