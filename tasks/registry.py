@@ -33,9 +33,11 @@ from phi3ops.crash import crash_point
 from phi3ops.errors import RegistryError
 from phi3ops.names import CANDIDATE_ALIAS, REGISTRATION_TAG, LineageTag
 from phi3ops.sources import Flavor
+from tasks.alias_lock import promotion_lock
 from tasks.hub import FetchResult
 from tasks.packaging import LoggedModelInfo, PackagePlan, lineage_tags
 from tasks.recovery import discard_logged_model
+from tasks.status import refresh_description
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -142,6 +144,7 @@ def register_version(
             f"reachable and writable."
         ) from exc
     logger.info("Registered %s version %s (@%s)", name, version.version, CANDIDATE_ALIAS)
+    refresh_description(name, version.version)  # source, flavor, quantization
     return _to_registered(version, reused=False)
 
 
@@ -175,7 +178,10 @@ def _finish_registration(version: ModelVersion) -> ModelVersion:
         return version
     client = registry.client()
     name, number = version.name, str(version.version)
-    client.set_registered_model_alias(name, CANDIDATE_ALIAS, number)
+    # An alias move like any other: two registrations at once on two workers would otherwise
+    # both insert @candidate, which a PostgreSQL-backed registry refuses for one of them.
+    with promotion_lock(name):
+        client.set_registered_model_alias(name, CANDIDATE_ALIAS, number)
     client.delete_model_version_tag(name, number, REGISTRATION_TAG)
     return client.get_model_version(name, number)
 

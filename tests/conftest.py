@@ -22,6 +22,9 @@ os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# The session's Prefect harness is a server at a URL, so `auto` would take the alias lock from
+# Prefect limits, which no test model has: the file lock, unless a test asks for the other.
+os.environ["PHI3OPS_ALIAS_LOCK"] = "file"
 
 
 @pytest.fixture(autouse=True)

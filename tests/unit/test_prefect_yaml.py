@@ -31,14 +31,24 @@ def _flow(entrypoint: str) -> Flow:
 
 def test_every_stage_is_deployed_to_the_process_pool() -> None:
     deployments = _deployments()
-    assert set(deployments) == {"lifecycle", "nightly-eval", "monitor", "rollback", "fetch"}
+    assert set(deployments) == {
+        "lifecycle",
+        "nightly-eval",
+        "monitor",
+        "canary",
+        "rollback",
+        "fetch",
+        "eval-shard",
+    }
     for name, deployment in deployments.items():
         assert deployment["work_pool"]["name"] == "phi3ops-process", name
         assert deployment["description"].strip(), name
         assert "phi3ops" in deployment["tags"], name
 
 
-@pytest.mark.parametrize("name", ["lifecycle", "nightly-eval", "monitor", "rollback", "fetch"])
+@pytest.mark.parametrize(
+    "name", ["lifecycle", "nightly-eval", "monitor", "canary", "rollback", "fetch"]
+)
 def test_parameter_defaults_are_valid_for_the_flow(name: str) -> None:
     deployment = _deployments()[name]
     flow = _flow(deployment["entrypoint"])
@@ -53,20 +63,50 @@ def test_schedules_and_concurrency() -> None:
         "lifecycle": [],
         "nightly-eval": ["0 2 * * *"],
         "monitor": ["*/30 * * * *"],
+        "canary": ["*/10 * * * *"],
         "rollback": [],
         "fetch": [],
+        "eval-shard": [],  # started by the evaluate flow, one run per shard
     }
     nightly = deployments["nightly-eval"]
     assert nightly["entrypoint"] == "flows/reevaluate.py:reevaluate_flow"  # from scratch
     assert nightly["parameters"]["alias"] == "champion"
-    for name in ("lifecycle", "rollback"):  # alias moves of one model must not race
-        assert deployments[name]["concurrency_limit"]["limit"] == 1, name
+    # Rollbacks queue; lifecycle runs run side by side on any workers: their alias moves are
+    # serialised per model by a Prefect global concurrency limit (tasks.alias_lock), not here.
+    assert deployments["rollback"]["concurrency_limit"]["limit"] == 1
+    assert "concurrency_limit" not in deployments["lifecycle"]
+    # A verdict still running makes the next scheduled one redundant: cancelled, not queued.
+    assert deployments["canary"]["concurrency_limit"] == {
+        "limit": 1,
+        "collision_strategy": "CANCEL_NEW",
+    }
 
 
-def test_flows_run_from_the_clone_prefect_deploy_ran_in() -> None:
+def test_workers_clone_the_code_from_prefect_variables() -> None:
     config = _config()
-    (build,) = config["build"]
-    assert build["prefect.deployments.steps.run_shell_script"]["script"] == "pwd"
-    assert config["pull"] == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ clone.stdout }}"}}
-    ]
+    assert not config.get("build")  # nothing records the deploying clone's path any more
+    (step,) = config["pull"]
+    clone = step["prefect.deployments.steps.git_clone"]
+    # Resolved on the worker when a run starts: one `prefect variable set` moves every worker.
+    assert clone["repository"] == "{{ prefect.variables.phi3ops_repository }}"
+    assert clone["branch"] == "{{ prefect.variables.phi3ops_branch }}"
+    assert all("pull" not in d for d in config["deployments"])  # every deployment uses it
+
+
+def test_the_pull_step_names_variables_that_phi3ops_setup_sets() -> None:
+    from deployments.setup import BRANCH_VARIABLE, POOL, REPOSITORY_VARIABLE
+
+    clone = _config()["pull"][0]["prefect.deployments.steps.git_clone"]
+    assert REPOSITORY_VARIABLE in clone["repository"]
+    assert BRANCH_VARIABLE in clone["branch"]
+    assert {d["work_pool"]["name"] for d in _config()["deployments"]} == {POOL}
+
+
+def test_the_git_clone_step_exists_with_these_arguments() -> None:
+    import inspect
+
+    from prefect.deployments.steps import git_clone
+
+    clone = _config()["pull"][0]["prefect.deployments.steps.git_clone"]
+    parameters = inspect.signature(git_clone).parameters
+    assert set(clone) - {"id"} <= set(parameters)
