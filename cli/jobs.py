@@ -30,6 +30,7 @@ from phi3ops.registry import resolve_model, resolve_model_name
 from phi3ops.settings import get_settings
 from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Flavor, Variant, source_variant
 from phi3ops.tracking import tracking_uri, use_tracking_store
+from phi3ops.traffic import TrafficMode, TrafficPlan
 from tasks.evaluation import EvalSummary, find_evaluation
 from tasks.hub import FetchResult, check_fetchable, resolve_hf_token
 from tasks.monitoring import window_bounds
@@ -99,6 +100,7 @@ def evaluate_job(
     eval_set: str | None = None,
     compare_to_alias: str = CHAMPION_ALIAS,
     force: bool = False,
+    shards: int = 1,
 ) -> EvalSummary:
     """Check the model URI and the eval set, then run the evaluate flow.
 
@@ -107,12 +109,17 @@ def evaluate_job(
         eval_set: Eval set name or path; the default set when None.
         compare_to_alias: Whose evaluation on the same eval set to compare with.
         force: Generate and score again even when the version has an evaluation on this set.
+        shards: Flow runs of the eval-shard deployment to generate in (1: in this process).
     """
     uri = model_uri or f"models:/{get_settings().registered_model_name}@{CANDIDATE_ALIAS}"
     resolve_model(uri)  # an unknown model, alias or version fails before Prefect starts
     loaded = open_eval_set(eval_set)  # so does a missing or invalid eval set
     return evaluate_flow(
-        model_uri=uri, eval_set=str(loaded.path), compare_to_alias=compare_to_alias, reuse=not force
+        model_uri=uri,
+        eval_set=str(loaded.path),
+        compare_to_alias=compare_to_alias,
+        reuse=not force,
+        shards=shards,
     )
 
 
@@ -123,13 +130,19 @@ def promote_job(
     eval_set: str | None = None,
     gates: list[str] | None = None,
     evaluate_champion: bool = True,
+    live_traffic: TrafficMode | None = None,
+    canary_share: float | None = None,
 ) -> Any:
-    """Check the model name, the eval set and the ``key=value`` gate overrides, then run the
-    promote flow with the checked overrides.
+    """Check the model name, the eval set, the ``key=value`` gate overrides and the canary
+    share, then run the promote flow with the checked values.
     """
     name = _registered_model(model_name)
     overrides = gate_overrides(gates)
     get_settings().gates.with_overrides(overrides)  # out-of-range values fail here
+    if live_traffic is not None:
+        TrafficPlan.start(live_traffic, share=canary_share)  # a share that does not fit
+    elif canary_share is not None:
+        raise InvalidInputError("--canary-share applies with --live-traffic canary only.")
     loaded = open_eval_set(eval_set)
     return promote_flow(
         model_name=name,
@@ -137,6 +150,8 @@ def promote_job(
         eval_set=str(loaded.path),
         evaluate_champion=evaluate_champion,
         gates=overrides,
+        live_traffic=live_traffic,
+        canary_share=canary_share,
     )
 
 

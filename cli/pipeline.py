@@ -25,6 +25,7 @@ from cli.options import (
 )
 from phi3ops.names import CANDIDATE_ALIAS, CHAMPION_ALIAS
 from phi3ops.sources import Flavor, Variant
+from phi3ops.traffic import TrafficMode
 
 
 def fetch(
@@ -93,6 +94,15 @@ def evaluate(
             "--force", help="Evaluate again even if this version has an evaluation on the set."
         ),
     ] = False,
+    shards: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Generate in this many flow runs of the eval-shard deployment, side by side "
+            "on the work pool (needs PREFECT_API_URL and `prefect deploy --all`); merged into "
+            "one evaluation.",
+        ),
+    ] = 1,
 ) -> None:
     """Evaluate a registered version on an eval set, compared with @champion (evaluate flow)."""
     from cli import jobs  # lazy: Prefect
@@ -103,6 +113,7 @@ def evaluate(
         eval_set=eval_set,
         compare_to_alias=compare_to,
         force=force,
+        shards=shards,
     )
     state = "reused" if summary.reused else "evaluated"
     typer.echo(
@@ -125,6 +136,17 @@ def promote(
     ] = None,
     gate: GateOption = None,
     evaluate_champion: EvaluateChampionOption = True,
+    live_traffic: Annotated[
+        TrafficMode | None,
+        typer.Option(
+            help="Instead of promoting a version that passes the gates, put it on live "
+            "traffic first (canary: a share of requests; shadow: a copy of each); the canary "
+            "verdict promotes it."
+        ),
+    ] = None,
+    canary_share: Annotated[
+        float | None, typer.Option(help="With --live-traffic canary: the share, e.g. 0.1.")
+    ] = None,
 ) -> None:
     """Promote a version to @champion if its gates pass (old champion -> @previous)."""
     from cli import jobs  # lazy: Prefect
@@ -136,11 +158,17 @@ def promote(
         eval_set=eval_set,
         gates=gate,
         evaluate_champion=evaluate_champion,
+        live_traffic=live_traffic,
+        canary_share=canary_share,
     )
-    typer.echo(
-        f"{'promoted' if decision.promote else 'rejected'}: {decision.model_name} "
-        f"v{decision.version}"
+    outcome = (
+        f"on live traffic ({decision.live_traffic}; `phi3ops canary status`)"
+        if decision.live_traffic
+        else "promoted"
+        if decision.promote
+        else "rejected"
     )
+    typer.echo(f"{outcome}: {decision.model_name} v{decision.version}")
     for reason in decision.reasons:
         typer.echo(f"  {reason}")
 

@@ -9,6 +9,12 @@
   ``PHI3OPS_MONITOR_ROLLBACK_ON_FAILURE=true``, a run of the ``rollback`` deployment too.
 * ``phi3ops-on-regression``: ``phi3ops.model.regressed`` (the nightly re-evaluation found the
   champion worse than before) -> a notification through the same block.
+* ``phi3ops-on-canary-aborted``: ``phi3ops.canary.aborted`` (the online verdict took
+  ``@candidate`` out of live traffic) -> a notification with the verdict's reasons, like a
+  monitoring failure (nothing to roll back: the champion never moved).
+* ``phi3ops-on-canary-promoted``: ``phi3ops.canary.promoted`` -> a notification. The promotion
+  went through the promotion flow, whose ``phi3ops.model.promoted`` already schedules the
+  monitor of the new champion (the first automation), so nothing else runs.
 
 The definitions are pure functions of the ids they point at (`build_automations`);
 `apply_automations` looks those ids up on the Prefect API (``PREFECT_API_URL``) and creates or
@@ -29,6 +35,8 @@ from prefect.automations import Automation, EventTrigger, RunDeployment, SendNot
 
 from phi3ops.errors import OrchestrationError
 from phi3ops.names import (
+    CANARY_ABORTED_EVENT,
+    CANARY_PROMOTED_EVENT,
     MODEL_RESOURCE_PREFIX,
     MONITORING_FAILED_EVENT,
     PROMOTED_EVENT,
@@ -43,6 +51,8 @@ __all__ = [
     "MONITORING_FAILED_EVENT",
     "MONITOR_AFTER_PROMOTION",
     "MONITOR_DEPLOYMENT",
+    "ON_CANARY_ABORTED",
+    "ON_CANARY_PROMOTED",
     "ON_MONITORING_FAILED",
     "ON_REGRESSION",
     "ROLLBACK_DEPLOYMENT",
@@ -51,6 +61,8 @@ __all__ = [
     "build_automations",
     "create_webhook_block",
     "monitor_after_promotion",
+    "on_canary_aborted",
+    "on_canary_promoted",
     "on_monitoring_failed",
     "on_regression",
 ]
@@ -62,6 +74,8 @@ ROLLBACK_DEPLOYMENT = "rollback/rollback"
 MONITOR_AFTER_PROMOTION = "phi3ops-monitor-after-promotion"
 ON_MONITORING_FAILED = "phi3ops-on-monitoring-failed"
 ON_REGRESSION = "phi3ops-on-regression"
+ON_CANARY_ABORTED = "phi3ops-on-canary-aborted"
+ON_CANARY_PROMOTED = "phi3ops-on-canary-promoted"
 TAGS = ["phi3ops"]
 
 # Every phi3ops model event is about the resource `phi3ops.model.<name>.<version>`, labelled
@@ -202,6 +216,62 @@ def on_regression(notification_block_id: UUID) -> Automation:
     )
 
 
+def on_canary_aborted(notification_block_id: UUID) -> Automation:
+    """``phi3ops.canary.aborted`` -> notify (the candidate is already out of traffic)."""
+    return Automation(
+        name=ON_CANARY_ABORTED,
+        description=(
+            f"When the online verdict aborts a canary or shadow run ({CANARY_ABORTED_EVENT}), "
+            "notify. Managed by `phi3ops automations apply`."
+        ),
+        tags=TAGS,
+        trigger=_on_each(CANARY_ABORTED_EVENT),
+        actions=[
+            SendNotification(
+                block_document_id=notification_block_id,
+                subject=f"phi3ops: canary of {MODEL} aborted",
+                body=(
+                    f"The {{{{ event.payload.mode }}}} run of {MODEL} against champion "
+                    "v{{ event.payload.champion_version }} was aborted at {{ event.occurred }}:\n"
+                    "{{ event.payload.reasons | join('\n') }}\n\n"
+                    "The traffic plan is cleared: @champion answers every request again. The "
+                    "verdict's MLflow run: {{ event.payload.mlflow_run_id }}. Register a fixed "
+                    f"version, then `phi3ops canary start --model-name {MODEL_NAME}`."
+                ),
+            )
+        ],
+    )
+
+
+def on_canary_promoted(notification_block_id: UUID) -> Automation:
+    """``phi3ops.canary.promoted`` -> notify; the promotion's own ``phi3ops.model.promoted``
+    schedules the monitor.
+    """
+    return Automation(
+        name=ON_CANARY_PROMOTED,
+        description=(
+            f"When the online verdict promotes a candidate ({CANARY_PROMOTED_EVENT}), notify; "
+            f"its {PROMOTED_EVENT} schedules the monitor. Managed by `phi3ops automations apply`."
+        ),
+        tags=TAGS,
+        trigger=_on_each(CANARY_PROMOTED_EVENT),
+        actions=[
+            SendNotification(
+                block_document_id=notification_block_id,
+                subject=f"phi3ops: {MODEL} promoted on live traffic",
+                body=(
+                    f"{MODEL} was no worse than champion v{{{{ event.payload.champion_version }}}} "
+                    "on live traffic ({{ event.payload.mode }}) and passed the promotion gates "
+                    "at {{ event.occurred }}: it is @champion now, the traffic plan is cleared.\n"
+                    "{{ event.payload.reasons | join('\n') }}\n\n"
+                    "The monitor of the new champion runs one window later "
+                    f"({MONITOR_AFTER_PROMOTION})."
+                ),
+            )
+        ],
+    )
+
+
 def build_automations(
     *,
     monitor_deployment_id: UUID,
@@ -213,7 +283,8 @@ def build_automations(
 
     Args:
         monitor_deployment_id: The ``monitor`` deployment.
-        notification_block_id: The block that monitoring failures are notified through.
+        notification_block_id: The block that monitoring failures, regressions and canary
+            verdicts are notified through.
         rollback_deployment_id: The ``rollback`` deployment, to run on monitoring failures;
             None leaves rollback to a person.
         monitor_window_minutes: How long after a promotion the monitor runs, and the window
@@ -225,6 +296,8 @@ def build_automations(
         monitor_after_promotion(monitor_deployment_id, window_minutes=monitor_window_minutes),
         on_monitoring_failed(notification_block_id, rollback_deployment_id=rollback_deployment_id),
         on_regression(notification_block_id),
+        on_canary_aborted(notification_block_id),
+        on_canary_promoted(notification_block_id),
     ]
 
 

@@ -28,6 +28,8 @@ from phi3ops.policies import GateOverrides
 from phi3ops.registry import alias_version, resolve_model_name
 from phi3ops.settings import get_settings
 from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Flavor, Variant, source_variant
+from phi3ops.traffic import CanaryShare, TrafficMode, TrafficPlan
+from tasks.alias_lock import check_alias_lock
 from tasks.promotion import pending_intent
 
 __all__ = ["LifecycleResult", "Source", "lifecycle_flow"]
@@ -107,7 +109,9 @@ class LifecycleResult(BaseModel):
     eval_set: str
     eval_set_hash: str
     metrics: dict[str, float]
-    decision: Literal["promoted", "rejected", "unchanged"]
+    decision: Literal["promoted", "rejected", "unchanged", "live-traffic"] = Field(
+        description="live-traffic: it passed the gates and takes live traffic first."
+    )
     reasons: list[str] = Field(description="Failed gates when rejected, else every gate checked.")
     champion: str | None = Field(description="The champion version after this run.")
 
@@ -124,6 +128,8 @@ def lifecycle_flow(
     eval_set: str = DEFAULT_EVAL_SET,
     gates: GateOverrides = GateOverrides(),  # noqa: B008 - as above
     evaluate_champion: bool = True,
+    live_traffic: TrafficMode | None = None,
+    canary_share: CanaryShare | None = None,
 ) -> LifecycleResult:
     """Fetch, package, register, evaluate and promote one Phi-3 source.
 
@@ -137,6 +143,11 @@ def lifecycle_flow(
         gates: Promotion gates to override for this run (empty fields keep PHI3OPS_GATE_*).
         evaluate_champion: Evaluate the current champion on the eval set first when it has no
             evaluation there (otherwise the comparison gate fails).
+        live_traffic: Empty: a version that passes the gates is promoted at once. 'canary' or
+            'shadow': it first takes live traffic beside @champion, and the canary
+            deployment's verdict on that traffic promotes it (or takes it out).
+        canary_share: With live_traffic 'canary': the share of requests it answers (between 0
+            and 1; empty: 0.1).
 
     Returns:
         The version, whether it and its evaluation were reused, its metrics, and the decision.
@@ -146,6 +157,9 @@ def lifecycle_flow(
     name = resolve_model_name(model_name)
     repo_id, variant, build_onnx = source.fetch_plan
     get_settings().gates.with_overrides(gates)  # out-of-range values fail before any work
+    if live_traffic is not None:
+        TrafficPlan.start(live_traffic, share=canary_share)  # a share that does not fit fails now
+    check_alias_lock(name)  # a missing Prefect limit fails now, not after the evaluation
     eval_set = str(open_eval_set(eval_set).path)
 
     fetched = fetch_flow(
@@ -164,8 +178,16 @@ def lifecycle_flow(
             eval_set=eval_set,
             evaluate_champion=evaluate_champion,
             gates=gates,
+            live_traffic=live_traffic,
+            canary_share=canary_share,
         )
-        decision = "promoted" if verdict.promote else "rejected"
+        decision = (
+            "live-traffic"
+            if verdict.live_traffic
+            else "promoted"
+            if verdict.promote
+            else "rejected"
+        )
         reasons = verdict.reasons
 
     result = LifecycleResult(

@@ -19,9 +19,17 @@ from phi3ops.names import CANDIDATE_ALIAS, CHAMPION_ALIAS, artifact_key
 from phi3ops.policies import GateOverrides
 from phi3ops.registry import alias_version, resolve_model_name, resolve_version
 from phi3ops.settings import get_settings
+from phi3ops.traffic import CanaryShare, TrafficMode
+from tasks.canary import start_plan_task
 from tasks.evaluation import EvalSummary, find_evaluation_task
 from tasks.events import default_trigger
-from tasks.promotion import Decision, apply_decision_task, decision_markdown, evaluate_gates
+from tasks.promotion import (
+    AliasState,
+    Decision,
+    apply_decision_task,
+    decision_markdown,
+    evaluate_gates,
+)
 
 #: How many times one promotion decides again when the champion keeps moving under it.
 MAX_DECISIONS = 3
@@ -35,6 +43,8 @@ def promote_flow(
     evaluate_champion: bool = True,
     gates: GateOverrides | None = None,
     triggered_by: str | None = None,
+    live_traffic: TrafficMode | None = None,
+    canary_share: CanaryShare | None = None,
 ) -> Decision:
     """Promote ``candidate`` (a version or an alias) to champion if every gate passes.
 
@@ -47,9 +57,15 @@ def promote_flow(
         gates: Overrides of the gates in settings (``PHI3OPS_GATE_*``), e.g.
             ``{"min_pass_rate": 0.7}``.
         triggered_by: Recorded with the decision; defaults to the deployment / flow run.
+        live_traffic: Empty: promote at once. 'canary' or 'shadow': a version that passes
+            every gate (and is @candidate, with a champion to compare with) first takes live
+            traffic beside @champion; the canary deployment's verdict promotes it.
+        canary_share: With live_traffic 'canary': the share of requests @candidate answers
+            (between 0 and 1; empty: 0.1).
 
     Returns:
-        The decision (``promote`` says whether the aliases moved).
+        The decision (``promote`` says whether the gates passed; ``live_traffic`` is set when
+        the version went to live traffic instead of moving the aliases).
 
     Raises:
         RegistryError: The champion changed every time a decision was about to be applied.
@@ -78,6 +94,8 @@ def promote_flow(
             champion_version=champion_version,
             policy=policy,
         )
+        if live_traffic is not None and decision.promote and champion_version is not None:
+            return _go_live(decision, live_traffic, share=canary_share, triggered_by=who)
         state = apply_decision_task(decision, triggered_by=who)
         if state.action != "stale":
             break
@@ -97,6 +115,24 @@ def promote_flow(
     if state.resumed:
         print(f"Finished the promotion of {name} v{version} that an interrupted run started.")
     markdown = decision_markdown(decision, state, triggered_by=who)
+    create_markdown_artifact(
+        markdown=markdown, key=artifact_key("promotion", name), description="Promotion decision"
+    )
+    print(markdown)
+    return decision
+
+
+def _go_live(
+    decision: Decision, mode: TrafficMode, *, share: float | None, triggered_by: str
+) -> Decision:
+    """Puts a version that passed every gate on live traffic instead of promoting it."""
+    name, version = decision.model_name, decision.version
+    plan, _, champion = start_plan_task(name, mode=mode, share=share, version=version)
+    decision = decision.model_copy(update={"live_traffic": plan.mode.value})
+    state = AliasState(
+        model_name=name, champion=champion, previous=None, changed=False, action="live-traffic"
+    )
+    markdown = decision_markdown(decision, state, triggered_by=triggered_by)
     create_markdown_artifact(
         markdown=markdown, key=artifact_key("promotion", name), description="Promotion decision"
     )

@@ -1,9 +1,10 @@
-"""The two field sets that decide things: promotion gates and monitoring thresholds.
+"""The field sets that decide things: promotion gates, monitoring thresholds and the online
+(canary) verdict's thresholds.
 
 Each is declared once, here, with its defaults, bounds and descriptions. Settings read them from
-``PHI3OPS_GATE_*`` / ``PHI3OPS_MONITOR_*``; flows take their "overrides" form (every field
-optional) as typed parameters, so the Prefect UI renders a form; the CLI's ``--gate`` and
-``--threshold`` fill the same overrides.
+``PHI3OPS_GATE_*`` / ``PHI3OPS_MONITOR_*`` / ``PHI3OPS_CANARY_*``; flows take their "overrides"
+form (every field optional) as typed parameters, so the Prefect UI renders a form; the CLI's
+``--gate`` and ``--threshold`` fill the same overrides.
 """
 
 from __future__ import annotations
@@ -172,6 +173,35 @@ class MonitorThresholds(_Policy):
         return self
 
 
+class CanaryPolicy(_Policy):
+    """The online verdict on ``@candidate`` against ``@champion`` on live traffic
+    (`tasks.canary`): how many records each arm needs, and how sure a "worse" must be.
+    """
+
+    noun: ClassVar[str] = "canary threshold"
+
+    min_samples: int = Field(
+        default=100,
+        ge=2,
+        le=1_000_000,
+        description=(
+            "Fewest records per arm (server-judged: client refusals and cancellations, and "
+            "shadow copies the server shed, do not count) before a verdict; with fewer, the "
+            "verdict is 'wait'."
+        ),
+    )
+    alpha: float = Field(
+        default=0.01,
+        gt=0,
+        le=0.2,
+        description=(
+            "Significance level of each one-sided 'candidate worse' test (error rate, format "
+            "failures, seconds per token; completion length two-sided). Small, because the "
+            "verdict is re-checked on a schedule: every look is another chance of a false alarm."
+        ),
+    )
+
+
 def overrides_model(policy: type[_Policy], name: str) -> type[BaseModel]:
     """``policy``'s fields, each optional (empty keeps the value in settings): a run's overrides.
 
@@ -205,6 +235,8 @@ def overrides_model(policy: type[_Policy], name: str) -> type[BaseModel]:
 GateOverrides = overrides_model(GatePolicy, "GateOverrides")
 #: A run's monitoring threshold changes (flow parameter, ``--threshold``).
 ThresholdOverrides = overrides_model(MonitorThresholds, "ThresholdOverrides")
+#: A run's canary threshold changes (flow parameter, ``phi3ops canary verdict --threshold``).
+CanaryOverrides = overrides_model(CanaryPolicy, "CanaryOverrides")
 
 
 def invalid_input(exc: ValidationError, *, what: str | None = None) -> InvalidInputError:

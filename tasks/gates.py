@@ -48,6 +48,9 @@ class Decision(BaseModel):
     candidate_run_id: str | None
     champion_version: str | None
     champion_run_id: str | None
+    #: Set when the version passed every gate and went to live traffic (``canary`` /
+    #: ``shadow``) instead of being promoted: the canary verdict promotes it.
+    live_traffic: str | None = None
 
     @property
     def reasons(self) -> list[str]:

@@ -31,15 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from phi3ops import registry
 from phi3ops.errors import InvalidInputError
 from phi3ops.evalset import open_eval_set
-from phi3ops.names import (
-    MODEL_NAME_TAG,
-    MODEL_VERSION_TAG,
-    MONITOR_TAG_PREFIX,
-    RECORD_ATTRIBUTE,
-    RECORD_SPAN_NAME,
-    RUN_TYPE_TAG,
-    TABLE_ARTIFACT,
-)
+from phi3ops.names import MONITOR_TAG_PREFIX, RUN_TYPE_TAG, TABLE_ARTIFACT
 from phi3ops.policies import MonitorThresholds
 from phi3ops.serving.records import CLIENT_OUTCOMES, InferenceRecord
 from phi3ops.settings import get_settings
@@ -53,6 +45,7 @@ from tasks.drift import (
     with_statistics,
 )
 from tasks.evaluation import EvalSummary, find_evaluation
+from tasks.live_records import load_records  # its home since arms; callers import it here too
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -132,37 +125,6 @@ def window_bounds(window_minutes: int | None, *, end: float | None = None) -> tu
         raise InvalidInputError(f"window_minutes={minutes}: use a positive number of minutes.")
     end = time.time() if end is None else end
     return end - minutes * 60, end
-
-
-def load_records(
-    model_name: str, version: str, *, start: float, end: float
-) -> list[InferenceRecord]:
-    """The version's inference records whose request arrived in [start, end]."""
-    import mlflow
-
-    configure_tracking()
-    experiment = mlflow.get_experiment_by_name(get_settings().inference_experiment_name)
-    if experiment is None:
-        return []  # nothing was ever served from this store
-    filter_string = (
-        f"tag.`{MODEL_NAME_TAG}` = '{_quoted(model_name)}' "
-        f"AND tag.`{MODEL_VERSION_TAG}` = '{_quoted(str(version))}' "
-        f"AND trace.timestamp_ms >= {int(start * 1000)} "
-        f"AND trace.timestamp_ms <= {int(end * 1000)}"
-    )
-    traces = mlflow.search_traces(
-        locations=[experiment.experiment_id],
-        filter_string=filter_string,
-        return_type="list",
-        flush=True,
-    )
-    records = []
-    for trace in traces:
-        for span in trace.data.spans:
-            value = span.get_attribute(RECORD_ATTRIBUTE)
-            if span.name == RECORD_SPAN_NAME and isinstance(value, dict):
-                records.append(InferenceRecord.from_attribute(value))
-    return sorted(records, key=lambda record: record.timestamp)
 
 
 def records_frame(records: list[InferenceRecord]) -> pd.DataFrame:
@@ -547,10 +509,6 @@ def _iso(epoch: float) -> str:
 
 def _median(values: Any) -> float | None:
     return float(values.median()) if len(values) else None
-
-
-def _quoted(value: str) -> str:
-    return value.replace("'", "\\'")
 
 
 # --- Prefect tasks ----------------------------------------------------------------------------

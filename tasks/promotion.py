@@ -2,7 +2,8 @@
 ``previous``; every decision is recorded, and ``champion`` can be rolled back.
 
 The gates decide (`tasks.gates`, re-exported here); this module carries decisions out. Every
-alias change (a promotion, a rejection, a rollback) runs under the model's lock, in this order:
+alias change (a promotion, a rejection, a rollback) runs under the model's lock (`tasks.alias_lock`:
+a Prefect global concurrency limit across hosts, or a file lock on one machine), in this order:
 
 1. A change that a dead process left half-done is finished first (see below).
 2. The aliases are re-read. A decision taken against a champion that is no longer the champion
@@ -25,11 +26,9 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from filelock import FileLock
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ValidationError
@@ -52,10 +51,11 @@ from phi3ops.names import (
     RUN_TYPE_TAG,
     TAG_PREFIX,
 )
-from phi3ops.settings import get_settings
-from phi3ops.tracking import configure_tracking
+from phi3ops.tracking import configure_tracking, version_url
+from tasks.alias_lock import promotion_lock
 from tasks.events import emit, prefect_is_listening
 from tasks.gates import Decision, Evaluation, GateResult, check_regression, evaluate_gates
+from tasks.status import refresh_description
 
 __all__ = [
     "AliasState",
@@ -85,7 +85,7 @@ class AliasState(BaseModel):
     champion: str | None
     previous: str | None
     changed: bool
-    action: Literal["promoted", "rejected", "unchanged", "stale", "rolled-back"]
+    action: Literal["promoted", "rejected", "unchanged", "stale", "rolled-back", "live-traffic"]
     #: This finished a change that an interrupted run of the same command had started.
     resumed: bool = False
     #: The MLflow run recording the decision (promotions and rejections).
@@ -228,21 +228,6 @@ def rollback(model_name: str, *, to_version: str | None = None, triggered_by: st
         _write_intent(intent)
         crash_point("rollback.after-intent")
         return _carry_out(intent, resumed=False)
-
-
-@contextlib.contextmanager
-def promotion_lock(model_name: str, *, timeout: float = 120.0) -> Iterator[None]:
-    """One alias change at a time per registered model, across threads and processes.
-
-    A file lock under the data dir: it serialises everything that shares this machine (and the
-    embedded store). Runs on several machines against one tracking server should also share a
-    Prefect concurrency limit on the promote deployment (see prefect.yaml).
-    """
-    locks = get_settings().data_dir / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with FileLock(locks / f"promote-{model_name}.lock", timeout=timeout):
-        configure_tracking()
-        yield
 
 
 # --- intents: written first, carried out step by step, finished by whoever finds one ------------
@@ -448,7 +433,10 @@ def decision_markdown(decision: Decision, state: AliasState, *, triggered_by: st
         "promoted": "PROMOTED to @champion",
         "unchanged": "already @champion (no change)",
         "rejected": "REJECTED (aliases untouched)",
+        "live-traffic": f"passed every gate: now on live traffic ({decision.live_traffic}); "
+        "the canary verdict promotes it",
     }.get(state.action, state.action)
+    url = version_url(decision.model_name, decision.version)  # None for a local store
     lines = [
         f"# {decision.model_name} v{decision.version}: {verdict}",
         "",
@@ -457,6 +445,7 @@ def decision_markdown(decision: Decision, state: AliasState, *, triggered_by: st
         f"- champion before: {decision.champion_version or '(none: first model)'}",
         f"- champion now: {state.champion or '-'}, previous: {state.previous or '-'}",
         *(["- finished after an interrupted run of the same promotion"] if state.resumed else []),
+        *([f"- MLflow: [{decision.model_name} v{decision.version}]({url})"] if url else []),
         "",
         "| gate | result | candidate | champion | threshold |",
         "|---|---|---|---|---|",
@@ -558,6 +547,7 @@ def _tag_decision(
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, PROMOTION_TAG_PREFIX + key, value)
+    refresh_description(name, version)  # the decision on the version's registry page
 
 
 def _now() -> str:

@@ -9,18 +9,15 @@ in its environment and is stopped at the end, on failure too.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,119 +27,26 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from tests.e2e.stack import (
+    BIN,
+    MARKER,
+    Processes,
+    flow_run_id,
+    free_port,
+    healthy,
+    marked_pids,
+    snapshot_repository,
+)
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent  # the venv's bin: prefect, phi3ops
-MARKER = "PHI3OPS_E2E_RUN"
 EVAL_SET = "smoke"  # 6 items: the tiny model answers them in seconds
-LIFECYCLE_PARAMETERS = {"source", "model_name", "eval_set", "gates", "evaluate_champion"}
+#: A second commit of the ONNX repo: the version that goes through a canary.
+CANARY_BRANCH = "canary"
+#: The same weights twice: only noise tells the versions apart, so no comparison gate may trip.
+NOISE_PROOF_GATES = {"max_latency_increase": 100.0, "max_tokens_per_s_drop": 1.0}
 
 T = TypeVar("T")
-
-
-# --- processes -----------------------------------------------------------------------------
-
-
-class Processes:
-    """Starts commands in their own process groups, logs each to a file, and stops them all:
-    their groups, then any process left that carries this run's marker (flow-run processes a
-    worker starts in sessions of their own).
-    """
-
-    def __init__(self, log_dir: Path, marker: str) -> None:
-        self.log_dir = log_dir
-        self.marker = marker
-        self.started: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with (self.log_dir / f"{name}.log").open("wb") as log:
-            process = subprocess.Popen(
-                args,
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.started.append(process)
-        return process
-
-    def run(self, args: list[str], env: dict[str, str], *, timeout: float = 120) -> str:
-        """Run a command to completion (in its own group, stopped on timeout); its output."""
-        process = subprocess.Popen(
-            args,
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.started.append(process)
-        try:
-            out, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(process, signal.SIGKILL)
-            out, _ = process.communicate()
-            pytest.fail(f"{' '.join(args)} timed out after {timeout}s:\n{out.decode()[-4000:]}")
-        text = out.decode(errors="replace")
-        if process.returncode != 0:
-            pytest.fail(f"{' '.join(args)} exited {process.returncode}:\n{text[-4000:]}")
-        return text
-
-    def log(self, name: str, chars: int = 6000) -> str:
-        path = self.log_dir / f"{name}.log"
-        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
-
-    def stop_all(self) -> None:
-        for process in reversed(self.started):
-            if process.poll() is None:
-                _kill_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for process in reversed(self.started):
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _kill_group(process, signal.SIGKILL)
-                process.wait(timeout=5)
-        for _ in range(3):  # stragglers: flow-run processes in sessions of their own
-            pids = _marked_pids(self.marker)
-            if not pids:
-                return
-            for pid in pids:
-                _signal_pid(pid, signal.SIGKILL)
-            time.sleep(0.5)
-
-
-def _kill_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    with suppress(ProcessLookupError):  # start_new_session: the group id is the leader's pid
-        os.killpg(process.pid, sig)
-
-
-def _signal_pid(pid: int, sig: signal.Signals) -> None:
-    with suppress(ProcessLookupError):
-        os.kill(pid, sig)
-
-
-def _marked_pids(marker: str) -> list[int]:
-    """Processes whose environment carries ``PHI3OPS_E2E_RUN=<marker>`` (Linux /proc)."""
-    needle = f"{MARKER}={marker}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
-
-
-# --- a webhook receiver for the notification block -------------------------------------------
 
 
 class WebhookReceiver:
@@ -212,19 +116,6 @@ class Stack:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[Stack]:
     """Server + work pool + `prefect deploy --all` + automations + worker, all torn down after."""
@@ -238,8 +129,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[Stack
     webhook = WebhookReceiver()
     try:
         hub.add_repo(ONNX_REPO_ID, tiny_phi3.onnx_dir)
+        hub.add_repo(ONNX_REPO_ID, tiny_phi3.onnx_dir, branch=CANARY_BRANCH)  # a 2nd version
         hub.add_repo(PYTORCH_REPO_ID, tiny_phi3.pytorch_dir)
-        port = _free_port()
+        port = free_port()
         api_url = f"http://127.0.0.1:{port}/api"
         env = {
             k: v
@@ -279,14 +171,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[Stack
             env,
         )
         deadline = time.monotonic() + 120
-        while not _healthy(api_url):
+        while not healthy(api_url):
             if server.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"prefect server did not start:\n{processes.log('server')}")
             time.sleep(0.5)
         stack.timings["server"] = time.monotonic() - t0
 
         t = time.monotonic()
-        stack.prefect("work-pool", "create", "phi3ops-process", "--type", "process")
+        # The workers clone the code (prefect.yaml's git_clone pull step): this working tree.
+        repository = snapshot_repository(tmp)
+        processes.run(
+            [str(BIN / "phi3ops"), "setup", "--repository", str(repository), "--branch", "main"],
+            env,
+        )
         stack.prefect("--no-prompt", "deploy", "--all", timeout=300)
         stack.timings["deploy"] = time.monotonic() - t
 
@@ -302,7 +199,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[Stack
             ],
             env,
         )
-        assert out.count("created automation") == 3, out
+        assert out.count("created automation") == 5, out
         stack.timings["automations"] = time.monotonic() - t
 
         processes.start(
@@ -315,13 +212,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[Stack
         processes.stop_all()
         webhook.close()
         hub.close()
-        assert not _marked_pids(marker), "a process started by the e2e test outlived it"
-
-
-def _run_id(cli_output: str) -> uuid.UUID:
-    match = re.search(r"UUID: ([0-9a-f-]{36})", cli_output)
-    assert match, cli_output
-    return uuid.UUID(match.group(1))
+        assert not marked_pids(marker), "a process started by the e2e test outlived it"
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +222,7 @@ def lifecycle_run(stack: Stack):
     out = stack.prefect(
         "deployment", "run", "lifecycle/lifecycle", "--param", f"eval_set={EVAL_SET}"
     )
-    run_id = _run_id(out)
+    run_id = flow_run_id(out)
     with stack.client() as client:
 
         def final():
@@ -356,15 +247,22 @@ def test_deployments_are_as_declared_in_prefect_yaml(stack: Stack) -> None:
                 "monitor/monitor",
                 "rollback/rollback",
                 "fetch/fetch",
+                "canary/canary",
             )
         }
     for name, deployment in deployments.items():
         assert deployment.work_pool_name == "phi3ops-process", name
         assert "phi3ops" in deployment.tags, name
         assert deployment.description, name
-        # The pull step resolved at deploy time to this clone, where the worker runs flows.
+        # Workers clone the code; the repository and branch are read at run time.
         assert deployment.pull_steps == [
-            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO_ROOT)}}
+            {
+                "prefect.deployments.steps.git_clone": {
+                    "id": "clone-code",
+                    "repository": "{{ prefect.variables.phi3ops_repository }}",
+                    "branch": "{{ prefect.variables.phi3ops_branch }}",
+                }
+            }
         ], name
 
     crons = {
@@ -372,18 +270,27 @@ def test_deployments_are_as_declared_in_prefect_yaml(stack: Stack) -> None:
     }
     assert crons["reevaluate/nightly-eval"] == [("0 2 * * *", True)]
     assert crons["monitor/monitor"] == [("*/30 * * * *", True)]
+    assert crons["canary/canary"] == [("*/10 * * * *", True)]
     assert crons["lifecycle/lifecycle"] == crons["rollback/rollback"] == []
 
     assert deployments["reevaluate/nightly-eval"].parameters["alias"] == "champion"
 
     schema = deployments["lifecycle/lifecycle"].parameter_openapi_schema
-    assert set(schema["properties"]) == LIFECYCLE_PARAMETERS
+    from flows.lifecycle import lifecycle_flow
+
+    # The form the UI renders is the flow's own parameters, each a typed field.
+    assert set(schema["properties"]) == set(inspect.signature(lifecycle_flow.fn).parameters)
     assert {"Source", "GateOverrides"} <= set(schema["definitions"])
     assert deployments["lifecycle/lifecycle"].enforce_parameter_schema
 
-    for name in ("lifecycle/lifecycle", "rollback/rollback"):
-        limit = deployments[name].global_concurrency_limit
-        assert limit is not None and limit.limit == 1, name
+    # Rollbacks queue one at a time; lifecycle runs go side by side, and each alias move
+    # waits for the model's global concurrency limit that `phi3ops setup` created.
+    limit = deployments["rollback/rollback"].global_concurrency_limit
+    assert limit is not None and limit.limit == 1
+    assert deployments["lifecycle/lifecycle"].global_concurrency_limit is None
+    with stack.client() as client:
+        aliases = client.read_global_concurrency_limit_by_name("phi3ops-aliases-phi3-mini")
+    assert aliases.limit == 1 and aliases.active
 
 
 def test_automations_are_registered(stack: Stack) -> None:
@@ -413,9 +320,9 @@ def test_automations_are_registered(stack: Stack) -> None:
     out = stack.processes.run(
         [str(BIN / "phi3ops"), "automations", "apply", "--rollback"], stack.env
     )
-    assert out.count("updated automation") == 3, out
+    assert out.count("updated automation") == 5, out
     with stack.client() as client:
-        assert len(client.read_automations()) == 3
+        assert len(client.read_automations()) == 5
 
 
 def test_lifecycle_deployment_promotes_the_tiny_phi3(
@@ -479,6 +386,109 @@ def test_promotion_triggers_a_monitor_run(stack: Stack, lifecycle_run) -> None:
     assert run.state.is_completed(), f"{run.state}\n{stack.processes.log('worker')}"
 
 
+def _run_deployment(stack: Stack, name: str, params: dict[str, Any], *, timeout: float) -> Any:
+    """Runs a deployment the documented way (`prefect deployment run`) and waits for its end."""
+    out = stack.prefect("deployment", "run", name, "--params", json.dumps(params))
+    run_id = flow_run_id(out)
+    with stack.client() as client:
+
+        def final():
+            run = client.read_flow_run(run_id)
+            return run if run.state and run.state.is_final() else None
+
+        return stack.wait(f"the {name} run", final, timeout=timeout)
+
+
+def test_a_canary_earns_promotion_on_live_traffic(
+    stack: Stack, lifecycle_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lifecycle (live_traffic=canary) -> `phi3ops serve` splits traffic -> the canary
+    deployment's verdict promotes the candidate -> the server serves it, without a restart.
+    """
+    from mlflow import MlflowClient
+
+    from phi3ops.settings import get_settings
+    from phi3ops.tracking import configure_tracking
+    from phi3ops.traffic import read_plan
+
+    assert lifecycle_run.state.is_completed()
+    run = _run_deployment(
+        stack,
+        "lifecycle/lifecycle",
+        {
+            "source": {"revision": CANARY_BRANCH},
+            "eval_set": EVAL_SET,
+            "gates": NOISE_PROOF_GATES,
+            "live_traffic": "canary",
+            "canary_share": 0.5,
+        },
+        timeout=300,
+    )
+    assert run.state.is_completed(), f"{run.state}\n{stack.processes.log('worker')}"
+    monkeypatch.setenv("PHI3OPS_DATA_DIR", str(stack.data_dir))  # the worker's MLflow store
+    get_settings.cache_clear()
+    configure_tracking()
+    registry = MlflowClient()
+    champion = str(registry.get_model_version_by_alias("phi3-mini", "champion").version)
+    candidate = str(registry.get_model_version_by_alias("phi3-mini", "candidate").version)
+    assert candidate != champion
+    plan = read_plan("phi3-mini")
+    assert plan is not None and plan.mode.value == "canary" and plan.share == 0.5
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    stack.processes.start(
+        "serve",
+        [str(BIN / "phi3ops"), "serve", "--port", str(port), "--poll-interval", "1"],
+        {**stack.env, "PHI3OPS_DATA_DIR": str(stack.data_dir)},
+    )
+    stack.wait("phi3ops serve", lambda: healthy(url) or None, timeout=180)
+    answered: dict[str, int] = {}
+    with httpx.Client(timeout=60) as http:
+
+        def chat(user: str) -> str:
+            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "user": user}
+            response = http.post(f"{url}/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            return response.json()["model"]
+
+        for i in range(120):
+            model = chat(f"user-{i}")
+            answered[model] = answered.get(model, 0) + 1
+        assert set(answered) == {f"phi3-mini/{champion}", f"phi3-mini/{candidate}"}, answered
+
+        verdict = _run_deployment(
+            stack,
+            "canary/canary",
+            {"thresholds": {"min_samples": 20}, "eval_set": EVAL_SET, "gates": NOISE_PROOF_GATES},
+            timeout=300,
+        )
+        assert verdict.state.is_completed(), f"{verdict.state}\n{stack.processes.log('worker')}"
+        promoted = registry.get_model_version("phi3-mini", candidate)
+        assert promoted.tags["phi3ops.canary.verdict"] == "promoted", promoted.tags
+        assert str(registry.get_model_version_by_alias("phi3-mini", "champion").version) == (
+            candidate
+        )
+        assert read_plan("phi3-mini") is None  # the canary is over
+        # phi3ops.canary.promoted reached its automation, which notified.
+        note = stack.wait(
+            "the canary notification",
+            lambda: next(
+                (n for n in stack.webhook.received if "promoted on live traffic" in n["subject"]),
+                None,
+            ),
+            timeout=60,
+        )
+        assert f"v{candidate}" in note["subject"] + note["body"]
+
+        # The server follows: every user now gets the new champion, no restart.
+        stack.wait(
+            "the server serving the promoted version",
+            lambda: all(chat(f"user-{i}") == f"phi3-mini/{candidate}" for i in range(10)) or None,
+            timeout=60,
+        )
+
+
 def test_monitoring_failure_notifies_and_starts_a_rollback(stack: Stack) -> None:
     stack.prefect(
         "event",
@@ -497,10 +507,13 @@ def test_monitoring_failure_notifies_and_starts_a_rollback(stack: Stack) -> None
         json.dumps({"outcome": "failed", "broken": ["latency_p95_s"]}),
     )
 
-    notes = stack.wait(
-        "the webhook notification", lambda: stack.webhook.received or None, timeout=60
-    )
-    (note,) = notes
+    def monitoring_notes() -> list[dict[str, Any]] | None:
+        notes = [
+            n for n in stack.webhook.received if n["subject"].startswith("phi3ops: monitoring")
+        ]
+        return notes or None
+
+    (note,) = stack.wait("the webhook notification", monitoring_notes, timeout=60)
     assert note["subject"] == "phi3ops: monitoring failed for phi3-mini v1"
     assert "latency_p95_s" in note["body"]
     assert "rollback/rollback was started" in note["body"]

@@ -33,7 +33,15 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 MODEL_NAME = "phi3-lifecycle"
 SMOKE = "smoke"
-PARAMETERS = {"source", "model_name", "eval_set", "gates", "evaluate_champion"}
+PARAMETERS = {
+    "source",
+    "model_name",
+    "eval_set",
+    "gates",
+    "evaluate_champion",
+    "live_traffic",
+    "canary_share",
+}
 
 
 @dataclass

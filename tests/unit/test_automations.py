@@ -86,6 +86,35 @@ def test_a_nightly_regression_notifies() -> None:
     assert "rollback/rollback" in action.body
 
 
+@pytest.mark.parametrize(
+    ("name", "event", "words"),
+    [
+        ("ON_CANARY_ABORTED", "phi3ops.canary.aborted", "phi3ops canary start"),
+        ("ON_CANARY_PROMOTED", "phi3ops.canary.promoted", "monitor-after-promotion"),
+    ],
+)
+def test_canary_verdicts_notify_with_their_reasons(name, event, words) -> None:
+    auto = _by_name()[getattr(automations, name)]
+    assert auto.trigger.expect == {event}
+    assert auto.trigger.match.model_dump() == {"prefect.resource.id": "phi3ops.model.*"}
+    (action,) = auto.actions  # a promotion's own phi3ops.model.promoted starts the monitor
+    assert isinstance(action, SendNotification) and action.block_document_id == BLOCK_ID
+    assert "event.payload.reasons" in action.body and words in action.body
+
+
+def test_the_canary_events_match_their_triggers(monkeypatch) -> None:
+    from prefect.events.schemas.events import Resource
+
+    from phi3ops.names import CANARY_ABORTED_EVENT
+
+    sent: list[dict] = []
+    monkeypatch.setattr("prefect.events.emit_event", lambda **kw: sent.append(kw))
+    emit(CANARY_ABORTED_EVENT, model_name="phi3-mini", version="4", payload={"reasons": []})
+    trigger = _by_name()[automations.ON_CANARY_ABORTED].trigger
+    assert sent[0]["event"] in trigger.expect
+    assert trigger.match.matches(Resource.model_validate(sent[0]["resource"]))
+
+
 def test_monitoring_failure_also_rolls_back_when_enabled() -> None:
     auto = _by_name(rollback_deployment_id=ROLLBACK_ID)[automations.ON_MONITORING_FAILED]
 
@@ -205,10 +234,10 @@ def test_apply_creates_then_updates_by_name_never_duplicates(fake_api) -> None:
     first = automations.apply_automations()
     second = automations.apply_automations()
 
-    assert [a.action for a in first] == ["created"] * 3
-    assert [a.action for a in second] == ["updated"] * 3
+    assert [a.action for a in first] == ["created"] * 5
+    assert [a.action for a in second] == ["updated"] * 5
     assert [a.id for a in first] == [a.id for a in second]
-    assert len(fake_api.automations) == 3
+    assert len(fake_api.automations) == 5
 
 
 def test_apply_removes_duplicates_of_a_name(fake_api) -> None:
@@ -224,6 +253,8 @@ def test_apply_removes_duplicates_of_a_name(fake_api) -> None:
             automations.MONITOR_AFTER_PROMOTION,
             automations.ON_MONITORING_FAILED,
             automations.ON_REGRESSION,
+            automations.ON_CANARY_ABORTED,
+            automations.ON_CANARY_PROMOTED,
         ]
     )
 
@@ -277,7 +308,7 @@ def test_apply_names_the_fix_for_a_missing_or_unusable_block(fake_api, monkeypat
 
     fake_api.blocks.append(_block("team-pager", ["notify"], type_name="Slack Webhook"))
     applied = automations.apply_automations()
-    assert [a.action for a in applied] == ["created"] * 3
+    assert [a.action for a in applied] == ["created"] * 5
 
 
 def test_no_prefect_server_configured_is_a_clear_error(monkeypatch) -> None:
@@ -299,6 +330,7 @@ def test_cli_apply_reports_each_automation(fake_api) -> None:
     assert f"created automation {automations.MONITOR_AFTER_PROMOTION}" in result.output
     assert f"created automation {automations.ON_MONITORING_FAILED}" in result.output
     assert f"created automation {automations.ON_REGRESSION}" in result.output
+    assert f"created automation {automations.ON_CANARY_ABORTED}" in result.output
 
 
 def test_cli_apply_error_is_a_message_and_exit_code_2(fake_api) -> None:
