@@ -1,11 +1,20 @@
 """What every command shares: the options written once (``Annotated``), and `run_job`, which
-turns a phi3ops error into its one-line message and exit code 2.
+turns a failure into one line on stderr and an exit code (2: a phi3ops error, 1: anything
+else); with the global ``--verbose``, the traceback too.
+
+Without ``--verbose`` the terminal also gets no Prefect tracebacks: a failed task or flow run
+logs its exception (and its traceback) to the run's logs in the Prefect API as before, while
+the console shows the run's state lines and the one-line error.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import traceback
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Annotated, TypeVar
 
 import typer
@@ -67,11 +76,105 @@ def prepare_prefect() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+#: Exit code of a phi3ops error (bad input, a failed gate, nothing to roll back, ...); any other
+#: exception exits 1. Commands add their own (``monitor``: 3 for too few records).
+ERROR_EXIT_CODE = 2
+
+
+#: The global ``--verbose`` of the command being run; `cli.app.main` sets it on every call.
+_VERBOSE: ContextVar[bool] = ContextVar("phi3ops_verbose", default=False)
+
+
+def set_verbose(verbose: bool) -> None:
+    """Record the global ``--verbose`` (or ``PHI3OPS_VERBOSE``) for `run_job`."""
+    _VERBOSE.set(verbose)
+
+
+def is_verbose() -> bool:
+    """Whether the global ``--verbose`` (or ``PHI3OPS_VERBOSE``) was given to this command."""
+    return _VERBOSE.get()
+
+
 def run_job(job: Callable[..., T], /, **kwargs: object) -> T:
-    """Run a job; a phi3ops error becomes its message and exit code 2, not a traceback."""
+    """Run a job; a failure becomes one line on stderr and an exit code, not a traceback.
+
+    Args:
+        job: What to run (a `cli.jobs` job, or a command's own function).
+        **kwargs: The job's arguments.
+
+    Raises:
+        typer.Exit: The job failed: 2 for a phi3ops error, 1 for any other exception.
+    """
     prepare_prefect()
+    verbose = is_verbose()
+    console_tracebacks(show=verbose)
     try:
         return job(**kwargs)
-    except Phi3OpsError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from exc
+    except Exception as exc:
+        ours = isinstance(exc, Phi3OpsError)
+        code = ERROR_EXIT_CODE if ours else 1
+        if verbose:
+            traceback.print_exception(exc)
+        # A bug (not a phi3ops error) names its type: the message alone rarely says enough.
+        message = str(exc) if ours else f"{type(exc).__name__}: {exc}"
+        hint = "" if verbose else "; phi3ops --verbose ... shows the traceback"
+        typer.secho(f"error: {message} [exit code {code}{hint}]", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=code) from exc
+
+
+#: Where Prefect's engine logs a failed run's exception (with its traceback).
+_ENGINE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine")
+
+
+class _NoEngineExceptions(logging.Filter):
+    """Drops the records in which Prefect's engine reports a run's exception.
+
+    Each is followed by the run's "Finished in state Failed(...)" line, which names the error,
+    and the command ends with the same error as one line: the console loses nothing. Only the
+    console handler gets this filter; the API handler still sends them to the run's logs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.name.startswith(_ENGINE_LOGGERS))
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats with the handler's own formatter, minus the traceback and stack.
+
+    It formats a copy: the record itself (and its cached ``exc_text``) is shared with the other
+    handlers, the Prefect API one among them, which must keep the traceback.
+    """
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info or record.exc_text or record.stack_info):
+            return self.inner.format(record)
+        copy = logging.makeLogRecord(record.__dict__)
+        copy.exc_info, copy.exc_text, copy.stack_info = None, None, None
+        return self.inner.format(copy)
+
+
+def console_tracebacks(*, show: bool) -> None:
+    """Whether the terminal's log handler (Prefect's console handler on the root logger, once
+    Prefect is imported) prints tracebacks; the run logs in the Prefect API keep them anyway.
+
+    Undone by ``show=True``, so that one process running several commands (tests) gets each
+    command's own ``--verbose``.
+    """
+    if "prefect" not in sys.modules:  # `serve`: no flow runs here, nothing to quiet
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, PrefectConsoleHandler):
+            continue
+        for quiet in [f for f in handler.filters if isinstance(f, _NoEngineExceptions)]:
+            handler.removeFilter(quiet)
+        if isinstance(handler.formatter, _WithoutTraceback):
+            handler.setFormatter(handler.formatter.inner)
+        if not show:
+            handler.addFilter(_NoEngineExceptions())
+            handler.setFormatter(_WithoutTraceback(handler.formatter or logging.Formatter()))

@@ -9,10 +9,12 @@ the broken expectations, when the suite failed.
 from __future__ import annotations
 
 import shutil
+from typing import Annotated
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.states import Completed
+from pydantic import Field
 
 from phi3ops.errors import MonitoringFailedError
 from phi3ops.names import (
@@ -45,7 +47,7 @@ _EVENTS = {
 def monitor_flow(
     model_name: str | None = None,
     alias: str = CHAMPION_ALIAS,
-    window_minutes: int | None = None,
+    window_minutes: Annotated[int | None, Field(ge=1)] = None,
     baseline_eval_set: str | None = None,
     thresholds: ThresholdOverrides | None = None,
 ):

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from phi3ops.policies import GatePolicy, MonitorThresholds
+from phi3ops.policies import CanaryPolicy, GatePolicy, MonitorThresholds
 
 
 class _GateEnv(BaseSettings, GatePolicy):
@@ -27,6 +28,12 @@ class _MonitorEnv(BaseSettings, MonitorThresholds):
     model_config = SettingsConfigDict(
         env_prefix="PHI3OPS_MONITOR_", env_file=".env", extra="ignore"
     )
+
+
+class _CanaryEnv(BaseSettings, CanaryPolicy):
+    """`CanaryPolicy`'s fields read from ``PHI3OPS_CANARY_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="PHI3OPS_CANARY_", env_file=".env", extra="ignore")
 
 
 class Settings(BaseSettings):
@@ -63,6 +70,25 @@ class Settings(BaseSettings):
             "each write) before the fetch fails naming the endpoint; not retried, so a silent "
             "hub fails within about this long. Overrides HF_HUB_ETAG_TIMEOUT and "
             "HF_HUB_DOWNLOAD_TIMEOUT for phi3ops fetches."
+        ),
+    )
+    hub_max_workers: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description=(
+            "Files a fetch downloads at once (huggingface_hub's per-file download on a pool of "
+            "this many threads, as snapshot_download's max_workers); 1: one after another. "
+            "Each file is still verified, checked and staged on its own."
+        ),
+    )
+    progress: bool = Field(
+        default=True,
+        description=(
+            "Terminal progress bars on stderr (evaluation: items done and tokens/s; fetch: "
+            "files and bytes), shown only when stderr is a terminal; 0 turns them off "
+            "(HF_HUB_DISABLE_PROGRESS_BARS=1 also silences huggingface_hub's own). The "
+            "Prefect progress artifact of an evaluation is written either way."
         ),
     )
 
@@ -198,9 +224,24 @@ class Settings(BaseSettings):
             "monitoring-failed automation."
         ),
     )
+    # The online verdict (`tasks.canary`): `phi3ops.policies.CanaryPolicy`, PHI3OPS_CANARY_<FIELD>.
+    canary: CanaryPolicy = Field(
+        default_factory=lambda: CanaryPolicy.model_validate(_CanaryEnv().model_dump()),
+        description="Canary verdict thresholds (PHI3OPS_CANARY_*); a run may override any of them.",
+    )
     notification_block: str = Field(
         default="phi3ops-alerts",
         description="Name of the Prefect notification block the automations notify through.",
+    )
+    alias_lock: Literal["auto", "file", "prefect"] = Field(
+        default="auto",
+        description=(
+            "What serialises alias moves (promotions, rollbacks) of one model: 'prefect', a "
+            "strict Prefect global concurrency limit per model (`phi3ops setup` creates it), "
+            "which holds across hosts; 'file', a lock file under the data dir, which holds on "
+            "one machine; 'auto', 'prefect' when PREFECT_API_URL names a Prefect server, else "
+            "'file' (Prefect's temporary server has no limits to share)."
+        ),
     )
 
     @field_validator("data_dir")

@@ -33,6 +33,27 @@ def tracking_uri() -> str:
     return f"sqlite:///{settings.data_dir / 'mlflow.db'}"
 
 
+def ui_url(page: str) -> str | None:
+    """The MLflow UI's address of ``page`` (a route of its hash router, e.g. ``runs/<id>``)
+    when the tracking store is an http(s) server, which serves that UI; None for a local store,
+    whose UI (``mlflow ui``) has no address known here.
+    """
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/{page.lstrip('/')}"
+
+
+def run_url(run_id: str) -> str | None:
+    """The MLflow UI page of a run (its direct route finds the experiment), or None."""
+    return ui_url(f"runs/{run_id}")
+
+
+def version_url(model_name: str, version: str | int) -> str | None:
+    """The MLflow UI page of a registered model version, or None."""
+    return ui_url(f"models/{model_name}/versions/{version}")
+
+
 def configure_tracking(experiment_name: str | None = None) -> str:
     """Point MLflow at the project's store and experiment; returns the experiment id.
 

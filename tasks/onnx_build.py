@@ -7,14 +7,21 @@ its external weights, ``genai_config.json`` and the tokenizer files onnxruntime-
 The builder writes into its output folder as it goes, so it runs in a temporary sibling
 folder that is renamed onto ``output_dir`` only once the build is complete: a reader never
 sees a half-written model at ``output_dir``.
+
+A build says which of its four steps it is in, at INFO through this module's logger (so in the
+terminal and in the Prefect run's logs): checking the checkpoint, reading its config and
+tokenizer, converting and quantizing to int4 (the long one: minutes for Phi-3-mini), checking
+the build and moving it into place.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from prefect import task
@@ -29,8 +36,12 @@ __all__ = [
     "find_onnx_build",
 ]
 
+logger = logging.getLogger(__name__)
+
 #: The builder's own default name for the decoder model file.
 DEFAULT_ONNX_FILENAME = "model.onnx"
+#: How many steps a build announces (`_step`).
+BUILD_STEPS = 4
 
 # What onnxruntime-genai 0.18's builder accepts for int4 (see its --execution_provider and
 # block_size / accuracy_level help); checked here so a typo fails before a long build.
@@ -101,6 +112,8 @@ def build_onnx_int4(
     """
     pytorch_dir = Path(pytorch_dir)
     output_dir = Path(output_dir)
+    started = time.monotonic()
+    _step(1, f"checking the Phi-3 checkpoint {pytorch_dir}")
     _check_options(
         execution_provider=execution_provider,
         block_size=block_size,
@@ -110,6 +123,7 @@ def build_onnx_int4(
     check_pytorch_phi3_dir(pytorch_dir)
 
     if find_onnx_build(output_dir) is not None:
+        logger.info("ONNX build: %s already holds a complete build; reusing it", output_dir)
         return output_dir
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise InvalidInputError(
@@ -131,6 +145,7 @@ def build_onnx_int4(
             cache_dir=cache_dir if cache_dir is not None else staging / "cache",
             filename=filename,
         )
+        _step(4, f"checking the build and moving it into {output_dir}")
         built = find_onnx_build(model_dir)
         # A name mismatch means the builder ignored an option: fail rather than mislead.
         if built is None or built.name != filename:
@@ -152,7 +167,13 @@ def build_onnx_int4(
             ) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    logger.info("ONNX build: done in %.1f s -> %s", time.monotonic() - started, output_dir)
     return output_dir
+
+
+def _step(number: int, what: str) -> None:
+    """Logs ``ONNX build: step N/4 — <what>`` at INFO."""
+    logger.info("ONNX build: step %d/%d — %s", number, BUILD_STEPS, what)
 
 
 def check_pytorch_phi3_dir(pytorch_dir: Path) -> dict[str, object]:
@@ -272,6 +293,7 @@ def _run_builder(
         "hf_token=false",
     ]
     try:
+        _step(2, f"reading the config and tokenizer of {pytorch_dir}")
         # parse_extra_options also loads the config and tokenizer that create_model needs.
         options = parse_extra_options(
             None,
@@ -281,6 +303,11 @@ def _run_builder(
             execution_provider,
             str(cache_dir),
             extra_options,
+        )
+        _step(
+            3,
+            f"converting to ONNX and quantizing to int4 ({execution_provider}, "
+            f"block_size={block_size}, accuracy_level={accuracy_level}); the long step",
         )
         create_model(
             None,

@@ -20,7 +20,9 @@ What one evaluation does, in order:
    stage starts, so everything lands in that one run: a trace per item with its verdicts and
    expectations as assessments, ``<kind>/mean`` metrics (each scorer's pass rate over the items
    that have that expectation), plus this package's metrics, params, tags, the per-item table,
-   a plot, and the comparison. The version gets the tag ``phi3ops.eval.<hash[:12]>`` = run id.
+   a plot, the comparison, and the eval set as the run's dataset input (its name, digest =
+   the start of its content hash). The version gets the tag ``phi3ops.eval.<hash[:12]>`` =
+   run id, and its registry description is rewritten (`tasks.status`).
 4. **Compare** (`comparison_markdown`) with the evaluation of ``@champion`` on the *same* eval
    set (same content hash) and nothing else.
 
@@ -44,7 +46,8 @@ Metrics of a run (`EvalSummary.metrics`):
 
 Modules, each importing only those above it: `values` (what the stages hand each other),
 `resolve` (the model, the eval set, recorded evaluations), `generate`, `compare`, and `score`
-(scoring, recording, and the whole evaluation in-process, `evaluate_model`).
+(scoring, recording, and the whole evaluation in-process, `evaluate_model`); `shards` fans
+generation out over the work pool and merges it back (imported from its module, not here).
 """
 
 from tasks.evaluation.compare import (

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from phi3ops import registry
 from phi3ops.errors import InvalidInputError
 from phi3ops.names import CHAMPION_ALIAS, COMPARISON_ARTIFACT, evaluation_artifact_key
-from phi3ops.tracking import configure_tracking
+from phi3ops.tracking import configure_tracking, run_url, version_url
 from tasks.evaluation.values import HASH_PREFIX_LENGTH, ChampionLookup, EvalSummary
 
 
@@ -227,7 +227,7 @@ def publish_comparison(summary: EvalSummary, markdown: str, *, log_to_run: bool 
 
     key = evaluation_artifact_key(summary.model_name, summary.version)
     create_markdown_artifact(
-        markdown=markdown,
+        markdown=markdown + mlflow_links(summary),
         key=key,
         description=(
             f"Evaluation of {summary.model_name} v{summary.version} on {summary.eval_set} "
@@ -238,6 +238,19 @@ def publish_comparison(summary: EvalSummary, markdown: str, *, log_to_run: bool 
         configure_tracking()
         registry.client().log_text(summary.run_id, markdown, COMPARISON_ARTIFACT)
     return key
+
+
+def mlflow_links(summary: EvalSummary) -> str:
+    """Markdown links to the evaluation's run and version in the MLflow UI, when the tracking
+    store is an http(s) server (a local store has no UI address); else empty.
+    """
+    run, version = run_url(summary.run_id), version_url(summary.model_name, summary.version)
+    if run is None or version is None:
+        return ""
+    return (
+        f"\nMLflow: [evaluation run {summary.run_id}]({run}) · "
+        f"[{summary.model_name} v{summary.version}]({version})\n"
+    )
 
 
 # --- Prefect task: no retries (nothing here is transient), no caching (stores) ----------------

@@ -16,14 +16,21 @@ from prefect.cache_policies import NO_CACHE
 
 from phi3ops.errors import EvaluationError, InvalidInputError
 from phi3ops.evalset import EvalItem, EvalSet
+from phi3ops.names import artifact_key
 from phi3ops.registry import ModelTarget
 from phi3ops.settings import get_settings
 from tasks.evaluation.resolve import load_model
 from tasks.evaluation.values import Generation, ItemGeneration
+from tasks.progress import RunProgress, terminal_bar
 
 logger = logging.getLogger(__name__)
 
 _MAX_ERROR_CHARS = 500
+
+
+def generation_progress_key(model_name: str, version: str) -> str:
+    """The Prefect progress artifact key of a version's generation (``eval-progress-<m>-<v>``)."""
+    return artifact_key("eval-progress", model_name, version)
 
 
 def plan_batches(
@@ -58,12 +65,14 @@ def generate_outputs(
     batch_size: int | None = None,
     default_max_tokens: int | None = None,
     ttft_samples: int | None = None,
+    progress_key: str | None = None,
 ) -> Generation:
     """Answers every item of ``eval_set`` with ``model``, in batches, and measures the speed.
 
     One untimed request (the first item, one token) warms the model up first. A batch whose
     ``predict`` raises is retried row by row; a row that still fails is recorded with its error
-    and no output.
+    and no output. Progress (items done / total, tokens/s) is drawn on the terminal
+    (`tasks.progress.terminal_bar`) and, inside a Prefect run, kept in a progress artifact.
 
     Args:
         model: A loaded pyfunc (anything with ``predict``; ``predict_stream`` for time to first
@@ -75,6 +84,8 @@ def generate_outputs(
             ``PHI3OPS_EVAL_DEFAULT_MAX_TOKENS``.
         ttft_samples: Items streamed one by one for time to first token (the first N);
             defaults to ``PHI3OPS_EVAL_TTFT_SAMPLES``; 0 skips.
+        progress_key: Key of the Prefect progress artifact (0 to 100 % as items are answered;
+            see `generation_progress_key`); None, or outside a Prefect run: none is written.
 
     Returns:
         One `ItemGeneration` per item, in eval-set order, and the speed measurements.
@@ -94,27 +105,36 @@ def generate_outputs(
     hwm_reset = _reset_peak_rss()
     records: list[ItemGeneration | None] = [None] * len(items)
     wall = 0.0
-    for batch in batches:
-        rows = [requests[i] for i in batch]
-        started = time.perf_counter()
-        try:
-            answers = _predict(model, rows)
-        except Exception as exc:
-            wall += time.perf_counter() - started
-            if len(batch) > 1:
-                logger.warning(
-                    "A batch of %d eval items failed (%s); retrying them one by one",
-                    len(batch),
-                    _describe(exc),
-                )
-            for index in batch:
-                records[index], elapsed = _one_by_one(model, items[index].id, requests[index], exc)
-                wall += elapsed
-            continue
-        elapsed = time.perf_counter() - started
-        wall += elapsed
-        for index, answer in zip(batch, answers, strict=True):
-            records[index] = _record(items[index].id, answer, elapsed, len(batch))
+    progress = _Progress(len(items), eval_set.name, progress_key)
+    try:
+        for batch in batches:
+            rows = [requests[i] for i in batch]
+            started = time.perf_counter()
+            try:
+                answers = _predict(model, rows)
+            except Exception as exc:
+                wall += time.perf_counter() - started
+                if len(batch) > 1:
+                    logger.warning(
+                        "A batch of %d eval items failed (%s); retrying them one by one",
+                        len(batch),
+                        _describe(exc),
+                    )
+                for index in batch:
+                    records[index], elapsed = _one_by_one(
+                        model, items[index].id, requests[index], exc
+                    )
+                    wall += elapsed
+                progress.advance([records[i] for i in batch], wall)
+                continue
+            elapsed = time.perf_counter() - started
+            wall += elapsed
+            for index, answer in zip(batch, answers, strict=True):
+                records[index] = _record(items[index].id, answer, elapsed, len(batch))
+            progress.advance([records[i] for i in batch], wall)
+        progress.finish()
+    finally:
+        progress.close()
     peak = _peak_rss_mb(hwm_reset)
 
     notes: list[str] = []
@@ -128,6 +148,34 @@ def generate_outputs(
         peak_rss_mb=peak,
         notes=notes,
     )
+
+
+class _Progress:
+    """Generation progress: the terminal bar and the Prefect progress artifact, per batch."""
+
+    def __init__(self, total: int, name: str, key: str | None) -> None:
+        self.total, self.done, self.tokens = total, 0, 0
+        self.bar = terminal_bar(total=total, desc=f"Evaluating on {name}", unit="item")
+        self.artifact = RunProgress(key, self._text(0.0)).start() if key else None
+
+    def advance(self, batch: Sequence[ItemGeneration | None], wall: float) -> None:
+        self.done += len(batch)
+        self.tokens += sum(r.completion_tokens or 0 for r in batch if r is not None)
+        rate = self.tokens / wall if wall > 0 else 0.0
+        self.bar.set_postfix_str(f"{rate:.1f} tokens/s", refresh=False)
+        self.bar.update(len(batch))
+        if self.artifact is not None:
+            self.artifact.update(self.done, self.total, description=self._text(rate))
+
+    def finish(self) -> None:
+        if self.artifact is not None:
+            self.artifact.update(self.done, self.total)  # 100 %: an empty set has no batch
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def _text(self, rate: float) -> str:
+        return f"Generating answers: {self.done}/{self.total} items, {rate:.1f} tokens/s"
 
 
 def _warm_up(model: Any, request: dict[str, Any]) -> None:
@@ -311,5 +359,11 @@ def _int_or_none(value: Any) -> int | None:
 
 @task(name="generate", cache_policy=NO_CACHE)
 def generate_task(target: ModelTarget, eval_set: EvalSet) -> Generation:
-    """Load the version and answer every item (`load_model` + `generate_outputs`)."""
-    return generate_outputs(load_model(target), eval_set)
+    """Load the version and answer every item (`load_model` + `generate_outputs`), with a
+    progress artifact (`generation_progress_key`) in this run.
+    """
+    return generate_outputs(
+        load_model(target),
+        eval_set,
+        progress_key=generation_progress_key(target.model_name, target.version),
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,7 @@ from tasks.evaluation.resolve import (
 )
 from tasks.evaluation.values import EvalSummary, Generation, ItemGeneration
 from tasks.recovery import end_orphan_runs, owner_tags
+from tasks.status import refresh_description
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +183,7 @@ def score_generation(
     )
     with mlflow.start_run(run_name=run_name, tags=tags | owner_tags()) as run:
         mlflow.log_params(run_params)
+        log_eval_set_input(eval_set)
         # No predict_fn: the answers are in the data. The harness reuses the active run, makes
         # a trace per row and logs each verdict on it, and logs "<scorer>/mean" to this run.
         model_id = _logged(target)
@@ -199,6 +202,7 @@ def score_generation(
         evaluation_tag_key(eval_set.content_hash),
         run.info.run_id,
     )
+    refresh_description(target.model_name, target.version)  # its page shows this run
     logger.info(
         "Evaluated %s on %s: pass rate %.3f (run %s)",
         target.version_uri,
@@ -207,6 +211,47 @@ def score_generation(
         run.info.run_id,
     )
     return summary_from_run(mlflow.get_run(run.info.run_id))
+
+
+#: MLflow stores a dataset digest in 36 characters at most; 32 hex digits of the content hash
+#: (128 bits) fit and still name one eval set.
+DATASET_DIGEST_LENGTH = 32
+
+
+def log_eval_set_input(eval_set: EvalSet) -> None:
+    """Log the eval set as an MLflow dataset input of the active run (context ``evaluation``).
+
+    Its name is the eval set's and its digest the start of its content hash, so the MLflow UI
+    shows which set (and which content of it) each evaluation ran on, and runs on the same set
+    share one dataset.
+    """
+    import mlflow
+    import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
+
+    rows = [
+        {
+            "id": item.id,
+            # Nested fields as JSON text: one column type per column in the dataset's schema.
+            "messages": json.dumps([m.model_dump() for m in item.messages or []]),
+            "prompt": item.prompt or "",
+            "expectations": item.expectations.model_dump_json(exclude_defaults=True),
+            "tags": ",".join(item.tags),
+            # A float column: an item without its own limit is NaN, not a made-up integer.
+            "max_tokens": float(item.max_tokens) if item.max_tokens else None,
+        }
+        for item in eval_set.items
+    ]
+    with warnings.catch_warnings():
+        # MLflow 3.17 registers its local-file source twice and says so on every local path.
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
+        dataset = from_pandas(
+            pd.DataFrame(rows),
+            source=eval_set.path.resolve().as_uri(),
+            name=eval_set.name,
+            digest=eval_set.content_hash[:DATASET_DIGEST_LENGTH],
+        )
+    mlflow.log_input(dataset, context="evaluation")
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from pathlib import Path
 from phi3ops.errors import InsufficientDiskSpaceError, IntegrityError
 from tasks.hub.manifest import ManifestEntry
 from tasks.hub.verify import RemoteFile, hash_file, matches
+from tasks.progress import hub_bar_class
 
 
 def download_verified(
@@ -25,6 +26,10 @@ def download_verified(
     token: str | None,
 ) -> tuple[ManifestEntry, Path]:
     """Downloads one file of a commit into staging and verifies it against the hub's checksum.
+
+    Safe to call from several threads at once for different files (huggingface_hub locks each
+    file of ``staging_dir``, as its own ``snapshot_download`` workers rely on). huggingface_hub
+    draws the file's progress bar on a terminal (`tasks.progress.hub_bar_class`).
 
     Args:
         remote: The file, as the hub lists it.
@@ -51,6 +56,7 @@ def download_verified(
             local_dir=staging_dir,
             endpoint=endpoint,
             token=token or False,
+            tqdm_class=hub_bar_class(),
         )
     )
     sha256, blob_id = hash_file(staged)

@@ -69,6 +69,13 @@ def translate(
     from huggingface_hub import errors as hf
 
     where = f"{repo_id}@{revision}"
+    cause = exc.__cause__
+    if isinstance(exc, hf.LocalEntryNotFoundError) and isinstance(cause, Exception):
+        # hf_hub_download raises this, chained to the real error, when a file's metadata HEAD
+        # failed (5xx after its retries, a dropped connection) and nothing is cached.
+        mapped = translate(cause, repo_id=repo_id, revision=revision, token=token)
+        if mapped is not None:
+            return mapped
     if isinstance(exc, hf.GatedRepoError):
         return HubAccessDeniedError(
             f"{repo_id} is gated and the token {'was refused' if token else 'is missing'}. "

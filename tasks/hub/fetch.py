@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -33,8 +36,12 @@ from tasks.hub.resolve import list_files, resolve_revision
 from tasks.hub.timeouts import install_hub_timeouts
 from tasks.hub.trust import refuse_unsafe
 from tasks.hub.verify import RemoteFile, verified_local
+from tasks.progress import terminal_bar
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def fetch_snapshot(
@@ -50,8 +57,9 @@ def fetch_snapshot(
 
     Files already in the snapshot folder are re-hashed and kept when they match the hub's
     checksums; the others are downloaded into a staging folder of this fetch's own, verified,
-    checked to be model data (`tasks.hub.trust`), and only then moved into the snapshot. Every
-    request to the hub waits at most ``PHI3OPS_HUB_TIMEOUT_S`` (`tasks.hub.timeouts`).
+    checked to be model data (`tasks.hub.trust`), and only then moved into the snapshot, up to
+    ``PHI3OPS_HUB_MAX_WORKERS`` files at once. Every request to the hub waits at most
+    ``PHI3OPS_HUB_TIMEOUT_S`` (`tasks.hub.timeouts`).
 
     Args:
         repo_id: Hub repository, ``org/name``.
@@ -160,40 +168,111 @@ def _download_into(
     """Downloads files into this fetch's own staging folder and moves each into the snapshot
     (an atomic rename) once verified and checked to be model data.
 
-    ``genai_config.json`` files go first, so settings that are refused stop the fetch before
-    the weights download. A failed fetch keeps the files it verified (the next one re-hashes
-    them instead of downloading them again); the staging folder is removed however it ends.
+    ``genai_config.json`` files go first, one by one, so settings that are refused stop the
+    fetch before the weights download. The others then download ``PHI3OPS_HUB_MAX_WORKERS``
+    at a time (huggingface_hub's ``hf_hub_download`` on a thread pool, as its own
+    ``snapshot_download`` does), each verified, checked and moved on its own as soon as it
+    lands. When a file fails, the files not started are dropped, those under way finish, and
+    the first failure is raised as it is. A failed fetch keeps the files it verified (the next
+    one re-hashes them instead of downloading them again); the staging folder is removed
+    however it ends, after every download has stopped.
 
     Returns:
-        Each file with its verified entry, in download order.
+        Each file with its verified entry: the configs first, then the others by path.
     """
-    done = []
-    configs_first = sorted(
-        to_download, key=lambda f: (f.path.rsplit("/", 1)[-1] != GENAI_CONFIG, f.path)
-    )
+    by_path = sorted(to_download, key=lambda f: f.path)
+    configs = [f for f in by_path if f.path.rsplit("/", 1)[-1] == GENAI_CONFIG]
+    others = [f for f in by_path if f.path.rsplit("/", 1)[-1] != GENAI_CONFIG]
+    total = len(to_download)
+    bar = terminal_bar(total=total, desc=f"Fetching {repo_id}@{commit_sha[:12]}", unit="file")
+    count = 0
+
+    def one(remote: RemoteFile) -> tuple[RemoteFile, ManifestEntry]:
+        try:
+            entry, staged = download_verified(
+                remote,
+                repo_id=repo_id,
+                commit_sha=commit_sha,
+                staging_dir=staging_dir,
+                endpoint=endpoint,
+                token=token,
+            )
+        except Phi3OpsError:
+            raise  # already says what failed and how to fix it (integrity, timeout)
+        except Exception as exc:
+            raise_translated(exc, repo_id=repo_id, revision=commit_sha, token=token)
+        refuse_unsafe({remote.path: staged}, where=where)  # a config's settings, now readable
+        final = snapshot_dir / remote.path
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, final)
+        return remote, entry
+
+    def landed(result: tuple[RemoteFile, ManifestEntry]) -> None:
+        nonlocal count
+        count += 1
+        bar.update(1)
+        logger.info(
+            "Fetched %s (%d bytes): file %d of %d", result[0].path, result[1].size, count, total
+        )
+
+    done: list[tuple[RemoteFile, ManifestEntry]] = []
     try:
-        for remote in configs_first:
-            try:
-                entry, staged = download_verified(
-                    remote,
-                    repo_id=repo_id,
-                    commit_sha=commit_sha,
-                    staging_dir=staging_dir,
-                    endpoint=endpoint,
-                    token=token,
-                )
-            except Phi3OpsError:
-                raise  # already says what failed and how to fix it (integrity, timeout)
-            except Exception as exc:
-                raise_translated(exc, repo_id=repo_id, revision=commit_sha, token=token)
-            refuse_unsafe({remote.path: staged}, where=where)  # a config's settings, now readable
-            final = snapshot_dir / remote.path
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, final)
-            done.append((remote, entry))
+        for remote in configs:
+            done.append(one(remote))
+            landed(done[-1])
+        workers = get_settings().hub_max_workers
+        done.extend(_in_parallel(one, others, workers=workers, on_result=landed))
     finally:
+        bar.close()
         shutil.rmtree(staging_dir, ignore_errors=True)
     return done
+
+
+def _in_parallel(
+    fn: Callable[[_T], _R],
+    items: Sequence[_T],
+    *,
+    workers: int,
+    on_result: Callable[[_R], None],
+) -> list[_R]:
+    """``[fn(item) for item in items]`` on up to ``workers`` threads, results in item order.
+
+    Each call runs in a copy of the caller's context (so its log lines reach the Prefect run).
+    ``on_result`` sees each result in the calling thread, as it comes. On the first failure the
+    calls not started are cancelled, the running ones are waited for (their results still go to
+    ``on_result``), and that failure is raised.
+    """
+    if workers <= 1 or len(items) <= 1:
+        results = []
+        for item in items:
+            results.append(fn(item))
+            on_result(results[-1])
+        return results
+    collected: dict[int, _R] = {}
+    failure: BaseException | None = None
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="fetch")
+    try:
+        futures = {
+            pool.submit(contextvars.copy_context().run, fn, item): index
+            for index, item in enumerate(items)
+        }
+        for future in as_completed(futures):
+            if future.cancelled():
+                continue
+            error = future.exception()
+            if error is not None:
+                if failure is None:
+                    failure = error
+                    for pending in futures:
+                        pending.cancel()
+                continue
+            collected[futures[future]] = future.result()
+            on_result(collected[futures[future]])  # kept even after a failure: it was verified
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if failure is not None:
+        raise failure
+    return [collected[index] for index in range(len(items))]
 
 
 def _remove_unlisted(snapshot_dir: Path, listed: set[str]) -> None:

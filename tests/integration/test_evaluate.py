@@ -503,6 +503,25 @@ def test_cli_prints_the_reused_summary(store, registry) -> None:
 
 
 @pytest.mark.slow
+def test_the_run_logs_its_eval_set_and_the_version_describes_it(store, registry) -> None:
+    """Native MLflow fields: the eval set is the run's dataset input, and the version's
+    description (the registry page) names its newest evaluation.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tasks.evaluation.score import DATASET_DIGEST_LENGTH
+
+    inputs = mlflow.get_run(store.onnx.run_id).inputs.dataset_inputs
+    ours = [i for i in inputs if i.dataset.name == "smoke"]
+    assert len(ours) == 1, [(i.dataset.name, i.dataset.digest) for i in inputs]
+    assert ours[0].dataset.digest == store.smoke.content_hash[:DATASET_DIGEST_LENGTH]
+    assert ("mlflow.data.context", "evaluation") in [(t.key, t.value) for t in ours[0].tags]
+    description = MlflowClient().get_model_version(MODEL_NAME, "1").description
+    assert f"run `{store.onnx.run_id}`" in description and "flavor: onnx" in description
+
+
+@pytest.mark.slow
 def test_an_evaluation_a_crash_left_running_is_ended_as_failed(store, registry) -> None:
     """Last in the module: it evaluates version 1 again, replacing its evaluation."""
     import socket
