@@ -172,13 +172,12 @@ def stop_job(*, model_name: str | None) -> str:
     """Clear the plan; says so when there was none."""
     from phi3ops.names import CHAMPION_ALIAS
     from phi3ops.registry import alias_version
-    from phi3ops.traffic import clear_plan, read_plan
+    from tasks.canary import stop_plan
 
     name = _model(model_name)
-    plan = read_plan(name)
+    plan = stop_plan(name)
     if plan is None:
         return f"No canary on {name}: nothing to stop."
-    clear_plan(name)
     champion = alias_version(name, CHAMPION_ALIAS)
     return (
         f"Stopped the {plan.mode.value} on {name} started {_iso(plan.since)}: @{CHAMPION_ALIAS} "

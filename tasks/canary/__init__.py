@@ -70,7 +70,7 @@ from tasks.canary.record import (
     verdict_markdown,
     verdict_metrics,
 )
-from tasks.canary.start import start_plan, start_plan_task
+from tasks.canary.start import start_plan, start_plan_task, stop_plan
 
 __all__ = [
     "OUTCOME_OF",
@@ -98,6 +98,7 @@ __all__ = [
     "record_verdict_task",
     "start_plan",
     "start_plan_task",
+    "stop_plan",
     "suite_checks",
     "verdict_markdown",
     "verdict_metrics",

@@ -19,7 +19,7 @@ from phi3ops import registry
 from phi3ops.names import CANDIDATE_ALIAS, CHAMPION_ALIAS
 from phi3ops.policies import CanaryPolicy, MonitorThresholds
 from phi3ops.serving.records import InferenceRecord
-from phi3ops.traffic import Arm, TrafficPlan, clear_plan, read_plan
+from phi3ops.traffic import Arm, TrafficPlan, read_plan
 from tasks.canary.compare import (
     OUTCOME_OF,
     ArmSample,
@@ -31,6 +31,7 @@ from tasks.canary.compare import (
     decide,
     needed_samples,
 )
+from tasks.canary.start import stop_plan
 from tasks.live_records import load_records
 from tasks.monitoring import Check, build_expectations, records_frame, validate
 
@@ -205,11 +206,7 @@ def end_plan(report: CanaryReport) -> bool:
     """Clear the traffic plan judged (``@champion`` answers everything again); a plan started
     since (another id) is left alone. Whether the judged plan was cleared.
     """
-    current = read_plan(report.model_name, registry=registry.client())
-    if current is None or current.id != report.plan_id:
-        return False
-    clear_plan(report.model_name)
-    return True
+    return stop_plan(report.model_name, plan_id=report.plan_id) is not None
 
 
 def _judged(sample: ArmSample | None) -> int:

@@ -1,5 +1,9 @@
-"""Starting live traffic for ``@candidate``: the one check and write behind
-``phi3ops canary start`` and the promotion flow's canary mode.
+"""Starting and stopping live traffic for ``@candidate``: the one check and write behind
+``phi3ops canary start`` / ``stop`` and the promotion flow's canary mode.
+
+A plan is read and written under the model's alias lock (`tasks.alias_lock`), like every alias
+move: the check that ``@candidate`` differs from ``@champion`` and the plan written stay true
+together, and a verdict ending one plan never clears another started meanwhile.
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ from prefect import task
 from phi3ops.errors import InvalidInputError
 from phi3ops.names import CANDIDATE_ALIAS, CHAMPION_ALIAS
 from phi3ops.registry import alias_version
-from phi3ops.traffic import TrafficMode, TrafficPlan, read_plan, write_plan
+from phi3ops.traffic import TrafficMode, TrafficPlan, clear_plan, read_plan, write_plan
+from tasks.alias_lock import promotion_lock
 
 
 def start_plan(
@@ -35,6 +40,13 @@ def start_plan(
         InvalidInputError: No champion, no candidate other than the champion, a ``version``
             that is not the candidate, or a mode / share that does not fit.
     """
+    with promotion_lock(model_name):
+        return _start_plan(model_name, mode=mode, share=share, version=version)
+
+
+def _start_plan(
+    model_name: str, *, mode: TrafficMode | str, share: float | None, version: str | None
+) -> tuple[TrafficPlan, TrafficPlan | None, str]:
     champion = alias_version(model_name, CHAMPION_ALIAS)
     candidate = alias_version(model_name, CANDIDATE_ALIAS)
     if champion is None:
@@ -56,6 +68,25 @@ def start_plan(
     before = read_plan(model_name)
     write_plan(model_name, plan)
     return plan, before, champion
+
+
+def stop_plan(model_name: str, *, plan_id: str | None = None) -> TrafficPlan | None:
+    """Ends the model's traffic plan (``@champion`` answers everything again).
+
+    Args:
+        model_name: The registered model.
+        plan_id: End the plan only if it is still this one (a verdict ends the plan it
+            judged, never one started since); None: whatever plan there is.
+
+    Returns:
+        The plan ended, or None when there was none (or another one).
+    """
+    with promotion_lock(model_name):
+        current = read_plan(model_name)
+        if current is None or (plan_id is not None and current.id != plan_id):
+            return None
+        clear_plan(model_name)
+        return current
 
 
 @task(name="start-live-traffic")

@@ -214,3 +214,24 @@ def test_gates_that_reject_a_no_worse_candidate_abort_it(canary) -> None:
     assert "promotion gates rejected it" in report.reasons[0]
     assert read_plan(NAME) is None and alias_version(NAME, CHAMPION_ALIAS) == "1"
     assert [e[0] for e in canary["events"]] == ["phi3ops.model.rejected", "phi3ops.canary.aborted"]
+
+
+def test_promotion_in_canary_mode_starts_live_traffic_instead_of_moving_aliases(canary) -> None:
+    """promote_flow(live_traffic=...): a version that passes every gate goes to live traffic
+    (the plan, under the alias lock), the aliases stay; the verdict promotes it later.
+    """
+    from flows.promote import promote_flow
+    from tasks.canary import stop_plan
+
+    assert stop_plan(NAME, plan_id="another plan") is None  # a verdict never ends another's
+    assert stop_plan(NAME) == canary["plan"]
+    decision = promote_flow(
+        model_name=NAME, candidate="2", live_traffic="shadow", evaluate_champion=False
+    )
+    assert decision.promote and decision.live_traffic == "shadow"
+    plan = read_plan(NAME)
+    assert plan is not None and plan.mode.value == "shadow" and plan.candidate_version == "2"
+    assert alias_version(NAME, CHAMPION_ALIAS) == "1"  # nothing moved yet
+    assert [e for e, _, _ in canary["events"]] == []  # no promotion event either
+    with pytest.raises(ValueError, match="not @candidate"):
+        promote_flow(model_name=NAME, candidate="1", live_traffic="canary")
