@@ -142,10 +142,12 @@ def status_job(*, model_name: str | None) -> str:
     champion = alias_version(name, CHAMPION_ALIAS)
     candidate = alias_version(name, CANDIDATE_ALIAS)
     if plan is None:
-        lines = [
-            f"No canary on {name}: @{CHAMPION_ALIAS} (v{champion or '-'}) answers every "
-            "request. Start one with `phi3ops canary start`."
-        ]
+        serving = (
+            f"@{CHAMPION_ALIAS} (v{champion}) answers every request"
+            if champion
+            else f"it has no @{CHAMPION_ALIAS} yet"
+        )
+        lines = [f"No canary on {name}: {serving}. Start one with `phi3ops canary start`."]
     else:
         share = f", share {plan.share:.0%}" if plan.mode is TrafficMode.CANARY else ""
         lines = [

@@ -40,6 +40,7 @@ def start_plan(
         InvalidInputError: No champion, no candidate other than the champion, a ``version``
             that is not the candidate, or a mode / share that does not fit.
     """
+    TrafficPlan.start(mode, share=share)  # a mode or share that cannot work fails first
     with promotion_lock(model_name):
         return _start_plan(model_name, mode=mode, share=share, version=version)
 
