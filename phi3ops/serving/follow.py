@@ -70,7 +70,8 @@ class LoadedModel:
             pyfunc cannot).
         users: Requests answering with it now (kept by `ModelSwitcher`).
         retired: No new request gets it; it is released when ``users`` reaches 0.
-        released: Its folder is removed and nothing answers with it any more.
+        released: Nothing answers with it any more; its folder is being removed.
+        removal: The thread removing its folder (join it to wait for the folder to go).
     """
 
     app: Any
@@ -81,6 +82,7 @@ class LoadedModel:
     recorder: InferenceRecorder | None = None
     folder: Path | None = None
     streams: bool = True
+    removal: threading.Thread | None = field(default=None, init=False)
     users: int = field(default=0, init=False)
     retired: bool = field(default=False, init=False)
     released: bool = field(default=False, init=False)
@@ -225,12 +227,22 @@ class ModelSwitcher:
 
 
 def _free(loaded: LoadedModel) -> None:
-    """Releases a retired model nobody uses: its own download folder goes."""
+    """Releases a retired model nobody uses: its own download folder goes, in a thread of its
+    own, since the last request to let go of it may be on the server's event loop and a real
+    model's folder takes a while to delete (`LoadedModel.removal`).
+    """
     if loaded.released:
         return
     loaded.released = True
     if loaded.folder is not None:
-        shutil.rmtree(loaded.folder, ignore_errors=True)
+        loaded.removal = threading.Thread(
+            target=shutil.rmtree,
+            args=(loaded.folder,),
+            kwargs={"ignore_errors": True},
+            name="phi3ops-release",
+            daemon=True,
+        )
+        loaded.removal.start()
     _log.info("Released version %s: its last request has finished.", loaded.version)
 
 
