@@ -65,6 +65,7 @@ __all__ = [
     "on_canary_promoted",
     "on_monitoring_failed",
     "on_regression",
+    "server_client",
 ]
 
 # Deployments the automations run, as `prefect deployment run` names them (<flow>/<deployment>).
@@ -334,7 +335,7 @@ def apply_automations(
         rollback_on_failure = settings.monitor_rollback_on_failure
     block_name = notification_block or settings.notification_block
 
-    with _client() as client:
+    with server_client() as client:
         monitor_id = _deployment_id(client, MONITOR_DEPLOYMENT)
         rollback_id = _deployment_id(client, ROLLBACK_DEPLOYMENT) if rollback_on_failure else None
         block_id = _notification_block_id(client, block_name)
@@ -360,7 +361,7 @@ def create_webhook_block(url: str, *, name: str | None = None) -> UUID:
         url=url,
         json_data={"subject": "{{subject}}", "body": "{{body}}", "source": "{{name}}"},
     )
-    with _client():  # the same clear error when no server is configured or reachable
+    with server_client():  # the same clear error when no server is configured or reachable
         return block.save(name or get_settings().notification_block, overwrite=True)
 
 
@@ -368,7 +369,7 @@ def create_webhook_block(url: str, *, name: str | None = None) -> UUID:
 
 
 @contextmanager
-def _client() -> Iterator[SyncPrefectClient]:
+def server_client() -> Iterator[SyncPrefectClient]:
     """A client of the configured Prefect server; never Prefect's temporary one, which would
     forget the automations as soon as this process ends.
     """

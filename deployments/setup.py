@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from deployments.automations import _client as server_client
+from deployments.automations import server_client
 from phi3ops.errors import InvalidInputError, OrchestrationError
 from phi3ops.names import alias_limit_name
 

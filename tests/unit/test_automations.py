@@ -226,7 +226,7 @@ def fake_api(monkeypatch):
     def fake():
         yield client
 
-    monkeypatch.setattr(automations, "_client", fake)
+    monkeypatch.setattr(automations, "server_client", fake)
     return client
 
 
