@@ -44,6 +44,7 @@ from phi3ops.serving.exchange import (
     send_event,
     send_json,
     start_events,
+    stream_refusal,
     watch_client,
 )
 from phi3ops.serving.follow import (
@@ -357,26 +358,15 @@ class ServingMiddleware:
         return None
 
     async def _stream(self, model: Any, request: ParsedRequest, exchange: Exchange) -> None:
-        from mlflow.exceptions import MlflowException
-
         chat = request.without_stream()
         send = exchange.send
         # A client that leaves sets ``gone``: the producer stops at the next token.
         chunks = iterate_in_thread(lambda: model.predict_stream(chat), exchange.gone)
         # The first chunk before any header: the request is validated when iteration starts.
         kind, value = await next_chunk(chunks, exchange, self.timeout_s)
-        if kind == "timeout":
-            message = f"{exchange.timeout_reason()}; try again"
-            await send_json(send, 504, {"error_code": "DEADLINE_EXCEEDED", "message": message})
-            return
-        if kind == "error":
-            if not isinstance(value, MlflowException):
-                raise value
-            status, code, message = value.get_http_status_code(), value.error_code, value.message
-            if "predict_stream" in message:
-                status, code = 400, "BAD_REQUEST"
-                exchange.reason = "this model cannot stream; send the request without stream."
-                message = f"This model cannot stream ({message}); send the request without stream."
+        refusal = stream_refusal(kind, value, exchange)
+        if refusal is not None:
+            status, code, message = refusal
             await send_json(send, status, {"error_code": code, "message": message})
             return
         await start_events(send)

@@ -218,6 +218,28 @@ async def next_chunk(chunks: queue.Queue, exchange: Exchange, deadline: float | 
         return "timeout", None
 
 
+def stream_refusal(kind: str, value: Any, exchange: Exchange) -> tuple[int, str, str] | None:
+    """Why a stream is answered with an error instead of events, from its first `next_chunk`:
+    (status, error code, message) for a timeout or a model error, None for a chunk (or the end).
+    A model that cannot stream (MLflow's transformers pyfunc) is the caller's 400.
+
+    Raises:
+        Exception: ``value``, when it is an error that is not MLflow's (the app answers 500).
+    """
+    if kind == "timeout":
+        return TIMEOUT_STATUS, "DEADLINE_EXCEEDED", f"{exchange.timeout_reason()}; try again"
+    if kind != "error":
+        return None
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(value, MlflowException):
+        raise value
+    if "predict_stream" in value.message:
+        exchange.reason = "this model cannot stream; send the request without stream"
+        return 400, "BAD_REQUEST", exchange.reason
+    return value.get_http_status_code(), value.error_code, value.message
+
+
 async def send_json(
     send: Send, status: int, body: Any, *, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:

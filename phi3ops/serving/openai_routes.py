@@ -31,6 +31,7 @@ from phi3ops.serving.exchange import (
     send_event,
     send_json,
     start_events,
+    stream_refusal,
 )
 from phi3ops.serving.request import ASGIApp, Message, ParsedRequest, Receive, Scope
 from phi3ops.serving.validate import quiet_reason
@@ -312,23 +313,13 @@ class ChatCompletions:
 
     async def _stream(self, row: dict[str, Any], include_usage: bool, exchange: Exchange) -> None:
         """Answers from ``predict_stream`` as ``chat.completion.chunk`` events."""
-        from mlflow.exceptions import MlflowException
-
         chunks = iterate_in_thread(lambda: self.model.predict_stream(row), exchange.gone)
         kind, value = await next_chunk(chunks, exchange, self.timeout_s)
-        if kind == "timeout":
-            message = f"{exchange.timeout_reason()}; try again"
-            await self.refuse(exchange, TIMEOUT_STATUS, "DEADLINE_EXCEEDED", message)
-            return
-        if kind == "error":
-            if not isinstance(value, MlflowException):
-                raise value
-            status, code, message = value.get_http_status_code(), value.error_code, value.message
-            if "predict_stream" in message:
-                status, code = 400, "BAD_REQUEST"
-                message = "this model cannot stream; send the request without stream"
-                exchange.reason = message
-            await self.refuse(exchange, status, code, message, ours=False)
+        refusal = stream_refusal(kind, value, exchange)
+        if refusal is not None:
+            status, code, message = refusal
+            # A timeout is the server's own words; a model's may quote the request.
+            await self.refuse(exchange, status, code, message, ours=kind == "timeout")
             return
         await start_events(exchange.send)
         while kind == "chunk":
