@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint run demo bench clean
+.PHONY: install test lint run demo bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# docs/settings.md, rendered from the Settings model (tests/unit/test_settings_reference.py).
+docs: $(STAMP)
+	$(BIN)/python -m phi3ops.settings > docs/settings.md.tmp && mv docs/settings.md.tmp docs/settings.md
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache

@@ -6,11 +6,16 @@ writes into them.
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from phi3ops.policies import CanaryPolicy, GatePolicy, MonitorThresholds
@@ -43,7 +48,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(
         default=Path(".data"),
-        description="Root for snapshots, the embedded MLflow store and build caches.",
+        description=(
+            "Root for hub snapshots, the embedded MLflow store (`mlflow.db`, `mlartifacts/`), "
+            "build caches and `phi3ops serve`'s downloads and record spool; a relative path is "
+            "taken from the working directory (give workers an absolute one)."
+        ),
     )
     hf_endpoint: str | None = Field(
         default=None,
@@ -95,8 +104,8 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(
         default=None,
         description=(
-            "MLflow tracking (and registry) URI; else MLFLOW_TRACKING_URI; else a SQLite store "
-            "under the data dir."
+            "MLflow tracking (and registry) URI; else MLFLOW_TRACKING_URI; else the SQLite store "
+            "`sqlite:///<data dir>/mlflow.db`."
         ),
     )
     tracking_timeout_s: float = Field(
@@ -264,3 +273,207 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings; tests clear the cache with ``get_settings.cache_clear()``."""
     return Settings()
+
+
+# --- the settings reference (docs/settings.md) ------------------------------------------------
+
+#: The nested field sets of `Settings`: where each reads its fields from (its env prefix), and
+#: how a run overrides them without touching the environment.
+_FIELD_SETS: dict[str, tuple[type[BaseSettings], str]] = {
+    "gates": (_GateEnv, "`--gate name=value`, or a flow's `gates` parameter"),
+    "monitor": (_MonitorEnv, "`--threshold name=value`, or a flow's `thresholds` parameter"),
+    "canary": (
+        _CanaryEnv,
+        "`phi3ops canary verdict --threshold name=value`, or the canary flow's `thresholds`",
+    ),
+}
+
+#: ``PHI3OPS_*`` variables read outside `Settings`: (variable, where it is read, what it does).
+#: `tests/unit/test_settings_reference.py` checks that each is still read where it says.
+OTHER_VARIABLES: tuple[tuple[str, str, str], ...] = (
+    (
+        "PHI3OPS_VERBOSE",
+        "cli/app.py",
+        "The CLI's global `--verbose`: on failure, print the traceback too, not only the "
+        "one-line error and its exit code. The Prefect run logs keep the traceback either way.",
+    ),
+    (
+        "PHI3OPS_BENCH_CACHE",
+        "bench/__main__.py",
+        "Folder where `make bench` keeps the models it builds between runs (default: "
+        "`.data/bench-cache` in the repository).",
+    ),
+)
+
+#: Other tools' variables that phi3ops reads or sets a default for: (variable, what it does here).
+FOREIGN_VARIABLES: tuple[tuple[str, str], ...] = (
+    (
+        "HF_TOKEN",
+        "Hugging Face token for gated repositories; else `PHI3OPS_HF_TOKEN_SECRET_BLOCK`.",
+    ),
+    ("HF_ENDPOINT", "Hub URL when `PHI3OPS_HF_ENDPOINT` is not set."),
+    (
+        "HF_HUB_OFFLINE",
+        "`1`: fetches use a cached snapshot that re-hashes to its manifest, and fail without one.",
+    ),
+    ("HF_HUB_DISABLE_PROGRESS_BARS", "`1` silences huggingface_hub's own download bars."),
+    (
+        "MLFLOW_TRACKING_URI",
+        "Tracking and registry store when `PHI3OPS_MLFLOW_TRACKING_URI` is not set.",
+    ),
+    (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "When set, wins over `PHI3OPS_TRACKING_MAX_RETRIES`.",
+    ),
+    (
+        "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT",
+        "Default of `phi3ops serve --timeout` and of the ONNX model's `request_timeout_s` "
+        "(MLflow's default: 60 s).",
+    ),
+    (
+        "MLFLOW_GENAI_EVAL_MAX_WORKERS",
+        "Threads of `mlflow.genai.evaluate`; evaluation uses a small number unless it is set.",
+    ),
+    (
+        "PREFECT_API_URL",
+        "The Prefect server; unset, each command starts Prefect's temporary local server. "
+        "Set, `PHI3OPS_ALIAS_LOCK=auto` means `prefect`.",
+    ),
+    (
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+        "The CLI defaults it to 120 (the temporary server takes 13-18 s to start on 2 cores).",
+    ),
+)
+
+
+def _cell(text: str) -> str:
+    """``text`` (a description or docstring) fit for one markdown line or table cell."""
+    return " ".join(text.split()).replace("``", "`").replace("|", "\\|")
+
+
+def _type_name(annotation: Any) -> str:
+    """A reader's name for a field's type (``integer``, ``path``, ``auto | file``...)."""
+    if get_origin(annotation) is Literal:
+        return " \\| ".join(f"`{value}`" for value in get_args(annotation))
+    if get_origin(annotation) in (Union, UnionType):
+        kept = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return " or ".join(_type_name(arg) for arg in kept)
+    if get_origin(annotation) is Annotated:
+        return _type_name(get_args(annotation)[0])
+    if get_origin(annotation) is dict:
+        key, value = get_args(annotation)
+        return f"JSON object ({_type_name(key)} → {_type_name(value)})"
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", Path: "path"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _bounds(info: FieldInfo) -> str:
+    """The field's bounds (``≥ 1, ≤ 64``), from its metadata."""
+    words = []
+    for item in info.metadata:
+        for attribute, symbol in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
+            value = getattr(item, attribute, None)
+            if value is not None:
+                words.append(
+                    f"{symbol} {value:,}" if isinstance(value, int) else f"{symbol} {value:g}"
+                )
+        if getattr(item, "min_length", None):
+            words.append("not empty")
+    return ", ".join(words)
+
+
+def _default(name: str, info: FieldInfo) -> str:
+    """The field's default as a reader writes it (``unset`` for None)."""
+    value = info.get_default(call_default_factory=True)
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        shown = str(value).lower()
+    elif isinstance(value, float):
+        shown = f"{value:g}"
+    elif isinstance(value, dict):
+        shown = json.dumps(value)
+    else:
+        shown = str(value)
+    size = ""
+    if name.endswith("_bytes") and isinstance(value, int) and value and value % 1024**2 == 0:
+        size = f" ({value // 1024**2} MiB)"
+    return f"`{shown}`{size}"
+
+
+def _table(model: type[BaseModel], prefix: str, skip: Iterable[str] = ()) -> list[str]:
+    """One markdown row per field of ``model``, each named by its variable."""
+    rows = ["| variable | type | default | what it does |", "|---|---|---|---|"]
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        kind = _type_name(info.annotation)
+        bounds = _bounds(info)
+        kind = f"{kind}, {bounds}" if bounds else kind
+        rows.append(
+            f"| `{prefix}{name.upper()}` | {kind} | {_default(name, info)} "
+            f"| {_cell(info.description or '')} |"
+        )
+    return rows
+
+
+def settings_reference() -> str:
+    """The settings reference (``docs/settings.md``) as markdown, from the field definitions.
+
+    It reads only the models' fields (never the environment or a ``.env``), so it is the same
+    on every machine. Regenerate the file with ``make docs``.
+    """
+    prefix = Settings.model_config.get("env_prefix", "")
+    lines = [
+        "# Settings reference",
+        "",
+        "<!-- Generated from phi3ops/settings.py by `make docs` "
+        "(python -m phi3ops.settings > docs/settings.md). Do not edit by hand: "
+        "tests/unit/test_settings_reference.py fails when this file differs. -->",
+        "",
+        f"Every setting is an environment variable, `{prefix}` and the field name in capitals, "
+        "or a line of a `.env` file in the working directory (the environment wins). A boolean "
+        "takes `true`/`false` or `1`/`0`; a JSON object is written as JSON "
+        "(`PHI3OPS_GATE_MIN_TAG_PASS_RATE='{\"safety\": 0.9}'`). Each process reads them once; "
+        "a Prefect worker's flow runs read the worker's environment (or the work pool's "
+        "`--env`, see [operations](operations.md)). The one place they are declared is "
+        "`Settings` in `phi3ops/settings.py` (the field sets in `phi3ops/policies.py`).",
+        "",
+        "## Project settings",
+        "",
+        *_table(Settings, prefix, skip=_FIELD_SETS),
+    ]
+    for field_name, (env, overrides) in _FIELD_SETS.items():
+        info = Settings.model_fields[field_name]
+        field_set = info.annotation
+        assert isinstance(field_set, type) and issubclass(field_set, BaseModel)
+        env_prefix = env.model_config.get("env_prefix", "")
+        lines += [
+            "",
+            f"## {(info.description or field_name).split(' (')[0]}: `{env_prefix}*`",
+            "",
+            _cell(field_set.__doc__ or ""),
+            "",
+            f"A run may override any of them: {overrides}.",
+            "",
+            *_table(field_set, env_prefix),
+        ]
+    lines += [
+        "",
+        "## Read outside `Settings`",
+        "",
+        "| variable | read in | what it does |",
+        "|---|---|---|",
+        *(f"| `{name}` | `{where}` | {_cell(what)} |" for name, where, what in OTHER_VARIABLES),
+        "",
+        "## Other tools' variables that phi3ops reads",
+        "",
+        "| variable | what it does here |",
+        "|---|---|",
+        *(f"| `{name}` | {_cell(what)} |" for name, what in FOREIGN_VARIABLES),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(settings_reference())
