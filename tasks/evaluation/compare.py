@@ -1,5 +1,9 @@
 """Comparing evaluations: a candidate with the champion on the same eval set (markdown, published
 as a Prefect artifact and in the run), and two flavors of one source (the parity report).
+
+The comparison leads with what decides a promotion: one row per promotion gate (value, the
+champion's, threshold, pass/FAIL), with the gates in settings; every other metric (per tag, per
+scorer, the other speed figures) follows in a table of its own.
 """
 
 from __future__ import annotations
@@ -13,9 +17,17 @@ from pydantic import BaseModel
 
 from phi3ops import registry
 from phi3ops.errors import InvalidInputError
-from phi3ops.names import CHAMPION_ALIAS, COMPARISON_ARTIFACT, evaluation_artifact_key
+from phi3ops.names import (
+    CHAMPION_ALIAS,
+    COMPARISON_ARTIFACT,
+    TAG_PASS_RATE_PREFIX,
+    evaluation_artifact_key,
+)
+from phi3ops.policies import GatePolicy
+from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking, run_url, version_url
 from tasks.evaluation.values import HASH_PREFIX_LENGTH, ChampionLookup, EvalSummary
+from tasks.gates import GateResult, evaluate_gates
 
 
 class ComparisonRow(BaseModel):
@@ -82,14 +94,26 @@ def _row(metric: str, candidate: float | None, baseline: float | None) -> Compar
     )
 
 
-def comparison_markdown(candidate: EvalSummary, champion: ChampionLookup) -> str:
-    """The candidate's evaluation against the champion's, as markdown (a pure function).
+def comparison_markdown(
+    candidate: EvalSummary, champion: ChampionLookup, *, policy: GatePolicy | None = None
+) -> str:
+    """The candidate's evaluation against the champion's, as markdown (a pure function of its
+    arguments and, without ``policy``, the gates in settings).
 
-    Side by side per metric and per tag with deltas when the champion has an evaluation on the
-    same eval set (same content hash); otherwise the candidate's own results and why there is no
+    First the promotion gates, one row each (the candidate's value, the champion's, the
+    threshold, pass/FAIL): the absolute ones, and "not worse than the champion by more than a
+    margin" when the champion has an evaluation on the same eval set (same content hash); the
+    per-tag margin gates are counted in one line, and listed only when they fail. Then every
+    other metric side by side with deltas, or the candidate's own results and why there is no
     comparison.
+
+    Args:
+        candidate: The evaluation shown.
+        champion: The evaluation it is compared with, or why there is none.
+        policy: The gates; default: those in settings (``PHI3OPS_GATE_*``).
     """
     head = _heading(candidate)
+    policy = policy if policy is not None else get_settings().gates
     baseline = champion.summary
     if baseline is not None and baseline.eval_set_hash != candidate.eval_set_hash:
         reason = (
@@ -101,38 +125,155 @@ def comparison_markdown(candidate: EvalSummary, champion: ChampionLookup) -> str
         baseline = None
     else:
         reason = champion.reason or "no champion evaluation was given."
+    gates = gate_results(candidate, baseline, policy=policy)
     if baseline is None:
-        own = [_row(r.metric, r.candidate, None) for r in comparison_rows(candidate, candidate)]
+        own = {r.metric: r for r in comparison_rows(candidate, candidate)}
+        gated = _gated_metrics(gates)
         lines = [
             head,
+            "",
+            *_gates_heading(gates, against=None, drop=policy.max_pass_rate_drop),
+            "",
+            "| gate | value | threshold | result |",
+            "|---|---:|---:|---|",
+            *(
+                f"| {g.gate} | {_fmt(g.candidate)} | {_threshold(g)} | {_result(g)} |"
+                for g in _shown_gates(gates)
+            ),
             "",
             "## No comparable champion evaluation",
             "",
             reason,
             "",
-            f"## Results of version {candidate.version}",
+            f"## Other results of version {candidate.version}",
             "",
             "| metric | value |",
             "|---|---:|",
-            *(f"| {r.metric} | {_fmt(r.candidate)} |" for r in own),
+            *(
+                f"| {r.metric} | {_fmt(r.candidate)} |"
+                for name, r in own.items()
+                if name not in gated
+            ),
         ]
         return "\n".join([*lines, *_notes(candidate)]) + "\n"
     cand_col = f"candidate v{candidate.version} ({candidate.flavor})"
     base_col = f"@{champion.alias} v{baseline.version} ({baseline.flavor})"
+    rows = {r.metric: r for r in comparison_rows(candidate, baseline)}
+    gated = _gated_metrics(gates)
     lines = [
         head,
         "",
-        f"## Against @{champion.alias} (version {baseline.version}, run `{baseline.run_id}`)",
+        *_gates_heading(
+            gates,
+            against=f"@{champion.alias} v{baseline.version}",
+            drop=policy.max_pass_rate_drop,
+        ),
         "",
-        f"| metric | {cand_col} | {base_col} | delta | |",
+        f"| gate | {cand_col} | {base_col} | delta | threshold | result |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for g in _shown_gates(gates):
+        row = rows.get(_metric_of(g))
+        lines.append(
+            f"| {g.gate} | {_fmt(g.candidate)} | "
+            f"{_fmt(row.baseline if row else g.champion)} | "
+            f"{_fmt(row.delta if row else None, signed=True)} | {_threshold(g)} | {_result(g)} |"
+        )
+    lines += [
+        "",
+        f"## Every other metric, against @{champion.alias} (version {baseline.version}, "
+        f"run `{baseline.run_id}`)",
+        "",
+        f"| metric | {cand_col} | {base_col} | delta | change |",
         "|---|---:|---:|---:|---|",
     ]
-    for row in comparison_rows(candidate, baseline):
+    for row in rows.values():
+        if row.metric in gated:
+            continue
         lines.append(
             f"| {row.metric} | {_fmt(row.candidate)} | {_fmt(row.baseline)} | "
             f"{_fmt(row.delta, signed=True)} | {row.change} ({row.better} is better) |"
         )
     return "\n".join([*lines, *_notes(candidate)]) + "\n"
+
+
+def gate_results(
+    candidate: EvalSummary, baseline: EvalSummary | None, *, policy: GatePolicy
+) -> list[GateResult]:
+    """The promotion gates on ``candidate``: the absolute ones, and the margins against
+    ``baseline`` when it is another version's evaluation on the same eval set.
+    """
+    compared = baseline is not None and baseline.version != candidate.version
+    decision = evaluate_gates(
+        candidate.model_name,
+        candidate.version,
+        candidate,
+        baseline if compared else None,
+        champion_version=baseline.version if compared and baseline else None,
+        policy=policy,
+    )
+    return decision.gates
+
+
+_VERSUS = " vs "
+
+
+def _metric_of(gate: GateResult) -> str:
+    """The metric a gate reads: ``latency_p95_s vs champion`` reads ``latency_p95_s``."""
+    return gate.gate.split(_VERSUS, 1)[0]
+
+
+def _is_tag_margin(gate: GateResult) -> bool:
+    """A per-tag margin gate against the champion (one per tag both evaluations have)."""
+    return gate.gate.startswith(TAG_PASS_RATE_PREFIX) and _VERSUS in gate.gate
+
+
+def _shown_gates(gates: list[GateResult]) -> list[GateResult]:
+    """Every gate but the per-tag margins that pass, grouped by metric, absolute ones first."""
+    shown = [g for g in gates if not _is_tag_margin(g) or not g.passed]
+    order = {m: i for i, m in enumerate(dict.fromkeys(_metric_of(g) for g in shown))}
+    return sorted(shown, key=lambda g: (order[_metric_of(g)], _VERSUS in g.gate))
+
+
+def _gated_metrics(gates: list[GateResult]) -> set[str]:
+    """The metrics the gates table shows in full (left out of the other table); a tag whose
+    margin alone failed stays in the other table too, beside the other tags.
+    """
+    return {_metric_of(g) for g in _shown_gates(gates) if not _is_tag_margin(g)}
+
+
+def _gates_heading(gates: list[GateResult], *, against: str | None, drop: float) -> list[str]:
+    passed = sum(g.passed for g in gates)
+    lines = [
+        f"## Promotion gates: {passed} of {len(gates)} pass",
+        "",
+        "With the gates in settings (`PHI3OPS_GATE_*`); a promotion may override them, and its "
+        "decision lists the gates it applied."
+        + ("" if against else " No margin against the champion is checked here (see below)."),
+    ]
+    margins = [g for g in gates if _is_tag_margin(g)]
+    if margins:
+        ok = sum(g.passed for g in margins)
+        lines += [
+            "",
+            f"Pass rate of each tag against {against}: {ok} of {len(margins)} tags at most "
+            f"{drop:g} below it"
+            + ("." if ok == len(margins) else "; the others are in the table below."),
+        ]
+    return lines
+
+
+def _threshold(gate: GateResult) -> str:
+    if gate.threshold is None:
+        return "—"
+    at_most = _metric_of(gate).startswith(_LOWER_IS_BETTER)
+    return f"{'≤' if at_most else '≥'} {_fmt(gate.threshold)}"
+
+
+def _result(gate: GateResult) -> str:
+    if gate.candidate is None:
+        return "FAIL (not measured)"
+    return "pass" if gate.passed else "FAIL"
 
 
 def _heading(summary: EvalSummary) -> str:
@@ -258,7 +399,9 @@ def mlflow_links(summary: EvalSummary) -> str:
 
 @task(name="publish-comparison", cache_policy=NO_CACHE)
 def publish_comparison_task(summary: EvalSummary, champion: ChampionLookup) -> str:
-    """`comparison_markdown` published by `publish_comparison`; returns the markdown."""
+    """`comparison_markdown` (with the gates in settings) published by `publish_comparison`;
+    returns the markdown.
+    """
     markdown = comparison_markdown(summary, champion)
     publish_comparison(summary, markdown, log_to_run=not summary.reused)
     return markdown

@@ -12,6 +12,7 @@ import pytest
 from phi3ops.errors import InvalidInputError
 from phi3ops.evalset import EvalItem, EvalSet, hash_items
 from phi3ops.names import evaluation_artifact_key
+from phi3ops.policies import GatePolicy
 from phi3ops.registry import resolve_model
 from tasks.evaluation import (
     ChampionLookup,
@@ -281,11 +282,83 @@ def test_comparison_rows_give_deltas_and_which_way_is_better() -> None:
 def test_comparison_markdown_sets_candidate_and_champion_side_by_side() -> None:
     candidate = _summary("2", flavor="transformers", pass_rate=0.75)
     lookup = ChampionLookup(alias="champion", version="1", summary=_summary("1"))
-    markdown = comparison_markdown(candidate, lookup)
+    markdown = comparison_markdown(candidate, lookup, policy=GatePolicy())
     assert "candidate v2 (transformers)" in markdown and "@champion v1 (onnx)" in markdown
-    assert "| pass_rate | 0.750 | 0.500 | +0.250 | better (higher is better) |" in markdown
+    assert "| pass_rate | 0.750 | 0.500 | +0.250 | ≥ 0.600 | pass |" in markdown
     assert "| latency_p50_s | 1.000 | 1.000 | +0.000 | same (lower is better) |" in markdown
     assert "No comparable" not in markdown
+
+
+def _tables(markdown: str) -> list[list[str]]:
+    """Each markdown table of ``markdown``, as its lines."""
+    tables: list[list[str]] = []
+    previous = ""
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            if not previous.startswith("|"):
+                tables.append([])
+            tables[-1].append(line)
+        previous = line
+    return tables
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_comparison_leads_with_the_gates_that_decide_and_heads_every_column() -> None:
+    """The gated rows (value, champion, threshold, pass/FAIL) come before the ~35 per-tag rows,
+    which a newcomer would otherwise scroll past to find the latency that failed the gate.
+    """
+    tags = {f"pass_rate__tag{i:02d}": 0.5 for i in range(35)}
+    candidate = _summary("2", latency_p95_s=3.0, **tags | {"pass_rate__tag07": 0.1})
+    champion = _summary("1", **tags)
+    policy = GatePolicy(min_tag_pass_rate={"factual": 0.4})
+    markdown = comparison_markdown(
+        candidate, ChampionLookup(alias="champion", version="1", summary=champion), policy=policy
+    )
+    gates, others = _tables(markdown)
+    assert _cells(gates[0]) == [
+        "gate",
+        "candidate v2 (onnx)",
+        "@champion v1 (onnx)",
+        "delta",
+        "threshold",
+        "result",
+    ]
+    rows = {_cells(line)[0]: _cells(line) for line in gates[2:]}
+    assert list(rows)[:8] == [
+        "pass_rate",
+        "pass_rate vs champion",
+        "latency_p95_s",
+        "latency_p95_s vs champion",
+        "tokens_per_s",
+        "tokens_per_s vs champion",
+        "error_rate",
+        "error_rate vs champion",
+    ]
+    assert rows["latency_p95_s vs champion"][1:] == ["3.000", "2.000", "+1.000", "≤ 2.500", "FAIL"]
+    assert rows["tokens_per_s"][4:] == ["≥ 1.000", "pass"]
+    assert rows["pass_rate.factual"][4:] == ["≥ 0.400", "pass"]  # a configured tag minimum
+    # Of the per-tag margins against the champion, only the failing one is a row of its own.
+    assert rows["pass_rate.tag07 vs champion"][-1] == "FAIL"
+    assert not any(gate.startswith("pass_rate.tag0") and "07" not in gate for gate in rows)
+    assert "35 of 36 tags at most 0.02 below it" in markdown  # 35 tags and factual
+    assert markdown.index("| latency_p95_s vs champion |") < markdown.index("| pass_rate.tag00 |")
+    # The rest: every per-tag row, each column headed; nothing shown twice but a failing tag.
+    assert _cells(others[0]) == [
+        "metric",
+        "candidate v2 (onnx)",
+        "@champion v1 (onnx)",
+        "delta",
+        "change",
+    ]
+    metrics = [_cells(line)[0] for line in others[2:]]
+    assert {f"pass_rate.tag{i:02d}" for i in range(35)} <= set(metrics)
+    assert not {"pass_rate", "latency_p95_s", "tokens_per_s", "pass_rate.factual"} & set(metrics)
+    for table in (gates, others):
+        assert all(_cells(table[0])), table[0]
+        assert {len(_cells(line)) for line in table} == {len(_cells(table[0]))}
 
 
 def test_comparison_markdown_refuses_a_champion_on_another_eval_set() -> None:
@@ -293,10 +366,12 @@ def test_comparison_markdown_refuses_a_champion_on_another_eval_set() -> None:
     lookup = ChampionLookup(
         alias="champion", version="1", summary=_summary("1", eval_hash=OTHER_HASH)
     )
-    markdown = comparison_markdown(candidate, lookup)
+    markdown = comparison_markdown(candidate, lookup, policy=GatePolicy())
     assert "## No comparable champion evaluation" in markdown
     assert f"hash {OTHER_HASH[:12]}" in markdown and f"hash {HASH[:12]}" in markdown
-    assert "| pass_rate | 0.500 |" in markdown  # the candidate's own results
+    assert "| pass_rate | 0.500 | ≥ 0.600 | FAIL |" in markdown  # its own results, gated
+    assert "| pass_rate.factual | 0.500 |" in markdown
+    assert "delta" not in markdown and "vs champion" not in markdown
     missing = comparison_markdown(
         candidate, ChampionLookup(alias="champion", reason="'phi3-mini' has no version aliased")
     )
