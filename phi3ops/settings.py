@@ -407,6 +407,9 @@ def _table(model: type[BaseModel], prefix: str, skip: Iterable[str] = ()) -> lis
     for name, info in model.model_fields.items():
         if name in skip:
             continue
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            # Its default would be read from the environment: list it in _FIELD_SETS instead.
+            raise TypeError(f"{model.__name__}.{name} is a field set: add it to _FIELD_SETS")
         kind = _type_name(info.annotation)
         bounds = _bounds(info)
         kind = f"{kind}, {bounds}" if bounds else kind
