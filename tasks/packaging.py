@@ -1,7 +1,7 @@
 """Package a fetched Phi-3 snapshot as an MLflow model, in one of two flavors.
 
-* ``onnx``: a *models-from-code* pyfunc (``phi3ops/serving/onnx_chat_model.py``) over
-  onnxruntime-genai; the ONNX int4 folder is its ``model_dir`` artifact.
+* ``onnx``: a *models-from-code* pyfunc over onnxruntime-genai, the `phi3_chat` package logged
+  as ``code_paths`` beside its entry file; the ONNX int4 folder is its ``model_dir`` artifact.
 * ``transformers``: MLflow's own transformers flavor, task ``llm/v1/chat``, from the PyTorch
   weights.
 
@@ -46,20 +46,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from phi3_chat.batcher import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
 from phi3ops.crash import crash_point
 from phi3ops.errors import InvalidInputError, PackagingError
 from phi3ops.names import LineageTag
-from phi3ops.serving.onnx_chat_model import (
-    DEFAULT_BATCH_WAIT_MS,
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_QUEUE,
-)
 from phi3ops.serving.signatures import (
     CHAT_INPUT_EXAMPLE,
-    MODEL_CODE_PATH,
     MODEL_DIR_ARTIFACT,
+    MODEL_ENTRY_FILE,
+    MODEL_PACKAGE_DIR,
     ONNX_CHAT_SIGNATURE,
     REQUIREMENT_DISTRIBUTIONS,
+    model_package_digest,
 )
 from phi3ops.sources import ONNX_CPU_INT4_SUBFOLDER, Flavor, Variant
 from phi3ops.tracking import configure_tracking
@@ -80,13 +78,13 @@ __all__ = [
     "log_onnx_model_task",
     "log_transformers_model",
     "log_transformers_model_task",
-    "onnx_chat_model_path",
     "package_key",
     "pinned_requirements",
     "plan_package",
     "plan_package_task",
     "quantization_of",
     "requirements_digest",
+    "served_model_package",
     "wrapper_version",
 ]
 
@@ -243,14 +241,15 @@ def requirements_digest(requirements: list[str] | tuple[str, ...]) -> str:
 
 
 def wrapper_version(flavor: Flavor | str) -> str:
-    """What serves the model: the sha256 of the ONNX chat model's source, or for the
-    transformers flavor (MLflow's own wrapper) the MLflow and transformers versions.
+    """What serves the model: the sha256 of the `phi3_chat` package's source (every module,
+    `model_package_digest`), or for the transformers flavor (MLflow's own wrapper) the MLflow
+    and transformers versions.
     """
     if Flavor(flavor) is Flavor.TRANSFORMERS:
         return (
             f"mlflow=={metadata.version('mlflow')};transformers=={metadata.version('transformers')}"
         )
-    return "sha256:" + hashlib.sha256(onnx_chat_model_path().read_bytes()).hexdigest()
+    return "sha256:" + model_package_digest(served_model_package())
 
 
 def quantization_of(fetched: FetchResult, flavor: Flavor | str) -> str:
@@ -295,14 +294,16 @@ def package_key(
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def onnx_chat_model_path() -> Path:
-    """The models-from-code file logged with the ONNX flavor (a path: nothing imports it)."""
-    if not MODEL_CODE_PATH.is_file():
+def served_model_package() -> Path:
+    """The `phi3_chat` folder logged with the ONNX flavor as ``code_paths``, after checking that
+    it holds `MODEL_ENTRY_FILE`, the models-from-code file logged as ``python_model``.
+    """
+    if not MODEL_ENTRY_FILE.is_file():
         raise PackagingError(
-            f"{MODEL_CODE_PATH} is missing: the ONNX flavor serves its chat model from that "
-            f"file. Reinstall phi3ops (`make install`)."
+            f"{MODEL_ENTRY_FILE} is missing: the ONNX flavor serves its chat model from the "
+            f"{MODEL_PACKAGE_DIR} package through that file. Reinstall phi3ops (`make install`)."
         )
-    return MODEL_CODE_PATH
+    return MODEL_PACKAGE_DIR
 
 
 # --- logging ----------------------------------------------------------------------------------
@@ -325,15 +326,17 @@ def log_onnx_model(
 
     Raises:
         InvalidInputError: ``fetched`` holds no ONNX build.
-        PackagingError: A runtime package or the chat model file is missing, or MLflow failed.
+        PackagingError: A runtime package or the chat model's code is missing, or MLflow
+            failed.
     """
     plan = plan_package(fetched, Flavor.ONNX, model_name_for_response=model_name_for_response)
-    python_model = str(onnx_chat_model_path())
+    package = served_model_package()
 
     def log(mlflow: Any, tags: dict[str, str]) -> Any:
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=python_model,
+            python_model=str(MODEL_ENTRY_FILE),
+            code_paths=[str(package)],  # code/phi3_chat/ in the model, imported by the entry
             artifacts={MODEL_DIR_ARTIFACT: str(plan.weights_dir)},
             signature=ONNX_CHAT_SIGNATURE,
             input_example=CHAT_INPUT_EXAMPLE,

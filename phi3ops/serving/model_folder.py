@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from phi3ops.serving.onnx_chat_model import usable_context
+from phi3_chat.folder import usable_context
 
 
 class TransformersContextLimit:

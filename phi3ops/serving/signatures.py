@@ -1,6 +1,6 @@
 """The MLflow signature, input examples and requirements logged with the ONNX chat model.
 
-One logged model takes both request shapes of :mod:`phi3ops.serving.onnx_chat_model`, so the
+One logged model takes both request shapes of the served model (:mod:`phi3_chat.model`), so the
 input schema is the ``llm/v1/chat`` columns that model supports (taken from MLflow's own
 ``CHAT_MODEL_INPUT_SCHEMA``, types unchanged) with ``messages`` made optional, plus an optional
 ``prompt`` string. The model itself requires exactly one of ``messages`` and ``prompt`` per row
@@ -28,11 +28,15 @@ What MLflow 3.17.2's schema enforcement does with this signature (measured on a 
 * a bare list of strings (what MLflow's gateway ``mlflow`` provider posts as ``inputs``) maps
   to no column and is refused by the model ("no request fields").
 
+What is logged as the model's code: the `phi3_chat` package (``code_paths``) and its
+models-from-code entry file (``python_model``); its digest is the ONNX flavor's wrapper version.
+
 Nothing here imports onnxruntime-genai or touches disk at import time.
 """
 
 from __future__ import annotations
 
+import hashlib
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -50,22 +54,29 @@ from mlflow.types.schema import (
     TensorSpec,
 )
 
+import phi3_chat
+
 __all__ = [
     "CHAT_COLUMNS",
     "CHAT_INPUT_EXAMPLE",
-    "MODEL_CODE_PATH",
     "MODEL_DIR_ARTIFACT",
+    "MODEL_ENTRY_FILE",
+    "MODEL_PACKAGE_DIR",
     "ONNX_CHAT_PARAMS",
     "ONNX_CHAT_SIGNATURE",
     "PROMPT_INPUT_EXAMPLE",
     "REQUIREMENT_DISTRIBUTIONS",
     "log_kwargs",
+    "model_package_digest",
     "pip_requirements",
 ]
 
-#: The models-from-code file to pass as ``python_model`` (a path, so nothing is imported).
-MODEL_CODE_PATH = Path(__file__).with_name("onnx_chat_model.py")
-#: Artifact key of the ONNX folder; the same name as in the model file (which cannot import us).
+#: The served model's package, logged with it as ``code_paths`` (``code/phi3_chat/`` inside).
+MODEL_PACKAGE_DIR = Path(phi3_chat.__file__).parent
+#: Its models-from-code entry file, passed as ``python_model`` (a path: MLflow runs it, we don't).
+MODEL_ENTRY_FILE = MODEL_PACKAGE_DIR / "models_from_code.py"
+#: Artifact key of the ONNX folder; the same name as in `phi3_chat.model`, kept here so that
+#: nothing here imports onnxruntime-genai.
 MODEL_DIR_ARTIFACT = "model_dir"
 #: The ``llm/v1/chat`` columns the model supports, in MLflow's order.
 CHAT_COLUMNS = ("messages", "temperature", "max_tokens", "stop", "n", "stream", "top_p", "top_k")
@@ -130,6 +141,21 @@ PROMPT_INPUT_EXAMPLE: dict[str, Any] = {
 }
 
 
+def model_package_digest(package_dir: Path = MODEL_PACKAGE_DIR) -> str:
+    """sha256 over the package's ``.py`` files: a ``sha256sum``-style line (file digest, two
+    spaces, ``/``-separated path relative to ``package_dir``) per file, in path order.
+
+    Any change to any module changes it, and the copy inside a logged model (``code/phi3_chat``)
+    has the digest of the source it was logged from (MLflow copies the folder, less
+    ``__pycache__``).
+    """
+    files = sorted(
+        (path.relative_to(package_dir).as_posix(), path) for path in package_dir.rglob("*.py")
+    )
+    lines = [f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {name}\n" for name, path in files]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def pip_requirements() -> list[str]:
     """Exact pins of what the served model imports, from the versions installed here.
 
@@ -154,11 +180,12 @@ def log_kwargs(
             (``max_batch_size``, ``max_queue``, ``batch_wait_ms``, ``request_timeout_s``).
 
     Returns:
-        Keyword arguments: ``python_model``, ``artifacts``, ``signature``, ``input_example``,
-        ``pip_requirements`` and, when given, ``model_config``.
+        Keyword arguments: ``python_model``, ``code_paths``, ``artifacts``, ``signature``,
+        ``input_example``, ``pip_requirements`` and, when given, ``model_config``.
     """
     kwargs: dict[str, Any] = {
-        "python_model": str(MODEL_CODE_PATH),
+        "python_model": str(MODEL_ENTRY_FILE),
+        "code_paths": [str(MODEL_PACKAGE_DIR)],
         "artifacts": {MODEL_DIR_ARTIFACT: str(model_dir)},
         "signature": ONNX_CHAT_SIGNATURE,
         "input_example": CHAT_INPUT_EXAMPLE,

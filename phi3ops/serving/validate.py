@@ -1,11 +1,11 @@
 """One validator for the chat requests of both flavors, before any model runs.
 
-The ONNX pyfunc (`phi3ops.serving.onnx_chat_model`) validates each request row itself, with
+The ONNX pyfunc (the `phi3_chat` package) validates each request row itself, with
 messages that name the field and what it must be. MLflow's transformers flavor does not: it
 answers some malformed chat requests with a 500 (an empty ``messages`` list) or generates
 from requests the ONNX flavor refuses. So the serving layer runs the ONNX pyfunc's own row
-and params validators (`validated_row`, `validated_params`, imported from the models-from-code
-file, which stays importable on its own) on every chat row of either flavor before routing
+and params validators (`validated_row`, `validated_params`, imported from
+`phi3_chat.validate`, which imports no model) on every chat row of either flavor before routing
 it: a request the ONNX flavor refuses is refused the same way, with the same 400 and message,
 whichever flavor is served.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from phi3ops.serving.onnx_chat_model import validated_params, validated_row
+from phi3_chat.validate import validated_params, validated_row
 
 
 def chat_problem(payload: Any, rows: list[Any]) -> str | None:

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from phi3_chat.folder import GENAI_CONFIG
 from phi3ops.errors import Phi3OpsError
-from phi3ops.serving.onnx_chat_model import GENAI_CONFIG
 from phi3ops.settings import get_settings
 from phi3ops.sources import Variant
 from tasks.hub.connection import endpoint as hub_endpoint

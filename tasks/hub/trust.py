@@ -1,9 +1,9 @@
 """Nothing trusted blindly: model folders are data, and a snapshot must still match its manifest.
 
 Which files and ``genai_config.json`` settings are model data is decided in one place, the
-served model file (`phi3ops.serving.onnx_chat_model.model_file_problems`): it checks its own
-folder again at load time and may import nothing of phi3ops, so the fetch and packaging tasks
-import the check from there and raise phi3ops errors.
+served model's package (`phi3_chat.folder.model_file_problems`): it checks its own folder again
+at load time and may import nothing of phi3ops, so the fetch and packaging tasks import the
+check from there and raise phi3ops errors.
 
 What a fetch takes in, of the files the variant's patterns match:
 
@@ -27,8 +27,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from phi3ops.errors import IntegrityError, UnsafeModelError
-from phi3ops.serving.onnx_chat_model import (
+from phi3_chat.folder import (
     ALLOWED_PROVIDERS,
     GENAI_CONFIG,
     MODEL_FILE_NAMES,
@@ -36,6 +35,7 @@ from phi3ops.serving.onnx_chat_model import (
     model_file_problems,
     model_folder_problems,
 )
+from phi3ops.errors import IntegrityError, UnsafeModelError
 from phi3ops.settings import get_settings
 from phi3ops.tracking import tracking_uri
 from tasks.hub.download import check_disk_space

@@ -1,6 +1,6 @@
 """Concurrent calls to the ONNX chat model share onnxruntime-genai batches through its batcher.
 
-The model is loaded straight from the models-from-code file (``load_context`` with a plain
+The model is loaded straight from `phi3_chat.model` (``load_context`` with a plain
 context), once per test with the batcher settings the test needs. ``og.Generator`` is replaced
 by a wrapper that records every batch and can hold each generation step at a gate, so that what
 waits where is known when a test looks.
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from mlflow.exceptions import MlflowException
 
-from phi3ops.serving import onnx_chat_model as served
+from phi3_chat import model as served
 from phi3ops.serving.signatures import MODEL_DIR_ARTIFACT
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The onnxruntime-genai chat model, logged as MLflow models-from-code and loaded as a pyfunc.
+"""The onnxruntime-genai chat model (the `phi3_chat` package), logged as MLflow models-from-code
+with its package as ``code_paths``, and loaded as a pyfunc.
 
 The model is logged once and loaded once per module (logging runs it once too). The tiny
 Phi-3 is random: it never emits an end-of-sequence token and often emits bytes that are not
@@ -7,7 +8,6 @@ valid UTF-8, so answers are compared token for token with a bare onnxruntime-gen
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -22,11 +22,13 @@ import pytest
 
 from phi3ops.serving.signatures import (
     CHAT_INPUT_EXAMPLE,
-    MODEL_CODE_PATH,
     MODEL_DIR_ARTIFACT,
+    MODEL_ENTRY_FILE,
+    MODEL_PACKAGE_DIR,
     ONNX_CHAT_SIGNATURE,
     PROMPT_INPUT_EXAMPLE,
     log_kwargs,
+    model_package_digest,
     pip_requirements,
 )
 
@@ -93,9 +95,11 @@ def model(pyfunc):
 
 
 @pytest.fixture(scope="module")
-def served(model) -> types.ModuleType:
-    """The served file as MLflow imported it (a module named code_model_<uuid>)."""
-    return sys.modules[type(model).__module__]
+def served(model) -> types.SimpleNamespace:
+    """The names of ``phi3_chat.model`` as the loaded model sees them: the copy logged with it,
+    which need not be the one ``sys.modules`` names (see `phi3_chat.models_from_code`).
+    """
+    return types.SimpleNamespace(**type(model).load_context.__globals__)
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +183,8 @@ def test_logged_model_metadata_signature_and_requirements(logged, tiny_phi3) -> 
     import mlflow
 
     pyfunc_conf = loaded.metadata.flavors["python_function"]
-    assert Path(pyfunc_conf["model_code_path"]).name == MODEL_CODE_PATH.name
+    assert Path(pyfunc_conf["model_code_path"]).name == MODEL_ENTRY_FILE.name
+    assert pyfunc_conf["code"] == "code"  # the phi3_chat package, logged as code_paths
     assert pyfunc_conf["streamable"] is True  # predict_stream is there
     assert pyfunc_conf["config"] == {"model_name": MODEL_NAME}
 
@@ -203,43 +208,67 @@ def test_usable_context_is_the_sliding_window_when_its_cache_does_not_slide(
     assert model.context_length == CONTEXT == window["window_size"] + 1
 
 
-def test_the_served_file_imports_neither_prefect_nor_phi3ops(tmp_path: Path) -> None:
-    tree = ast.parse(MODEL_CODE_PATH.read_text())
-    roots = {
-        name.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import | ast.ImportFrom)
-        for name in (
-            [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
-        )
-    }
-    allowed_third_party = {"mlflow", "numpy", "pandas", "onnxruntime_genai"}
-    assert roots - allowed_third_party <= set(sys.stdlib_module_names), roots
+# Run in a fresh interpreter where the project is not importable (no repository on sys.path, the
+# editable install's finder removed): what loads must be the package logged with the model.
+_LOAD_ANYWHERE_PROBE = """
+import json, sys
+sys.meta_path[:] = [
+    f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")
+]
+try:
+    import phi3_chat
+    reachable = True
+except ImportError:
+    reachable = False
+import mlflow
+model = mlflow.pyfunc.load_model(sys.argv[1])
+answer = model.predict({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})[0]
+import phi3_chat
+print(json.dumps({
+    "reachable": reachable,
+    "package": phi3_chat.__file__,
+    "object": answer["object"],
+    "loaded": sorted({name.split(".")[0] for name in sys.modules}),
+}))
+"""
 
-    # Run it the way MLflow does, in a fresh interpreter, and look at what got imported.
-    probe = (
-        "import importlib.util, json, sys\n"
-        f"path = {str(MODEL_CODE_PATH)!r}\n"
-        "spec = importlib.util.spec_from_file_location('code_model_probe', path)\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "sys.modules['code_model_probe'] = module\n"
-        "spec.loader.exec_module(module)\n"
-        "import mlflow.models.model as m\n"
-        "print(json.dumps({'loaded': sorted({n.split('.')[0] for n in sys.modules}),\n"
-        "                  'model': type(m.__mlflow_model__).__name__}))\n"
+
+def test_a_logged_model_carries_its_package_and_loads_it_anywhere(logged, tmp_path: Path) -> None:
+    import mlflow
+
+    info, _ = logged
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
+    logged_package = local / "code" / "phi3_chat"
+    assert sorted(p.name for p in logged_package.glob("*.py")) == sorted(
+        p.name for p in MODEL_PACKAGE_DIR.glob("*.py")
     )
+    assert model_package_digest(logged_package) == model_package_digest()
+    assert (local / MODEL_ENTRY_FILE.name).read_bytes() == MODEL_ENTRY_FILE.read_bytes()
+
     result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=tmp_path,  # not the repository: phi3ops is only importable as installed
+        [sys.executable, "-I", "-c", _LOAD_ANYWHERE_PROBE, str(local)],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=True,
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["model"] == "OnnxChatModel"
-    assert "onnxruntime_genai" in report["loaded"]
+    assert report["reachable"] is False  # nothing but the logged copy could be imported
+    assert Path(report["package"]).resolve().parent == logged_package.resolve()
+    assert report["object"] == "chat.completion"
     assert not {"prefect", "phi3ops", "flows", "tasks"} & set(report["loaded"])
+
+
+def test_a_process_with_its_own_copy_of_the_package_serves_the_logged_one(model) -> None:
+    # This process imported the repository's phi3_chat before it loaded the model (phi3ops'
+    # server and evaluation do too): the model runs the copy logged with it all the same, and
+    # the process keeps its own under the name.
+    served_file = Path(type(model).load_context.__globals__["__file__"]).resolve()
+    assert served_file.parts[-3:] == ("code", "phi3_chat", "model.py")
+    assert not served_file.is_relative_to(MODEL_PACKAGE_DIR.resolve())
+    assert Path(sys.modules["phi3_chat"].__file__).resolve().parent == MODEL_PACKAGE_DIR.resolve()
+    assert type(model).__module__ == "phi3_chat.model"
 
 
 def test_artifact_name_agrees_with_the_served_file(served) -> None:

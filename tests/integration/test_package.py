@@ -14,7 +14,6 @@ The tests below assert on what each step left behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -208,7 +207,7 @@ def test_packaging_the_same_source_again_reuses_the_version_and_copies_nothing(s
 
 @pytest.mark.slow
 def test_versions_and_runs_carry_the_lineage(store, registry) -> None:
-    from phi3ops.serving.signatures import MODEL_CODE_PATH
+    from phi3ops.serving.signatures import MODEL_ENTRY_FILE, model_package_digest
 
     onnx_manifest = _snapshot_manifest(store, ONNX_REPO_ID, store.onnx_sha)
     torch_manifest = _snapshot_manifest(store, PYTORCH_REPO_ID, store.pytorch_sha)
@@ -259,9 +258,11 @@ def test_versions_and_runs_carry_the_lineage(store, registry) -> None:
         assert tags[LineageTag.PIP_REQUIREMENTS_DIGEST] == requirements_digest(pins), version
         assert all("==" in pin for pin in pins)
         if tags[LineageTag.FLAVOR] == "onnx":
-            # The wrapper version is the sha256 of the chat model code logged with the model.
-            code = _logged_model_dir(mv) / MODEL_CODE_PATH.name
-            digest = hashlib.sha256(code.read_bytes()).hexdigest()
+            # The wrapper version is the digest of the phi3_chat package logged with the model
+            # (code_paths), whose entry file is the models-from-code file.
+            logged = _logged_model_dir(mv)
+            assert (logged / MODEL_ENTRY_FILE.name).is_file()
+            digest = model_package_digest(logged / "code" / "phi3_chat")
             assert tags[LineageTag.WRAPPER_VERSION] == f"sha256:{digest}"
         # The packaging run is tagged with the same lineage.
         run_tags = registry.get_run(mv.run_id).data.tags

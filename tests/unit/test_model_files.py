@@ -7,11 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from phi3ops.serving.onnx_chat_model import (
-    model_file_problems,
-    model_folder_problems,
-    usable_context,
-)
+from phi3_chat.folder import model_file_problems, model_folder_problems, usable_context
 
 # What onnxruntime-genai 0.18's builder writes for a CPU Phi-3 (abridged), and the published
 # Phi-3-mini-4k-instruct-onnx cpu-int4 config has the same session options.

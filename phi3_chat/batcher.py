@@ -1,0 +1,241 @@
+"""The batcher: concurrent calls share one onnxruntime-genai batch.
+
+``predict`` and ``predict_stream`` calls from many threads (MLflow's scoring server, phi3ops'
+server and evaluation all call from thread pools) queue their validated rows with the model's
+batcher; one engine thread runs waiting rows with equal sampling (greedy rows always match) as
+one onnxruntime-genai batch, waiting ``batch_wait_ms`` for company, and hands every call its own
+answers or stream pieces; a greedy answer is token for token the one the request gets alone.
+Overload is refused, not queued without end: with ``max_queue`` calls waiting, another gets
+``RESOURCE_EXHAUSTED`` (HTTP 429) at once; a call past its timeout (``params['timeout_s']``,
+else ``model_config['request_timeout_s']``) is cancelled with ``DEADLINE_EXCEEDED`` (HTTP 504);
+a stream its consumer closes is cancelled too. A cancelled row takes no more tokens.
+"""
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED
+
+from phi3_chat.request import _Request, _RowState
+
+__all__ = ["DEFAULT_BATCH_WAIT_MS", "DEFAULT_MAX_BATCH_SIZE", "DEFAULT_MAX_QUEUE"]
+
+#: Rows generated together at most: the KV cache grows with batch size x sequence length.
+DEFAULT_MAX_BATCH_SIZE = 8
+#: Requests (predict or predict_stream calls) that may wait for the engine; one more is refused.
+DEFAULT_MAX_QUEUE = 64
+#: How long the engine waits, after a request arrives, for others to join its batch.
+DEFAULT_BATCH_WAIT_MS = 5.0
+# The engine thread ends after this long with nothing to do (a new request starts another), so
+# a model that is no longer used holds no thread.
+_ENGINE_IDLE_S = 5.0
+
+
+def _deadline_exceeded(timeout_s: float) -> MlflowException:
+    return MlflowException(
+        f"the request was cancelled: it did not finish within its timeout of {timeout_s:g} s "
+        "(the model is busy or the answer is long); retry later, ask for fewer max_tokens, or "
+        "send a longer params['timeout_s']",
+        error_code=DEADLINE_EXCEEDED,
+    )
+
+
+class _Ticket:
+    """One predict or predict_stream call, from the caller's side, while the engine serves it.
+
+    The engine puts ``("text", piece)`` (streams only), ``("row", position, state)`` once a row
+    is finished, or ``("error", exception)`` on `events`; the caller takes them with `next`.
+    """
+
+    def __init__(self, requests: list[_Request], *, timeout_s: float, stream: bool) -> None:
+        self.requests = requests
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.stream = stream
+        self.unstarted = len(requests)  # rows still waiting in the queue
+        self.cancelled = False
+        self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+
+    @property
+    def started(self) -> bool:
+        return self.unstarted < len(self.requests)
+
+    def expired(self, now: float) -> bool:
+        """Past its deadline: a stream's deadline covers only its wait for the engine."""
+        return now > self.deadline and not (self.stream and self.started)
+
+    def next(self) -> tuple[Any, ...]:
+        """The next event; raises `_deadline_exceeded` once the deadline has passed."""
+        while True:
+            if self.stream and self.started:
+                return self.events.get()
+            try:
+                return self.events.get(timeout=max(0.0, self.deadline - time.monotonic()))
+            except queue.Empty:
+                if not (self.stream and self.started):
+                    raise _deadline_exceeded(self.timeout_s) from None
+
+
+@dataclass(eq=False)
+class _Job:
+    """One row of a ticket in the engine's queue."""
+
+    ticket: _Ticket
+    position: int
+    arrived: float
+
+    @property
+    def request(self) -> _Request:
+        return self.ticket.requests[self.position]
+
+
+class _Batcher:
+    """The one owner of the state concurrent calls share: a bounded queue and an engine thread.
+
+    Callers `submit` their validated rows and wait on the `_Ticket` they get. The engine thread
+    takes the oldest waiting row and every waiting row with the same sampling (greedy rows
+    always match), up to ``max_batch_size``, waiting up to ``wait_s`` (after the oldest arrived
+    or the engine got free) for more to come, and runs them as one onnxruntime-genai batch to
+    its end (static batching: rows that arrive meanwhile wait for the next batch). A row whose
+    caller is gone (a closed stream, a passed deadline) is cancelled: it stops taking tokens
+    and the batch ends as soon as no live row is left. The thread starts with the first
+    request and ends after ``_ENGINE_IDLE_S`` with nothing to do.
+    """
+
+    def __init__(
+        self,
+        steps: Callable[[list[_Request]], Iterator[list[_RowState]]],
+        fits: Callable[[list[_Request]], bool],
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        wait_s: float,
+    ) -> None:
+        self._steps = steps
+        self._fits = fits
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.wait_s = wait_s
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[_Job] = deque()
+        self._queued = 0  # tickets with rows still waiting
+        self._thread: threading.Thread | None = None
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the engine (not counting those it is generating)."""
+        with self._lock:
+            return self._queued
+
+    def submit(self, requests: list[_Request], *, timeout_s: float, stream: bool) -> _Ticket:
+        """Queues one call's rows; refuses at once when ``max_queue`` requests already wait.
+
+        Raises:
+            MlflowException: ``RESOURCE_EXHAUSTED`` (HTTP 429) when the queue is full.
+        """
+        ticket = _Ticket(requests, timeout_s=timeout_s, stream=stream)
+        with self._lock:
+            if self._queued >= self.max_queue:
+                raise MlflowException(
+                    f"the model's request queue is full ({self.max_queue} requests waiting "
+                    "while it generates): retry later",
+                    error_code=RESOURCE_EXHAUSTED,
+                )
+            now = time.monotonic()
+            self._waiting.extend(_Job(ticket, position, now) for position in range(len(requests)))
+            self._queued += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name="onnx-chat-batcher", daemon=True
+                )
+                self._thread.start()
+            self._wake.notify()
+        return ticket
+
+    def cancel(self, ticket: _Ticket) -> None:
+        """Gives up ``ticket``: its waiting rows leave the queue, its running rows stop."""
+        with self._lock:
+            ticket.cancelled = True
+            if ticket.unstarted:
+                self._waiting = deque(job for job in self._waiting if job.ticket is not ticket)
+                ticket.unstarted = 0
+                self._queued -= 1
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    jobs = self._next_jobs()
+                    if jobs is None:  # under the lock: a request queued later starts a thread
+                        self._thread = None
+                        return
+                self._run(jobs)
+        except BaseException:  # unforeseen: let the next request start a new engine thread
+            with self._lock:
+                self._thread = None
+            raise
+
+    def _next_jobs(self) -> list[_Job] | None:
+        """The next batch (holding the lock), or None after ``_ENGINE_IDLE_S`` with no work.
+
+        The wait for company starts when the oldest row arrived or when the engine got free,
+        whichever is later: the callers of the batch just finished come back with their next
+        requests within a few milliseconds, and joining them keeps batches full (rows that
+        waited through a whole batch would otherwise start alone, split from the rest).
+        """
+        free_since = time.monotonic()
+        idle_until = free_since + _ENGINE_IDLE_S
+        while True:
+            now = time.monotonic()
+            if not self._waiting:
+                if now >= idle_until:
+                    return None
+                self._wake.wait(idle_until - now)
+                continue
+            first = self._waiting[0]
+            jobs = [job for job in self._waiting if job.request.sampling == first.request.sampling]
+            window = max(first.arrived, free_since) + self.wait_s - now
+            if len(jobs) >= self.max_batch_size or window <= 0:
+                break
+            self._wake.wait(window)
+        jobs = jobs[: self.max_batch_size]
+        taken = set(map(id, jobs))
+        self._waiting = deque(job for job in self._waiting if id(job) not in taken)
+        for job in jobs:
+            job.ticket.unstarted -= 1
+            if job.ticket.unstarted == 0:
+                self._queued -= 1
+        return jobs
+
+    def _run(self, jobs: list[_Job]) -> None:
+        fits = self._fits([job.request for job in jobs])
+        for group in [jobs] if fits else [[job] for job in jobs]:
+            delivered: set[int] = set()
+            try:
+                for states in self._steps([job.request for job in group]):
+                    now = time.monotonic()
+                    for index, (job, state) in enumerate(zip(group, states, strict=True)):
+                        if index in delivered:
+                            continue
+                        if job.ticket.cancelled or job.ticket.expired(now):
+                            state.cancel()  # the batch ends early once every row is done
+                            delivered.add(index)
+                            continue
+                        if job.ticket.stream:
+                            piece = state.take_stream_text()
+                            if piece:
+                                job.ticket.events.put(("text", piece))
+                        if state.done:
+                            job.ticket.events.put(("row", job.position, state))
+                            delivered.add(index)
+            except Exception as exc:  # handed to every caller waiting on this batch
+                for index, job in enumerate(group):
+                    if index not in delivered:
+                        job.ticket.events.put(("error", exc))

@@ -1,0 +1,417 @@
+"""The pyfunc: ``OnnxChatModel``, Phi-3 chat on onnxruntime-genai.
+
+Each input row is one request, in one of two shapes:
+
+* chat, as in MLflow's ``llm/v1/chat``: ``messages`` (a list of ``{role, content}``) with
+  optional ``temperature``, ``max_tokens``, ``top_p``, ``top_k``, ``stop``, ``n`` (only 1) and
+  ``stream`` (ignored by ``predict``). The answer is a ``chat.completion`` dict.
+* prompt, as in the original Phi-3 MLflow sample (``{"prompt": "..."}``), with the same
+  optional generation fields. The answer is the generated string. A prompt that already holds
+  the model's chat markers (that sample's callers wrote ``<|user|>...<|end|><|assistant|>``
+  themselves) is used verbatim; any other prompt becomes a single user message
+  (``model_config["prompt_format"]``: ``auto``, the default, or always ``chat`` / ``raw``).
+
+How requests are checked is `phi3_chat.validate`'s business; how concurrent calls share
+batches, `phi3_chat.batcher`'s; what the model folder may hold, `phi3_chat.folder`'s.
+"""
+
+import json
+import os
+import time
+import uuid
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import onnxruntime_genai as og
+import pandas as pd
+from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
+from mlflow.pyfunc import PythonModel, PythonModelContext  # mypy sees mlflow.pyfunc as a LazyLoader
+
+from phi3_chat.batcher import (
+    DEFAULT_BATCH_WAIT_MS,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE,
+    _Batcher,
+    _Ticket,
+)
+from phi3_chat.folder import model_folder_problems, usable_context
+from phi3_chat.request import _IncrementalDecoder, _Request, _RowState, _Sampling
+from phi3_chat.validate import (
+    _GENERATION_FIELDS,
+    _as_int,
+    _as_milliseconds,
+    _as_timeout,
+    _invalid,
+    _is_missing,
+    _rows,
+    _validated_setting,
+    validated_params,
+    validated_row,
+)
+
+__all__ = ["DEFAULT_MAX_TOKENS", "MODEL_DIR_ARTIFACT", "OnnxChatModel"]
+
+#: Name of the artifact holding the ONNX folder (the one with ``genai_config.json``).
+MODEL_DIR_ARTIFACT = "model_dir"
+#: New tokens per request when neither the request nor ``model_config`` says otherwise.
+DEFAULT_MAX_TOKENS = 256
+_PROMPT_FORMATS = ("auto", "chat", "raw")
+# Rendered through the chat template to find the markers that open a user turn.
+_SENTINEL = "\x00phi3ops-sentinel\x00"
+
+
+def _generation_failed(error: BaseException) -> MlflowException:
+    return MlflowException(
+        f"generation failed inside onnxruntime-genai: {error}", error_code=INTERNAL_ERROR
+    )
+
+
+class OnnxChatModel(PythonModel):
+    """Phi-3 chat on onnxruntime-genai: ``llm/v1/chat`` requests and plain prompts.
+
+    ``load_context`` loads the ONNX model and its tokenizer once and creates the `_Batcher`,
+    the one owner of what concurrent calls share: ``predict`` and ``predict_stream`` calls from
+    any number of threads (MLflow's scoring server, phi3ops' server, evaluation) validate their
+    rows in their own thread, then queue them; one engine thread runs waiting rows with equal
+    sampling as one onnxruntime-genai batch and hands each call its own rows or stream pieces.
+    A greedy answer is token for token the one the request gets alone.
+    """
+
+    def load_context(self, context: PythonModelContext) -> None:
+        """Loads the ONNX model, tokenizer and generation defaults.
+
+        Args:
+            context: MLflow context; ``artifacts["model_dir"]`` is the ONNX folder and
+                ``model_config`` may set ``max_tokens``, ``temperature``, ``top_p``,
+                ``top_k``, ``model_name``, ``prompt_format`` (``auto``, ``chat`` or ``raw``)
+                and the batcher's ``max_batch_size`` (rows per batch, default 8),
+                ``max_queue`` (requests that may wait, default 64; one more gets
+                ``RESOURCE_EXHAUSTED``), ``batch_wait_ms`` (how long a request waits for others
+                to join its batch, default 5) and ``request_timeout_s`` (default
+                ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, 60).
+
+        Raises:
+            MlflowException: The artifact is missing, holds a file or ``genai_config.json``
+                setting that is not model data (see `model_folder_problems`), or
+                ``model_config`` holds a bad value.
+        """
+        model_dir = (context.artifacts or {}).get(MODEL_DIR_ARTIFACT)
+        config_path = os.path.join(model_dir or "", "genai_config.json")
+        if not model_dir or not os.path.isfile(config_path):
+            raise MlflowException(
+                f"artifact {MODEL_DIR_ARTIFACT!r} must be an onnxruntime-genai model folder "
+                f"(with genai_config.json); got {model_dir!r}. Log the model with "
+                f"artifacts={{{MODEL_DIR_ARTIFACT!r}: '<ONNX folder>'}}."
+            )
+        problems = model_folder_problems(model_dir)
+        if problems:
+            raise MlflowException(
+                f"Refusing to load the model in {model_dir}: {'; '.join(problems)}. The folder "
+                f"was altered after packaging, or packaged from an untrusted source; package a "
+                f"freshly fetched snapshot again."
+            )
+        with open(config_path, encoding="utf-8") as handle:
+            genai_config = json.load(handle)["model"]
+
+        self._model = og.Model(model_dir)
+        self._tokenizer = og.Tokenizer(self._model)
+        self.context_length = usable_context(genai_config)
+        eos = genai_config["eos_token_id"]
+        self.eos_token_ids = frozenset(int(t) for t in (eos if isinstance(eos, list) else [eos]))
+        self._pad_token_id = int(genai_config.get("pad_token_id", min(self.eos_token_ids)))
+
+        config = dict(context.model_config or {})
+        defaults: dict[str, Any] = {"temperature": 0.0, "max_tokens": DEFAULT_MAX_TOKENS}
+        for name in _GENERATION_FIELDS:
+            if not _is_missing(config.get(name)):
+                defaults[name] = _validated_setting(name, config[name], f"model_config[{name!r}]")
+        self._defaults = defaults
+        self.model_name = str(config.get("model_name") or genai_config.get("type", "phi3"))
+        self._request_timeout_s = _as_timeout(
+            config.get("request_timeout_s", MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()),
+            "model_config['request_timeout_s']",
+        )
+        self._batcher = _Batcher(
+            self._steps,
+            self._fits,
+            max_batch_size=_as_int(
+                config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE),
+                "model_config['max_batch_size']",
+                minimum=1,
+            ),
+            max_queue=_as_int(
+                config.get("max_queue", DEFAULT_MAX_QUEUE), "model_config['max_queue']", minimum=1
+            ),
+            wait_s=_as_milliseconds(
+                config.get("batch_wait_ms", DEFAULT_BATCH_WAIT_MS), "model_config['batch_wait_ms']"
+            )
+            / 1000,
+        )
+        self._prompt_format = config.get("prompt_format", "auto")
+        if self._prompt_format not in _PROMPT_FORMATS:
+            raise _invalid(
+                f"model_config['prompt_format'] must be one of {', '.join(_PROMPT_FORMATS)}, "
+                f"got {self._prompt_format!r}"
+            )
+        # What opens a user turn in this model's own template (e.g. "<|user|>"): a prompt that
+        # already holds it was formatted by the caller.
+        rendered = self._render([{"role": "user", "content": _SENTINEL}])
+        self._user_marker = rendered.split(_SENTINEL, 1)[0].strip()
+
+    # --- public API ---------------------------------------------------------------------------
+
+    def predict(
+        self,
+        context: PythonModelContext | None,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any] | str]:
+        """Answers every row: a ``chat.completion`` dict for chat rows, a string for prompts.
+
+        Args:
+            context: Unused (everything was loaded in ``load_context``).
+            model_input: One request per row: a DataFrame (what pyfunc passes), a dict, or a
+                list of dicts. The hint is exactly ``pd.DataFrame`` so that MLflow validates
+                against the logged signature instead of inferring one from the hint.
+            params: Generation fields for rows that do not set them, and ``timeout_s``: how
+                long this call may take (default ``model_config['request_timeout_s']``).
+
+        Returns:
+            One answer per row, in row order.
+
+        Raises:
+            MlflowException: A request is invalid (``INVALID_PARAMETER_VALUE``, HTTP 400);
+                nothing was generated. Too many requests already wait (``RESOURCE_EXHAUSTED``,
+                HTTP 429): retry later. The call ran past its timeout (``DEADLINE_EXCEEDED``,
+                HTTP 504): its rows were cancelled.
+        """
+        requests = self._requests(model_input, params)
+        ticket = self._batcher.submit(requests, timeout_s=self._timeout(params), stream=False)
+        states: list[_RowState | None] = [None] * len(requests)
+        left = len(requests)
+        try:
+            while left:
+                event = ticket.next()
+                if event[0] == "error":
+                    raise _generation_failed(event[1]) from event[1]
+                states[event[1]] = event[2]
+                left -= 1
+        finally:
+            if left:
+                self._batcher.cancel(ticket)
+        return [self._answer(state) for state in states if state is not None]
+
+    def predict_stream(
+        self,
+        context: PythonModelContext | None,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> Iterator[dict[str, Any] | str]:
+        """Streams one request: ``chat.completion.chunk`` dicts, or string pieces for prompts.
+
+        The request is validated and queued before this returns; the last chat chunk carries
+        ``finish_reason`` and ``usage``. Closing the iterator early (or dropping it) cancels
+        the request: its row stops generating and leaves its batch.
+
+        Args:
+            context: Unused.
+            model_input: Exactly one request (DataFrame row, dict, or one-element list).
+            params: Generation fields the request does not set, and ``timeout_s``: how long
+                the request may wait for the engine before its first token (default
+                ``model_config['request_timeout_s']``); once it streams, it runs to its end.
+
+        Returns:
+            An iterator of chunks whose contents join into what ``predict`` returns.
+
+        Raises:
+            MlflowException: The request is invalid, or more than one was sent (both
+                ``INVALID_PARAMETER_VALUE``); too many requests already wait
+                (``RESOURCE_EXHAUSTED``). Iterating raises ``DEADLINE_EXCEEDED`` when the
+                request waited past its timeout.
+        """
+        requests = self._requests(model_input, params)
+        if len(requests) != 1:
+            raise _invalid(f"predict_stream takes exactly one request, got {len(requests)}")
+        ticket = self._batcher.submit(requests, timeout_s=self._timeout(params), stream=True)
+        stream = self._stream(requests[0], ticket)
+        # A stream dropped unstarted never runs its finally: cancel it when it is collected.
+        weakref.finalize(stream, self._batcher.cancel, ticket)
+        return stream
+
+    def _timeout(self, params: dict[str, Any] | None) -> float:
+        value = (params or {}).get("timeout_s")
+        if _is_missing(value):
+            return self._request_timeout_s
+        return _as_timeout(value, "params['timeout_s']")
+
+    # --- input -> requests ----------------------------------------------------------------------
+
+    def _requests(self, model_input: Any, params: dict[str, Any] | None) -> list[_Request]:
+        rows = _rows(model_input)
+        shared = validated_params(params)
+        where_prefix = len(rows) > 1
+        return [
+            self._request(index, row, shared, f"request[{index}]." if where_prefix else "")
+            for index, row in enumerate(rows)
+        ]
+
+    def _request(
+        self, index: int, row: dict[str, Any], shared: dict[str, Any], where: str
+    ) -> _Request:
+        own, messages = validated_row(row, where)
+        settings = {**self._defaults, **shared, **own}
+        if messages is not None:
+            shape, field_name = "chat", "messages"
+            text = self._render(messages)
+        else:
+            shape, field_name = "prompt", "prompt"
+            prompt = row["prompt"]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise _invalid(f"{where}prompt must be a non-empty string, got {prompt!r}")
+            text = self._prompt_text(prompt)
+
+        input_ids = np.asarray(self._tokenizer.encode(text), dtype=np.int32)
+        used, context_length = len(input_ids), self.context_length
+        if used >= context_length:
+            raise _invalid(
+                f"{where}{field_name} is too long: the prompt uses {used} tokens and the "
+                f"context holds {context_length}, leaving no room to answer"
+            )
+        max_tokens = settings["max_tokens"]
+        if used + max_tokens > context_length:
+            if "max_tokens" in row or "max_tokens" in shared:
+                raise _invalid(
+                    f"{where}max_tokens={max_tokens} does not fit: prompt uses {used} of "
+                    f"{context_length} tokens (at most {context_length - used} new tokens)"
+                )
+            # Only the deployment's default asked for more: answer as much as fits.
+            max_tokens = context_length - used
+
+        temperature = settings["temperature"]
+        sampling = _Sampling(
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else 0.0,
+            top_p=settings.get("top_p", 1.0) if temperature > 0 else 1.0,
+            top_k=settings.get("top_k", 0) if temperature > 0 else 0,
+        )
+        return _Request(
+            index=index,
+            shape=shape,
+            input_ids=input_ids,
+            max_tokens=max_tokens,
+            stop=settings.get("stop", ()),
+            sampling=sampling,
+        )
+
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        # The model's own chat template (tokenizer_config.json), never a hand-written one.
+        return self._tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+
+    def _prompt_text(self, prompt: str) -> str:
+        if self._prompt_format == "raw":
+            return prompt
+        if self._prompt_format == "auto" and self._user_marker and self._user_marker in prompt:
+            return prompt
+        return self._render([{"role": "user", "content": prompt}])
+
+    # --- generation -------------------------------------------------------------------------
+
+    def _fits(self, batch: list[_Request]) -> bool:
+        """Whether these rows fit one batch (else they run one by one)."""
+        # Padded rows share one max_length: the longest prompt plus the most new tokens.
+        width = max(len(request.input_ids) for request in batch)
+        return width + max(request.max_tokens for request in batch) <= self.context_length
+
+    def _steps(self, batch: list[_Request]) -> Iterator[list[_RowState]]:
+        """Generates a batch of requests with equal sampling; yields the rows after each token."""
+        width = max(len(request.input_ids) for request in batch)
+        # og 0.18 pads on the right with pad_token_id and masks those positions itself
+        # (left padding changes the answers); batch_size must equal the number of rows.
+        input_ids = np.full((len(batch), width), self._pad_token_id, dtype=np.int32)
+        for row, request in enumerate(batch):
+            input_ids[row, : len(request.input_ids)] = request.input_ids
+        params = og.GeneratorParams(self._model)
+        params.set_search_options(
+            batch_size=len(batch),
+            max_length=width + max(request.max_tokens for request in batch),
+            **batch[0].sampling.search_options(),
+        )
+        generator = og.Generator(self._model, params)
+        generator.append_tokens(input_ids)
+        states = [
+            _RowState(request, _IncrementalDecoder(self._tokenizer), self.eos_token_ids)
+            for request in batch
+        ]
+        while not generator.is_done() and not all(state.done for state in states):
+            generator.generate_next_token()
+            for state, token in zip(states, generator.get_next_tokens(), strict=True):
+                if not state.done:
+                    state.add(int(token))
+            yield states
+        for state in states:
+            state.end()
+        yield states
+
+    # --- output -----------------------------------------------------------------------------
+
+    def _answer(self, state: _RowState) -> dict[str, Any] | str:
+        if state.request.shape == "prompt":
+            return state.text
+        prompt_tokens = len(state.request.input_ids)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": state.text},
+                    "finish_reason": state.finish_reason,
+                }
+            ],
+            "usage": _usage(prompt_tokens, state.completion_tokens),
+        }
+
+    def _stream(self, request: _Request, ticket: _Ticket) -> Iterator[dict[str, Any] | str]:
+        chat = request.shape == "chat"
+        chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+            return {
+                "id": chunk_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            }
+
+        try:
+            if chat:
+                yield chunk({"role": "assistant", "content": ""})
+            while True:
+                event = ticket.next()
+                if event[0] == "error":
+                    raise _generation_failed(event[1]) from event[1]
+                if event[0] == "row":
+                    state = event[2]
+                    break
+                yield chunk({"content": event[1]}) if chat else event[1]
+            if chat:
+                last = chunk({}, state.finish_reason)
+                last["usage"] = _usage(len(request.input_ids), state.completion_tokens)
+                yield last
+        finally:  # a consumer that stops early (GeneratorExit) frees the row's batch slot
+            self._batcher.cancel(ticket)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
