@@ -256,15 +256,27 @@ class AliasWatcher:
     def __init__(self, client: Any) -> None:
         self.client = client
         self.seen: set[tuple[str, str]] = set()
+        self.polls = 0
+        self.failures: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self) -> None:
+        from mlflow.exceptions import RestException
+
         while not self._stop.is_set():
             try:
                 aliases = self.client.get_registered_model(MODEL).aliases or {}
-            except Exception:
+            except RestException as exc:
+                # Before the first registration the model does not exist: nothing to see yet.
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    self.failures.append(repr(exc))
                 aliases = {}
+            except Exception as exc:
+                self.failures.append(repr(exc))
+                aliases = {}
+            else:
+                self.polls += 1
             self.seen |= {(a, str(v)) for a, v in aliases.items()}
             self._stop.wait(0.3)
 
@@ -275,6 +287,9 @@ class AliasWatcher:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        # A poll that failed saw nothing: the check of what it saw would pass untested.
+        assert not self.failures, self.failures[:5]
+        assert self.polls > 0, "the watcher never read the registered model"
 
 
 def _check_registry(client: Any, seen: set[tuple[str, str]] = frozenset()) -> dict[str, Any]:

@@ -121,19 +121,18 @@ def _resolve_gets(hub: LocalHub) -> list[str | None]:
 # -- lifecycle -----------------------------------------------------------------------------------
 
 
-def test_starts_fast_and_closes_without_leaks(repo_dir: Path, tmp_path: Path) -> None:
-    started = time.perf_counter()
+def test_starts_listening_and_closes_without_leaks(repo_dir: Path, tmp_path: Path) -> None:
     hub = LocalHub()
-    assert time.perf_counter() - started < 1.0
+    socket.create_connection(("127.0.0.1", hub.port), timeout=5).close()  # listening on return
     assert hub.url == f"http://127.0.0.1:{hub.port}"
     sha = hub.add_repo(REPO, repo_dir)
     _download(hub, sha, tmp_path / "out", filename="config.json")  # leaves a keep-alive open
     storage = hub._storage
     assert any(t.name.startswith("local-hub") for t in threading.enumerate())
 
-    stopping = time.perf_counter()
+    # The open keep-alive connection (idle timeout 300 s) is closed, not waited for: a close
+    # that only joined its thread would leave it running past the join's 5 s.
     hub.close()
-    assert time.perf_counter() - stopping < 1.0
     assert not [t.name for t in threading.enumerate() if t.name.startswith("local-hub")]
     assert not storage.exists()
     with pytest.raises(ConnectionRefusedError):
