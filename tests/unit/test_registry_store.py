@@ -168,7 +168,7 @@ def test_a_failed_registration_leaves_no_version_and_no_logged_model(
 def test_a_failed_logging_fails_its_run_and_discards_the_logged_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mlflow
+    import mlflow.pyfunc  # the module itself: `mlflow.pyfunc` may still be MLflow's lazy loader
     from mlflow import MlflowClient
 
     fetched = _snapshot(tmp_path, "1" * 40)
