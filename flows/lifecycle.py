@@ -8,10 +8,15 @@ unless a crashed run left its promotion unfinished: the promote flow finishes it
 
 Run it again on an unchanged source and nothing is logged, generated or moved: the same
 version, the same evaluation and the same champion come back.
+
+The run tells its own story too (the subflows have the details): a Prefect artifact
+``lifecycle-summary-<model>`` (source, version, evaluation, each gate, the decision, MLflow
+links) and the same headline in its logs.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from prefect import flow
@@ -30,9 +35,17 @@ from phi3ops.settings import get_settings
 from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Flavor, Variant, source_variant
 from phi3ops.traffic import CanaryShare, TrafficMode, TrafficPlan
 from tasks.alias_lock import check_alias_lock
+from tasks.gates import Decision
+from tasks.lifecycle_summary import (
+    LifecycleReport,
+    lifecycle_headline,
+    publish_lifecycle_summary_task,
+)
 from tasks.promotion import pending_intent
 
 __all__ = ["LifecycleResult", "Source", "lifecycle_flow"]
+
+logger = logging.getLogger(__name__)
 
 
 class Source(BaseModel):
@@ -168,6 +181,7 @@ def lifecycle_flow(
     registered = package_flow(fetched, flavor=source.flavor, model_name=name)
     summary = evaluate_flow(model_uri=registered.model_uri, eval_set=eval_set)
 
+    verdict: Decision | None = None
     if alias_version(name, CHAMPION_ALIAS) == registered.version and pending_intent(name) is None:
         print(f"{registered.model_uri} is already the champion: nothing to promote.")
         decision, reasons = "unchanged", []
@@ -206,11 +220,16 @@ def lifecycle_flow(
         reasons=reasons,
         champion=alias_version(name, CHAMPION_ALIAS),
     )
-    print(
-        f"Lifecycle of {result.source} ({result.flavor.value}): {result.model_uri} "
-        f"({'reused' if result.package_reused else 'new'}), evaluation "
-        f"{'reused' if result.evaluation_reused else 'new'} (pass rate "
-        f"{result.metrics.get('pass_rate', 0.0):.3f}), {decision}; champion: "
-        f"version {result.champion or '-'}"
+    report = LifecycleReport(
+        fetched=fetched,
+        built_onnx=build_onnx,
+        registered=registered,
+        evaluation=summary,
+        outcome=decision,
+        decision=verdict,
+        champion=result.champion,
     )
+    publish_lifecycle_summary_task(report)
+    for line in lifecycle_headline(report):
+        logger.info("%s", line)
     return result

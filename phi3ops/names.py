@@ -147,3 +147,8 @@ def artifact_key(*parts: str) -> str:
 def evaluation_artifact_key(model_name: str, version: str) -> str:
     """The Prefect artifact key of a version's evaluation: ``eval-<model>-<version>``."""
     return artifact_key("eval", model_name, version)
+
+
+def lifecycle_artifact_key(model_name: str) -> str:
+    """The Prefect artifact key of a lifecycle run's summary: ``lifecycle-summary-<model>``."""
+    return artifact_key("lifecycle-summary", model_name)

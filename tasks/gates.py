@@ -7,6 +7,7 @@ reads or writes the registry; `tasks.promotion` applies the decisions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from pydantic import BaseModel
@@ -14,7 +15,15 @@ from pydantic import BaseModel
 from phi3ops.names import ERROR_RATE, LATENCY_P95, PASS_RATE, TAG_PASS_RATE_PREFIX, TOKENS_PER_S
 from phi3ops.policies import GatePolicy
 
-__all__ = ["Decision", "Evaluation", "GateResult", "check_regression", "evaluate_gates"]
+__all__ = [
+    "Decision",
+    "Evaluation",
+    "GateResult",
+    "check_regression",
+    "evaluate_gates",
+    "gate_metric",
+    "threshold_text",
+]
 
 
 class Evaluation(Protocol):
@@ -35,6 +44,25 @@ class GateResult(BaseModel):
     candidate: float | None = None
     champion: float | None = None
     threshold: float | None = None
+
+
+#: The gated metrics for which lower is better: their gates are upper bounds.
+UPPER_BOUNDED = (LATENCY_P95, ERROR_RATE)
+#: Between a metric and its baseline in a margin gate's name: ``latency_p95_s vs champion``.
+VERSUS = " vs "
+
+
+def gate_metric(gate: GateResult) -> str:
+    """The metric a gate reads: ``latency_p95_s vs champion`` reads ``latency_p95_s``."""
+    return gate.gate.split(VERSUS, 1)[0]
+
+
+def threshold_text(gate: GateResult, *, fmt: Callable[[float], str] = "{:.4g}".format) -> str:
+    """The gate's bound as a reader sees it: ``≥ 0.6``, ``≤ 2.5``; ``—`` when it has none."""
+    if gate.threshold is None:
+        return "—"
+    sign = "≤" if gate_metric(gate) in UPPER_BOUNDED else "≥"
+    return f"{sign} {fmt(gate.threshold)}"
 
 
 class Decision(BaseModel):

@@ -27,7 +27,7 @@ from phi3ops.policies import GatePolicy
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking, run_url, version_url
 from tasks.evaluation.values import HASH_PREFIX_LENGTH, ChampionLookup, EvalSummary
-from tasks.gates import GateResult, evaluate_gates
+from tasks.gates import VERSUS, GateResult, evaluate_gates, gate_metric, threshold_text
 
 
 class ComparisonRow(BaseModel):
@@ -137,7 +137,7 @@ def comparison_markdown(
             "| gate | value | threshold | result |",
             "|---|---:|---:|---|",
             *(
-                f"| {g.gate} | {_fmt(g.candidate)} | {_threshold(g)} | {_result(g)} |"
+                f"| {g.gate} | {_fmt(g.candidate)} | {threshold_text(g, fmt=_fmt)} | {_result(g)} |"
                 for g in _shown_gates(gates)
             ),
             "",
@@ -173,11 +173,12 @@ def comparison_markdown(
         "|---|---:|---:|---:|---:|---|",
     ]
     for g in _shown_gates(gates):
-        row = rows.get(_metric_of(g))
+        row = rows.get(gate_metric(g))
         lines.append(
             f"| {g.gate} | {_fmt(g.candidate)} | "
             f"{_fmt(row.baseline if row else g.champion)} | "
-            f"{_fmt(row.delta if row else None, signed=True)} | {_threshold(g)} | {_result(g)} |"
+            f"{_fmt(row.delta if row else None, signed=True)} | "
+            f"{threshold_text(g, fmt=_fmt)} | {_result(g)} |"
         )
     lines += [
         "",
@@ -215,31 +216,23 @@ def gate_results(
     return decision.gates
 
 
-_VERSUS = " vs "
-
-
-def _metric_of(gate: GateResult) -> str:
-    """The metric a gate reads: ``latency_p95_s vs champion`` reads ``latency_p95_s``."""
-    return gate.gate.split(_VERSUS, 1)[0]
-
-
 def _is_tag_margin(gate: GateResult) -> bool:
     """A per-tag margin gate against the champion (one per tag both evaluations have)."""
-    return gate.gate.startswith(TAG_PASS_RATE_PREFIX) and _VERSUS in gate.gate
+    return gate.gate.startswith(TAG_PASS_RATE_PREFIX) and VERSUS in gate.gate
 
 
 def _shown_gates(gates: list[GateResult]) -> list[GateResult]:
     """Every gate but the per-tag margins that pass, grouped by metric, absolute ones first."""
     shown = [g for g in gates if not _is_tag_margin(g) or not g.passed]
-    order = {m: i for i, m in enumerate(dict.fromkeys(_metric_of(g) for g in shown))}
-    return sorted(shown, key=lambda g: (order[_metric_of(g)], _VERSUS in g.gate))
+    order = {m: i for i, m in enumerate(dict.fromkeys(gate_metric(g) for g in shown))}
+    return sorted(shown, key=lambda g: (order[gate_metric(g)], VERSUS in g.gate))
 
 
 def _gated_metrics(gates: list[GateResult]) -> set[str]:
     """The metrics the gates table shows in full (left out of the other table); a tag whose
     margin alone failed stays in the other table too, beside the other tags.
     """
-    return {_metric_of(g) for g in _shown_gates(gates) if not _is_tag_margin(g)}
+    return {gate_metric(g) for g in _shown_gates(gates) if not _is_tag_margin(g)}
 
 
 def _gates_heading(gates: list[GateResult], *, against: str | None, drop: float) -> list[str]:
@@ -261,13 +254,6 @@ def _gates_heading(gates: list[GateResult], *, against: str | None, drop: float)
             + ("." if ok == len(margins) else "; the others are in the table below."),
         ]
     return lines
-
-
-def _threshold(gate: GateResult) -> str:
-    if gate.threshold is None:
-        return "—"
-    at_most = _metric_of(gate).startswith(_LOWER_IS_BETTER)
-    return f"{'≤' if at_most else '≥'} {_fmt(gate.threshold)}"
 
 
 def _result(gate: GateResult) -> str:

@@ -24,10 +24,11 @@ import pytest
 from cli.jobs import DEMO_GATES
 from flows.lifecycle import LifecycleResult, Source, lifecycle_flow
 from phi3ops.errors import EvalSetNotFoundError, HubUnreachableError, InvalidInputError
-from phi3ops.names import EvalTag, LineageTag
+from phi3ops.names import EvalTag, LineageTag, lifecycle_artifact_key
 from phi3ops.policies import GateOverrides, GatePolicy
 from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID
 from tasks.evaluation import evaluation_tag_key
+from tests.artifacts import latest_artifact_data
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -63,6 +64,7 @@ class Scenario:
     version_tags: dict[str, dict[str, str]] = field(default_factory=dict)
     eval_run_tags: dict[str, dict[str, str]] = field(default_factory=dict)
     v2_sha: str = ""
+    summaries: list[str] = field(default_factory=list)  # each run's lifecycle-summary artifact
 
 
 def _snapshot(client) -> Snapshot:
@@ -115,6 +117,7 @@ def scenario(
         def run(**parameters) -> None:
             done.results.append(lifecycle_flow(model_name=MODEL_NAME, eval_set=SMOKE, **parameters))
             done.after.append(_snapshot(client))
+            done.summaries.append(latest_artifact_data(lifecycle_artifact_key(MODEL_NAME)))
 
         run(gates=demo)
         run(gates=dict(DEMO_GATES))  # a JSON dict, as a deployment sends it
@@ -175,6 +178,13 @@ def test_new_commit_is_compared_with_the_champion_and_rejected_by_default_gates(
     assert (after.versions, after.champion, after.previous) == (["1", "2"], "1", None)
     assert len(after.eval_runs) == 2
     assert scenario.version_tags["2"]["phi3ops.promotion.champion_before"] == "1"
+    # The lifecycle run's own page tells it: source, version, evaluation, the failed gate.
+    page = scenario.summaries[2]
+    assert page.startswith(f"# {MODEL_NAME} v2: rejected: aliases untouched, @champion stays 1")
+    assert f"`{ONNX_REPO_ID}@{scenario.v2_sha}` (revision `v2`)" in page
+    assert f"`models:/{MODEL_NAME}/2`, flavor **onnx**: new" in page
+    assert f"- evaluation run: `{challenger.eval_run_id}`" in page
+    assert "| pass_rate | " in page and "| FAIL |" in page
 
 
 @pytest.mark.slow
@@ -191,6 +201,10 @@ def test_relaxed_gates_promote_the_challenger_reusing_its_evaluation(scenario: S
     assert (after.champion, after.previous) == ("2", "1")
     assert after.eval_runs == scenario.after[2].eval_runs  # nothing evaluated again
     assert after.promotion_runs == 3  # promoted v1, rejected v2, promoted v2
+    assert scenario.summaries[3].startswith(
+        f"# {MODEL_NAME} v2: promoted: @champion is version 2 (was 1)"
+    )
+    assert "Not checked: version 1 is already @champion" in scenario.summaries[1]
 
 
 # --- parameters: a clear form, and bad values fail before any work ---------------------------
