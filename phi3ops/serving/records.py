@@ -12,7 +12,10 @@ stored twice (after a crash) is still one trace.
 Privacy: unless ``PHI3OPS_RECORD_PROMPTS`` is on, no prompt or answer text leaves the server
 process: records keep lengths and counts (`TextFeatures`) and error messages are reduced to the
 HTTP status, MLflow's error code and the serving layer's own reason (which never quotes the
-request), because MLflow's and the model's messages may quote the input.
+request), because MLflow's and the model's messages may quote the input. The trace's inputs
+and outputs are then summaries (`phi3ops.serving.trace_summary`: roles, counts, generation
+parameters; outcome, finish reason, usage, arm, version), and so is what the MLflow trace list
+shows of each request.
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ from phi3ops.names import (
     SHADOW_TAG,
 )
 from phi3ops.serving.spool import Entry, RecordSpool
+from phi3ops.serving.trace_summary import (
+    request_preview,
+    request_summary,
+    response_preview,
+    response_summary,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -154,12 +163,14 @@ class InferenceRecorder:
         self.spool = spool
         self.model_id = model_id
 
-    def entry(self, record: InferenceRecord, *, request: Any = None) -> Entry:
+    def entry(self, record: InferenceRecord, *, request: Any = None, params: Any = None) -> Entry:
         """The stored form of ``record``: without any text unless prompts are recorded.
 
         Args:
             record: The record.
-            request: Its request row (stored as the span's inputs only when prompts are).
+            request: Its request row: the span's inputs when prompts are recorded, else
+                summarised without its text (`request_summary`).
+            params: The payload's ``params`` (MLflow's ``/invocations``), for the summary.
 
         Returns:
             A JSON-ready spool entry, with a new record id.
@@ -171,13 +182,18 @@ class InferenceRecorder:
             "id": uuid.uuid4().hex,
             "experiment_id": self.experiment_id,
             "record": asdict(record),
-            "inputs": request if self.record_prompts else {"recorded": False},
+            "inputs": (
+                request
+                if self.record_prompts
+                else request_summary(request, params=params if isinstance(params, dict) else None)
+            ),
+            "prompts_recorded": self.record_prompts,
             "model_id": self.model_id,
         }
 
-    def record(self, record: InferenceRecord, *, request: Any = None) -> str:
+    def record(self, record: InferenceRecord, *, request: Any = None, params: Any = None) -> str:
         """Spool ``record``; returns the id of the trace it becomes."""
-        entry = self.entry(record, request=request)
+        entry = self.entry(record, request=request, params=params)
         self._spool().append([entry])
         return trace_id_of(entry)
 
@@ -243,8 +259,9 @@ class InferenceRecorder:
         raises: serving must not fail because recording does.
         """
         try:
+            params = payload.get("params") if isinstance(payload, dict) else None
             entries = [
-                self.entry(record, request=row)
+                self.entry(record, request=row, params=params)
                 for record, row in self.records_for(payload, **exchange)
             ]
             self._spool().append(entries)
@@ -276,10 +293,11 @@ def write_entries(entries: list[Entry], *, tracking_uri: str | None = None) -> N
     """Store spool entries as traces, one ``log_spans`` call per experiment; raises if the store
     did not take them (the spool then tries again). Writing an entry again rewrites its trace.
 
-    An entry with the logged model's id first gets its trace's info, so that the trace carries
-    ``mlflow.modelId`` (the MLflow UI lists it under the logged model); ``log_spans`` alone
-    cannot set trace metadata. Starting a trace that exists merges into it, so a rewrite after
-    a crash is still one trace.
+    An entry with the logged model's id, or without text, first gets its trace's info, so that
+    the trace carries ``mlflow.modelId`` (the MLflow UI lists it under the logged model) and
+    the previews of its summaries (the trace list's Request and Response columns);
+    ``log_spans`` alone can set neither. Starting a trace that exists merges into it, so a
+    rewrite after a crash is still one trace.
     """
     from mlflow.entities import Span
     from mlflow.tracing.client import TracingClient
@@ -287,7 +305,7 @@ def write_entries(entries: list[Entry], *, tracking_uri: str | None = None) -> N
     by_experiment: dict[str, list[Span]] = defaultdict(list)
     client = TracingClient(tracking_uri)
     for entry in entries:
-        if entry.get("model_id"):
+        if entry.get("model_id") or not _prompts_recorded(entry):
             client.start_trace(_trace_info(entry))
         by_experiment[str(entry["experiment_id"])].append(Span.from_dict(_span_dict(entry)))
     for experiment_id, spans in by_experiment.items():
@@ -295,21 +313,48 @@ def write_entries(entries: list[Entry], *, tracking_uri: str | None = None) -> N
 
 
 def _trace_info(entry: Entry) -> Any:
-    """The trace info of an entry: its time, state and tags, and its logged model's id."""
+    """The trace info of an entry: its time, state and tags, its logged model's id, and, for
+    an entry without text, the previews of its summaries.
+    """
     from mlflow.entities import TraceInfo, TraceLocation, TraceState
     from mlflow.tracing.constant import TraceMetadataKey
 
     record = entry["record"]
     served = record.get("outcome", "served") == "served"
+    recorded = _prompts_recorded(entry)
     return TraceInfo(
         trace_id=trace_id_of(entry),
         trace_location=TraceLocation.from_experiment_id(str(entry["experiment_id"])),
         request_time=int(record["timestamp"] * 1000),
         execution_duration=int(float(record["latency_s"]) * 1000),
         state=TraceState.OK if served else TraceState.ERROR,
-        trace_metadata={TraceMetadataKey.MODEL_ID: str(entry["model_id"])},
+        request_preview=None if recorded else request_preview(entry.get("inputs")),
+        response_preview=None if recorded else response_preview(record),
+        trace_metadata=(
+            {TraceMetadataKey.MODEL_ID: str(entry["model_id"])} if entry.get("model_id") else {}
+        ),
         tags=_trace_tags(record),
     )
+
+
+def _prompts_recorded(entry: Entry) -> bool:
+    """Whether the entry holds the request and answer text (an entry spooled before this was
+    stored says so by its inputs only).
+    """
+    if "prompts_recorded" in entry:
+        return bool(entry["prompts_recorded"])
+    inputs = entry.get("inputs")
+    return not (isinstance(inputs, dict) and inputs.get("recorded") is False)
+
+
+def _outputs(entry: Entry) -> Any:
+    """The span's outputs: the answer text when recorded, else (or when there is none) what
+    came of the request (`response_summary`).
+    """
+    record = entry["record"]
+    if _prompts_recorded(entry) and record.get("response") is not None:
+        return record["response"]
+    return response_summary(record)
 
 
 def _trace_tags(record: dict[str, Any]) -> dict[str, str]:
@@ -333,7 +378,7 @@ def _span_dict(entry: Entry) -> dict[str, Any]:
         SpanAttributeKey.REQUEST_ID: trace_id,
         SpanAttributeKey.SPAN_TYPE: "CHAT_MODEL",
         SpanAttributeKey.INPUTS: entry.get("inputs"),
-        SpanAttributeKey.OUTPUTS: record.get("response"),
+        SpanAttributeKey.OUTPUTS: _outputs(entry),
         RECORD_ATTRIBUTE: record,
         **{
             f"{SpanAttributeKey.TRACE_TAG_PREFIX}{key}": value
