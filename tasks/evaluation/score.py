@@ -183,12 +183,14 @@ def score_generation(
     )
     with mlflow.start_run(run_name=run_name, tags=tags | owner_tags()) as run:
         mlflow.log_params(run_params)
-        log_eval_set_input(eval_set)
+        dataset = log_eval_set_input(eval_set)
         # No predict_fn: the answers are in the data. The harness reuses the active run, makes
         # a trace per row and logs each verdict on it, and logs "<scorer>/mean" to this run.
         model_id = _logged(target)
         with _bounded_eval_workers():
-            result = mlflow.genai.evaluate(data=data, scorers=scorers, model_id=model_id)
+            result = mlflow.genai.evaluate(
+                data=as_eval_set_frame(data, dataset), scorers=scorers, model_id=model_id
+            )
         verdicts = _verdicts(result.result_df, {s.name for s in scorers})
         table = _item_table(eval_set, answers, verdicts, kinds, [j.name for j in judges])
         metrics = _metrics(eval_set, generation, table)
@@ -218,12 +220,15 @@ def score_generation(
 DATASET_DIGEST_LENGTH = 32
 
 
-def log_eval_set_input(eval_set: EvalSet) -> None:
+def log_eval_set_input(eval_set: EvalSet) -> Any:
     """Log the eval set as an MLflow dataset input of the active run (context ``evaluation``).
 
     Its name is the eval set's and its digest the start of its content hash, so the MLflow UI
     shows which set (and which content of it) each evaluation ran on, and runs on the same set
     share one dataset.
+
+    Returns:
+        The logged dataset (an MLflow ``PandasDataset``), for `as_eval_set_frame`.
     """
     import mlflow
     import pandas as pd
@@ -252,6 +257,35 @@ def log_eval_set_input(eval_set: EvalSet) -> None:
             digest=eval_set.content_hash[:DATASET_DIGEST_LENGTH],
         )
     mlflow.log_input(dataset, context="evaluation")
+    return dataset
+
+
+def as_eval_set_frame(rows: list[dict[str, Any]], dataset: Any) -> Any:
+    """The evaluation data as a DataFrame that ``mlflow.genai.evaluate`` logs as ``dataset``.
+
+    ``mlflow.genai.evaluate`` logs its data as a dataset input of the run; data it cannot trace
+    to a dataset becomes one named ``dataset`` (with no context), a second, unexplained entry
+    beside the eval set in the run's Datasets. A DataFrame carrying MLflow's dataset identity
+    (what ``EvaluationDataset.to_df`` attaches, checked against the records' hash) is logged as
+    that dataset instead: the eval set's name and digest, which the store already holds as this
+    run's input, so the run keeps one dataset.
+    """
+    import pandas as pd
+    from mlflow.genai.datasets.evaluation_dataset import compute_records_sha256
+    from mlflow.utils.mlflow_tags import MLFLOW_GENAI_EVALUATE_DATASET_IDENTITY
+
+    frame = pd.DataFrame(rows)
+    entity = dataset._to_mlflow_entity()
+    frame.attrs[MLFLOW_GENAI_EVALUATE_DATASET_IDENTITY] = {
+        "name": entity.name,
+        "digest": entity.digest,
+        "source_type": entity.source_type,
+        "source": entity.source,
+        "schema": entity.schema,
+        "profile": entity.profile,
+        "records_sha256": compute_records_sha256(frame),
+    }
+    return frame
 
 
 @contextmanager
