@@ -4,6 +4,7 @@ MLflow store holding weightless versions; and the eval set as an MLflow dataset 
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,71 @@ def test_status_command_prints_one_table(store) -> None:
     for text in ("1.25", "42", "promoted", "passed", "canary 10% (live)", "canary aborted"):
         assert text in out, out
     assert "Live traffic: canary 10% to @candidate (version 3)" in out
+
+
+def test_status_fits_an_80_column_terminal(store) -> None:
+    """At COLUMNS=80 the eleven-column table would fold every cell into slivers: one block per
+    version instead, every line within 80 characters, every fact still there.
+    """
+    result = CliRunner().invoke(app, ["status", "--model-name", NAME], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.output
+    out = result.output
+    assert f"{NAME}: 3 version(s), newest first" in out
+    # newest first, each version a heading with its aliases
+    assert out.index("v3  @candidate") < out.index("v2  @champion") < out.index("v1\n")
+    for text in (f"{REPO}@bbbbbbbbbbbb (onnx)", "phi3-default", "pass 0.8", "p95 1.25 s"):
+        assert text in out, out
+    for text in ("42 tok/s", "promoted", "passed", "canary 10% (live)", "canary aborted"):
+        assert text in out, out
+    assert "none yet" in out and "not decided yet" in out  # v3: no evaluation, no decision
+    assert "Live traffic: canary 10% to @candidate (version 3)" in out
+
+
+def test_the_narrow_layout_folds_what_is_too_long_instead_of_cutting_it() -> None:
+    from rich.console import Console
+
+    from cli.status import status_view
+    from tasks.status import LastEvaluation, ModelStatus, VersionStatus
+
+    repo = "an-organisation-with-a-long-name/phi-3-mini-4k-instruct-fine-tuned-on-support-tickets"
+    found = ModelStatus(
+        model_name="phi3-mini",
+        versions=[
+            VersionStatus(
+                version=str(n),
+                aliases=["champion", "previous", "candidate"][: n % 4],
+                source=f"{repo}@{'e' * 40}",
+                flavor="transformers",
+                evaluation=LastEvaluation(
+                    run_id="f" * 32,
+                    eval_set="customer-support-regression-suite-2026",
+                    eval_set_hash="3" * 64,
+                    started_ms=n,
+                    pass_rate=0.8125,
+                    latency_p95_s=12.345,
+                    tokens_per_s=3.71,
+                ),
+                promotion="rejected",
+                monitor="insufficient-data",
+                canary="shadow (live)",
+            )
+            for n in range(12, 0, -1)
+        ],
+    )
+    for width, layout in ((80, "blocks"), (60, "blocks"), (400, "table")):
+        console = Console(width=width, record=True, file=io.StringIO())
+        console.print(status_view(found, console))
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= width
+        assert ("newest first" in text) is (layout == "blocks"), width
+        assert "…" not in text  # nothing cut with an ellipsis
+        if layout == "table":
+            assert f"{repo}@eeeeeeeeeeee" in text
+        else:  # the long source is folded over lines
+            joined = "".join(line.strip() for line in text.splitlines())
+            assert f"{repo}@eeeeeeeeeeee (transformers)" in joined
 
 
 def test_status_of_an_unknown_model_is_one_line_and_exit_2(store) -> None:
