@@ -20,6 +20,8 @@ from typing import Any
 MAX_ROLES = 32
 #: The generation parameters a summary shows (the stop sequences as their count).
 GENERATION_PARAMETERS = ("max_tokens", "temperature", "top_p", "stop", "stream")
+#: Roles a summary names as they are; any other is "other" (it is text the client wrote).
+KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 #: Where MLflow's scoring payloads hold their rows.
 _ROW_LISTS = ("inputs", "dataframe_records", "instances")
 
@@ -51,7 +53,7 @@ def request_summary(row: Any, *, params: dict[str, Any] | None = None) -> dict[s
         return summary
     messages = row.get("messages")
     if isinstance(messages, list):
-        roles = [str(m.get("role")) if isinstance(m, dict) else "?" for m in messages]
+        roles = [_role(m.get("role")) if isinstance(m, dict) else "?" for m in messages]
         summary |= {
             "message_count": len(messages),
             "roles": roles[:MAX_ROLES],
@@ -67,6 +69,13 @@ def request_summary(row: Any, *, params: dict[str, Any] | None = None) -> dict[s
     if isinstance(response_format, dict) and response_format.get("type"):
         summary["response_format"] = str(response_format["type"])
     return summary
+
+
+def _role(value: Any) -> str:
+    """A message's role as the summary names it: a role a chat request may have, else "other"
+    (a refused request's role is the client's text, which a summary never holds).
+    """
+    return value if value in KNOWN_ROLES else "other"
 
 
 def request_preview(summary: Any) -> str | None:

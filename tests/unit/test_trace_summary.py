@@ -60,6 +60,13 @@ def test_a_chat_request_is_summarised_without_its_text() -> None:
     assert "SECRET" not in json.dumps(summary)
 
 
+def test_a_role_the_client_made_up_is_other_not_its_text() -> None:
+    made_up = {"messages": [{"role": "SECRET-ROLE", "content": "x"}, {"role": 7, "content": "y"}]}
+    summary = request_summary(made_up)
+    assert summary["roles"] == ["other", "other"]
+    assert "SECRET" not in json.dumps(summary) and "SECRET" not in str(request_preview(summary))
+
+
 def test_parameters_from_the_payload_parts_and_odd_rows_are_summarised_too() -> None:
     row = {"messages": [{"role": "user", "content": [{"type": "text", "text": "SECRET"}]}]}
     summary = request_summary(
