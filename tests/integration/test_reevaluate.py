@@ -22,41 +22,65 @@ STEADY = {
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
 
-@pytest.fixture
-def champion(tiny_phi3, monkeypatch) -> Iterator[dict]:
-    """The tiny ONNX Phi-3 as @champion of NAME, evaluated once on the smoke set."""
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[dict]:
+    """The tiny ONNX Phi-3 as @champion of NAME, evaluated once on the smoke set, in a store
+    the module's tests share: each re-evaluates it, none changes what the next one starts from
+    (a re-evaluation adds a run; the version and its aliases stay).
+    """
     from mlflow import MlflowClient
 
-    import flows.reevaluate
     from offline.packaged import register_both_flavors
+    from phi3ops.settings import get_settings
     from tasks.evaluation import evaluate_model
 
+    data_dir = tmp_path_factory.mktemp("reevaluate-data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PHI3OPS_DATA_DIR", str(data_dir))
+        mp.setenv("PHI3OPS_EVAL_TTFT_SAMPLES", "0")
+        get_settings.cache_clear()
+        version = register_both_flavors(tiny_phi3, model_name=NAME)["onnx"].version
+        earlier = evaluate_model(f"models:/{NAME}/{version}", "smoke")
+        MlflowClient().set_registered_model_alias(NAME, "champion", version)
+        yield {"version": version, "earlier": earlier, "data_dir": data_dir}
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def champion(registered, monkeypatch) -> dict:
+    """The module's champion, this test's events (the emitter records instead of sending)."""
+    import flows.reevaluate
+    from phi3ops.settings import get_settings
+
+    monkeypatch.setenv("PHI3OPS_DATA_DIR", str(registered["data_dir"]))
     monkeypatch.setenv("PHI3OPS_EVAL_TTFT_SAMPLES", "0")
-    version = register_both_flavors(tiny_phi3, model_name=NAME)["onnx"].version
-    earlier = evaluate_model(f"models:/{NAME}/{version}", "smoke")
-    MlflowClient().set_registered_model_alias(NAME, "champion", version)
+    get_settings.cache_clear()
     events: list[tuple[str, str, dict]] = []
     monkeypatch.setattr(
         flows.reevaluate,
         "emit",
         lambda event, *, model_name, version, payload: events.append((event, version, payload)),
     )
-    return {"version": version, "earlier": earlier, "events": events}
+    return {**registered, "events": events}
 
 
 def test_a_steady_champion_is_re_evaluated_from_scratch(champion) -> None:
     from flows.reevaluate import reevaluate_flow
     from tasks.evaluation import find_evaluation
 
+    eval_set_hash = champion["earlier"].eval_set_hash
+    # The version's latest evaluation: the module's first, or another test's re-evaluation.
+    earlier = find_evaluation(NAME, champion["version"], eval_set_hash)
+    assert earlier is not None
     decision = reevaluate_flow(model_name=NAME, eval_set="smoke", gates=STEADY)
     assert decision.promote, decision.reasons
     gates = {g.gate for g in decision.gates}
     assert {"pass_rate vs earlier run", "error_rate vs earlier run"} <= gates
     ((event, version, payload),) = champion["events"]
     assert (event, version) == ("phi3ops.model.re-evaluated", champion["version"])
-    assert payload["earlier_run_id"] == champion["earlier"].run_id
-    fresh = find_evaluation(NAME, champion["version"], champion["earlier"].eval_set_hash)
-    assert fresh.run_id == payload["fresh_run_id"] != champion["earlier"].run_id  # generated anew
+    assert payload["earlier_run_id"] == earlier.run_id
+    fresh = find_evaluation(NAME, champion["version"], eval_set_hash)
+    assert fresh.run_id == payload["fresh_run_id"] != earlier.run_id  # generated anew
     assert "no regression" in latest_artifact_data("reevaluation-phi3-nightly")
 
 
