@@ -17,7 +17,7 @@ copy and gives the name back to the one that was there (see the entry's docstrin
 Log it with::
 
     mlflow.pyfunc.log_model(
-        name="model",
+        name="phi-3-mini-4k-instruct-onnx-int4",  # the name MLflow's UI lists it under
         python_model="<path of phi3_chat/models_from_code.py>",
         code_paths=["<path of the phi3_chat folder>"],
         artifacts={"model_dir": "<folder holding genai_config.json>"},

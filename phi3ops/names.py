@@ -152,3 +152,23 @@ def evaluation_artifact_key(model_name: str, version: str) -> str:
 def lifecycle_artifact_key(model_name: str) -> str:
     """The Prefect artifact key of a lifecycle run's summary: ``lifecycle-summary-<model>``."""
     return artifact_key("lifecycle-summary", model_name)
+
+
+# --- MLflow logged models ---------------------------------------------------------------------
+
+
+def logged_model_name(repo_id: str, flavor: str, quantization: str = "") -> str:
+    """The display name of a logged model in MLflow's UI: the source repository's name, then
+    what it was packaged as (``phi-3-mini-4k-instruct-onnx-int4``,
+    ``phi-3-mini-4k-instruct-transformers``).
+
+    Sanitised like `artifact_key`, since MLflow rejects ``/ : . % " '`` in the name. Only the
+    first word of ``quantization`` is kept (``int4`` of ``int4-rtn-block-32-acc-level-4``); a
+    flavor the repository's name already ends with is not repeated. Nothing looks a model up by
+    this name: MLflow addresses logged models by id (``models:/<model_id>``).
+    """
+    name = artifact_key(repo_id.rsplit("/", 1)[-1])
+    kind = artifact_key(str(flavor))
+    precision = artifact_key(quantization).split("-", 1)[0]
+    repeated = name == kind or name.endswith(f"-{kind}")
+    return artifact_key(name, "" if repeated else kind, precision)

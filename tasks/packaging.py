@@ -49,7 +49,7 @@ from pydantic import BaseModel
 from phi3_chat.batcher import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
 from phi3ops.crash import crash_point
 from phi3ops.errors import InvalidInputError, PackagingError
-from phi3ops.names import LineageTag
+from phi3ops.names import LineageTag, logged_model_name
 from phi3ops.serving.signatures import (
     CHAT_INPUT_EXAMPLE,
     MODEL_DIR_ARTIFACT,
@@ -334,7 +334,7 @@ def log_onnx_model(
 
     def log(mlflow: Any, tags: dict[str, str]) -> Any:
         return mlflow.pyfunc.log_model(
-            name="model",
+            name=logged_model_name(fetched.repo_id, plan.flavor, plan.quantization),
             python_model=str(MODEL_ENTRY_FILE),
             code_paths=[str(package)],  # code/phi3_chat/ in the model, imported by the entry
             artifacts={MODEL_DIR_ARTIFACT: str(plan.weights_dir)},
@@ -371,7 +371,7 @@ def log_transformers_model(fetched: FetchResult) -> LoggedModelInfo:
     def log(mlflow: Any, tags: dict[str, str]) -> Any:
         return mlflow.transformers.log_model(
             transformers_model=pipeline,
-            name="model",
+            name=logged_model_name(fetched.repo_id, plan.flavor),
             task="llm/v1/chat",
             model_config=plan.inference_config,
             pip_requirements=plan.pip_requirements,

@@ -207,6 +207,8 @@ def test_packaging_the_same_source_again_reuses_the_version_and_copies_nothing(s
 
 @pytest.mark.slow
 def test_versions_and_runs_carry_the_lineage(store, registry) -> None:
+    import mlflow
+
     from phi3ops.serving.signatures import MODEL_ENTRY_FILE, model_package_digest
 
     onnx_manifest = _snapshot_manifest(store, ONNX_REPO_ID, store.onnx_sha)
@@ -244,9 +246,13 @@ def test_versions_and_runs_carry_the_lineage(store, registry) -> None:
             LineageTag.QUANTIZATION: "int4-default-block-32-acc-level-4",
         },
     }
+    # MLflow's UI lists each logged model by a name that says what it is.
+    onnx = "phi-3-mini-4k-instruct-onnx-int4"
+    names = {"1": onnx, "2": "phi-3-mini-4k-instruct-transformers", "3": onnx, "4": onnx}
     keys = set()
     for version, wanted in expected.items():
         mv = registry.get_model_version(MODEL_NAME, version)
+        assert mlflow.get_logged_model(mv.source.removeprefix("models:/")).name == names[version]
         tags = mv.tags
         assert set(LineageTag) <= set(tags), version
         for key, value in wanted.items():

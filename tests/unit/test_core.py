@@ -138,6 +138,43 @@ def test_manifest_digest_is_order_independent_and_content_sensitive() -> None:
     assert manifest_digest("o/r", "f" * 40, [a]) != manifest_digest("o/r", "e" * 40, [a])
 
 
+@pytest.mark.parametrize(
+    ("repo_id", "flavor", "quantization", "expected"),
+    [
+        (
+            "microsoft/Phi-3-mini-4k-instruct-onnx",
+            "onnx",
+            "int4-rtn-block-32-acc-level-4",
+            "phi-3-mini-4k-instruct-onnx-int4",
+        ),
+        (
+            "microsoft/Phi-3-mini-4k-instruct",
+            "onnx",
+            "int4-default-block-32-acc-level-4",
+            "phi-3-mini-4k-instruct-onnx-int4",
+        ),
+        (
+            "microsoft/Phi-3-mini-4k-instruct",
+            "transformers",
+            "",
+            "phi-3-mini-4k-instruct-transformers",
+        ),
+        ("org/Phi-3.5-mini:v1", "transformers", "", "phi-3-5-mini-v1-transformers"),
+        ("org/Phi-3.5-mini:v1", "onnx", "int4", "phi-3-5-mini-v1-onnx-int4"),
+    ],
+)
+def test_logged_model_names_say_what_the_model_is_and_mlflow_accepts_them(
+    repo_id: str, flavor: str, quantization: str, expected: str
+) -> None:
+    from mlflow.utils.validation import _validate_logged_model_name
+
+    from phi3ops.names import logged_model_name
+
+    name = logged_model_name(repo_id, flavor, quantization)
+    assert name == expected
+    _validate_logged_model_name(name)  # MLflow rejects / : . % " ' in logged model names
+
+
 def test_configure_tracking_survives_another_process_creating_the_experiment(monkeypatch) -> None:
     """Two server workers start at once: the second to create the experiment must use it."""
     import mlflow
