@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint run demo bench docs clean
+.PHONY: install test test-fast lint run demo bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,12 +14,20 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Lint, format, types (core and tasks), then the whole suite.
-test: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+# Test processes: most of the suite waits on servers and subprocesses, so two share 2 cores well.
+# Each test file runs whole on one of them (module fixtures: one server, one packaged model).
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=10
+
+# Lint, format, types (core and tasks), then the whole suite: what CI runs.
+test: lint $(STAMP)
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(PYTEST)
+
+# The quick loop: lint, types, and the tests that build or serve no model and start no server.
+test-fast: lint $(STAMP)
+	$(BIN)/mypy
+	$(PYTEST) -m "not slow and not e2e"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -27,6 +27,20 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PHI3OPS_ALIAS_LOCK"] = "file"
 
 
+#: Fixtures that make a test slow by themselves: a Prefect server (13-18 s to start here) or the
+#: tiny Phi-3. A test that uses one is marked ``slow`` here, so no test has to remember to.
+SLOW_FIXTURES = frozenset({"prefect_harness", "tiny_phi3"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that needs a Prefect server or the tiny model (`SLOW_FIXTURES`),
+    directly or through another fixture; `make test-fast` deselects them.
+    """
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def isolated_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh data dir per test, no Hugging Face token, settings re-read."""

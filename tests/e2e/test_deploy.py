@@ -110,8 +110,9 @@ class Stack:
             if value is not None:
                 return value
             time.sleep(1)
+        spent = {k: round(v, 1) for k, v in self.timings.items()}  # where the time went
         pytest.fail(
-            f"timed out after {timeout}s waiting for {what}\n--- worker log:\n"
+            f"timed out after {timeout}s waiting for {what} (so far: {spent})\n--- worker log:\n"
             f"{self.processes.log('worker')}\n--- server log:\n{self.processes.log('server')}"
         )
 
@@ -538,8 +539,3 @@ def test_monitoring_failure_notifies_and_starts_a_rollback(stack: Stack) -> None
         )
     assert run.parameters["model_name"] == "phi3-mini"
     assert run.parameters["triggered_by"].startswith("automation phi3ops-on-monitoring-failed")
-
-
-def test_timings(stack: Stack) -> None:
-    """Not a check: prints where the e2e time goes (pytest -s)."""
-    print({k: round(v, 1) for k, v in stack.timings.items()})

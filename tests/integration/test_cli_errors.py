@@ -40,6 +40,7 @@ def _phi3ops(*args: str, home: Path, timeout: float = 240) -> subprocess.Complet
     )
 
 
+@pytest.mark.slow  # runs a flow in a phi3ops process: a Prefect server of its own
 def test_a_failure_inside_a_flow_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
     result = _phi3ops("rollback", home=tmp_path)
     assert result.returncode == 2, result.stderr
@@ -51,6 +52,7 @@ def test_a_failure_inside_a_flow_is_one_line_and_exit_code_2(tmp_path: Path) -> 
     assert len(errors) == 1 and REASON in errors[0] and "exit code 2" in errors[0], lines
 
 
+@pytest.mark.slow  # runs a flow in a phi3ops process: a Prefect server of its own
 def test_verbose_shows_the_traceback(tmp_path: Path) -> None:
     result = _phi3ops("--verbose", "rollback", home=tmp_path)
     assert result.returncode == 2

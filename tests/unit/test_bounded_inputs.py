@@ -65,6 +65,7 @@ def test_an_unreachable_tracking_server_is_a_one_line_cli_error(
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == str(get_settings().tracking_max_retries)
 
 
+@pytest.mark.slow  # starts processes that each import MLflow
 def test_processes_that_first_use_a_fresh_sqlite_store_at_once_all_succeed(tmp_path) -> None:
     """MLflow creates a SQLite store's tables unlocked; racing processes used to crash."""
     script = (
