@@ -225,7 +225,7 @@ def run_shards(
     if not PREFECT_API_URL.value():
         raise EvaluationError(
             "A sharded evaluation runs its shards on a work pool, which needs a Prefect server: "
-            "set PREFECT_API_URL (README, 'Team setup'), or evaluate with shards=1."
+            "set PREFECT_API_URL (docs/operations.md, 'Team setup'), or evaluate with shards=1."
         )
     group = str(uuid.uuid4())
     try:

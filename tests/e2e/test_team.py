@@ -1,4 +1,4 @@
-"""End to end, the team setup (README "Team setup"), on loopback with real processes:
+"""End to end, the team setup (docs/operations.md, "Team setup"), on loopback with real processes:
 
 PostgreSQL 15 (run as the ``postgres`` user in a temp dir) under an ``mlflow server`` whose
 artifacts go to moto's S3 server, and under ``prefect server start``; ``phi3ops setup`` and
