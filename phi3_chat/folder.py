@@ -2,14 +2,22 @@
 hold, and the context a ``genai_config.json`` allows.
 
 ``OnnxChatModel.load_context`` refuses a folder holding anything but model files
-(`MODEL_FILE_SUFFIXES`) or a ``genai_config.json`` that loads a library (``custom_ops_library``),
-names an execution provider other than the CPU, or sets a session option off
-`ALLOWED_SESSION_OPTIONS`, before onnxruntime-genai reads it. The fetch and package tasks run the
-same check (`model_file_problems`) on the files they take in.
+(`MODEL_FILE_SUFFIXES`), a file whose first bytes are an executable (ELF, Mach-O, PE) or a
+script (``#!``) whatever its name, a JSON file that is not valid JSON or repeats a key, or a
+``genai_config.json`` that loads a library (``custom_ops_library``), names an execution provider
+other than the CPU, or sets a session option off `ALLOWED_SESSION_OPTIONS`, before
+onnxruntime-genai reads it. The fetch and package tasks run the same check
+(`model_file_problems`) on the files they take in.
+
+A repeated key is refused because parsers disagree on which one counts: Python's ``json`` keeps
+the last, onnxruntime-genai applies the first, so a config whose last ``session_options`` is clean
+would pass a check that reads it with Python while the library loaded the first. Every JSON file
+is parsed once, duplicates refused anywhere in it, and the settings checks run on that document.
 """
 
 import json
 import os
+import struct
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -76,6 +84,20 @@ ALLOWED_SESSION_OPTIONS = (
 # Keys that load code wherever they appear in a genai_config.json.
 _CODE_KEYS = ("custom_ops_library",)
 _CODE_SUFFIXES = (".so", ".dll", ".dylib", ".pyd", ".exe", ".py", ".sh", ".bat", ".ps1")
+# What a file's first bytes say it is, when it is code: shared libraries and executables of every
+# platform (PE is checked apart, see `_code_kind`) and scripts the kernel runs.
+_CODE_MAGIC = (
+    (b"\x7fELF", "an ELF shared library or executable"),
+    (b"\xfe\xed\xfa\xce", "a Mach-O shared library or executable"),
+    (b"\xfe\xed\xfa\xcf", "a Mach-O shared library or executable"),
+    (b"\xce\xfa\xed\xfe", "a Mach-O shared library or executable"),
+    (b"\xcf\xfa\xed\xfe", "a Mach-O shared library or executable"),
+    (b"\xca\xfe\xba\xbe", "a Mach-O universal (fat) binary"),
+    (b"#!", "a script (#!)"),
+)
+# A PE file (Windows DLL or executable) starts "MZ" and holds b"PE\0\0" at the offset stored at
+# 0x3C; raw weights may start "MZ" by chance, so both are required.
+_PE_OFFSET_AT = 0x3C
 
 
 def model_file_problems(files: Mapping[str, str | None]) -> list[str]:
@@ -83,8 +105,10 @@ def model_file_problems(files: Mapping[str, str | None]) -> list[str]:
 
     Args:
         files: Each file's ``/``-separated path in the folder (or repository), mapped to where
-            its bytes are on disk, or to None to check the name only. A ``genai_config.json``
-            with bytes on disk is read and its settings checked.
+            its bytes are on disk, or to None to check the name only. A file with bytes on disk
+            is also checked by what it is: its first bytes (never the whole file) must not be an
+            executable or script, and a ``.json`` file is parsed, duplicate keys refused, and
+            for ``genai_config.json`` its settings checked.
 
     Returns:
         The problems, empty when every file is model data.
@@ -97,8 +121,8 @@ def model_file_problems(files: Mapping[str, str | None]) -> list[str]:
                 problems.append(f"{path}: code (a shared library, executable or script)")
             else:
                 problems.append(f"{path}: not a model file type")
-        elif name == GENAI_CONFIG and location is not None:
-            problems.extend(_genai_config_problems(path, location))
+        elif location is not None:
+            problems.extend(_content_problems(path, name, location))
     return problems
 
 
@@ -126,13 +150,82 @@ def model_folder_problems(folder: str) -> list[str]:
     return problems + model_file_problems(files)
 
 
-def _genai_config_problems(path: str, location: str) -> list[str]:
+def _content_problems(path: str, name: str, location: str) -> list[str]:
     try:
-        with open(location, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError) as exc:
-        return [f"{path}: not readable JSON ({exc})"]
-    return [f"{path}: {problem}" for problem in _settings_problems(config, "")]
+        kind = _code_kind(location)
+    except OSError as exc:
+        return [f"{path}: not readable ({exc})"]
+    if kind is not None:
+        return [
+            f"{path}: code ({kind}, by its first bytes, whatever its name); a model folder holds "
+            f"no executables: remove the file"
+        ]
+    if not name.lower().endswith(".json"):
+        return []
+    document, problems = _checked_json(location)
+    if problems or name != GENAI_CONFIG:
+        return [f"{path}: {problem}" for problem in problems]
+    return [f"{path}: {problem}" for problem in _settings_problems(document, "")]
+
+
+def _code_kind(location: str) -> str | None:
+    """What code the file's first bytes say it is (None for data); reads at most 68 bytes."""
+    with open(location, "rb") as handle:
+        head = handle.read(_PE_OFFSET_AT + 4)
+        for magic, kind in _CODE_MAGIC:
+            if head.startswith(magic):
+                return kind
+        if head.startswith(b"MZ") and len(head) == _PE_OFFSET_AT + 4:
+            (offset,) = struct.unpack_from("<I", head, _PE_OFFSET_AT)
+            handle.seek(offset)
+            if handle.read(4) == b"PE\0\0":
+                return "a Windows (PE) DLL or executable"
+    return None
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as parsed, every key kept in order (`_checked_json` turns it into a dict)."""
+
+
+def _checked_json(location: str) -> tuple[Any, list[str]]:
+    """The JSON document in the file, and why it may not be read: not valid JSON (UTF-8), or a
+    key repeated in an object anywhere in it (each named by its key path).
+    """
+    try:
+        with open(location, "rb") as handle:
+            text = handle.read().decode("utf-8")
+        parsed = json.loads(text, object_pairs_hook=_Pairs)
+    except (OSError, ValueError, RecursionError) as exc:
+        return None, [f"not readable JSON ({exc}); fix the file or fetch it again"]
+    duplicates: list[str] = []
+    try:
+        document = _without_duplicates(parsed, "", duplicates)
+    except RecursionError:
+        return None, ["not readable JSON (nested too deep); fix the file or fetch it again"]
+    return document, [
+        f"key {key_path} appears more than once (parsers disagree on which one counts: "
+        f"onnxruntime-genai reads the first, Python the last); keep one"
+        for key_path in duplicates
+    ]
+
+
+def _without_duplicates(node: Any, where: str, duplicates: list[str]) -> Any:
+    if isinstance(node, list) and not isinstance(node, _Pairs):
+        return [
+            _without_duplicates(item, f"{where}[{index}]", duplicates)
+            for index, item in enumerate(node)
+        ]
+    if not isinstance(node, _Pairs):
+        return node
+    document: dict[str, Any] = {}
+    for key, value in node:
+        key_path = f"{where}.{key}" if where else key
+        if key in document:
+            if key_path not in duplicates:
+                duplicates.append(key_path)
+            continue  # the first one is the one checked: what onnxruntime-genai applies
+        document[key] = _without_duplicates(value, key_path, duplicates)
+    return document
 
 
 def _settings_problems(node: Any, where: str) -> Iterator[str]:

@@ -17,7 +17,12 @@ What a fetch takes in, of the files the variant's patterns match:
   any download, naming each file; so does a ``genai_config.json`` that loads a library
   (``custom_ops_library``), names an execution provider other than ``cpu``, sets a session
   option off the allowlist, or points a ``filename`` outside its folder, right after its
-  download (configs go first), before it lands in the snapshot folder.
+  download (configs go first), before it lands in the snapshot folder;
+* and each file is checked by its bytes right after its download, before it lands in the
+  snapshot folder (and when a cached copy is reused): one that starts like an executable or
+  script (ELF, Mach-O, PE, ``#!``) is refused whatever its name, and a ``.json`` file that is not
+  valid JSON or repeats a key anywhere (onnxruntime-genai applies the first of two
+  ``session_options``, Python the last) is refused naming the key.
 """
 
 from __future__ import annotations
@@ -91,7 +96,8 @@ def _raise_if_unsafe(problems: list[str], where: str) -> None:
     raise UnsafeModelError(
         f"{where} is refused: {'; '.join(problems)}. phi3ops takes a model folder as data "
         f"only: files ending in {', '.join(MODEL_FILE_SUFFIXES)} or named "
-        f"{', '.join(MODEL_FILE_NAMES)}, and a {GENAI_CONFIG} that loads no library "
+        f"{', '.join(MODEL_FILE_NAMES)}, none of them an executable or script by its bytes, "
+        f"JSON files that parse with each key once, and a {GENAI_CONFIG} that loads no library "
         f"(custom_ops_library), names no execution provider but {', '.join(ALLOWED_PROVIDERS)} "
         f"and sets only known session options. Fetch a repository or revision that holds only "
         f"model data, or remove the file or key from your own model and publish it again."

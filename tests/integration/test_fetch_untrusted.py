@@ -104,6 +104,58 @@ def test_genai_config_that_loads_code_or_another_provider_is_refused(
     assert not any(p.is_file() for p in root.rglob("*"))
 
 
+# Two session_options: Python's json keeps the last (clean) one, onnxruntime-genai applies the
+# first, which loads the "weights" below (a shared library under an allowed suffix).
+DUPLICATE_SESSION_OPTIONS = b"""{"model": {"type": "phi3", "decoder": {
+  "filename": "model.onnx",
+  "session_options": {"custom_ops_library": "evil.onnx.data"},
+  "session_options": {"log_id": "onnxruntime-genai", "provider_options": []}}}}"""
+
+
+def test_a_genai_config_with_two_session_options_is_refused_before_the_weights(
+    local_hub, tmp_path: Path
+) -> None:
+    extra = {
+        f"{MODEL}/genai_config.json": DUPLICATE_SESSION_OPTIONS,
+        f"{MODEL}/evil.onnx.data": b"\x7fELF" + bytes(100),
+    }
+    local_hub.add_repo(REPO, _repo(tmp_path / "src", extra=extra))
+    root = tmp_path / "snapshots"
+    with pytest.raises(UnsafeModelError) as info:
+        fetch_snapshot(REPO, endpoint=local_hub.url, target_root=root)
+    assert f"{MODEL}/genai_config.json: key model.decoder.session_options appears more" in str(
+        info.value
+    )
+    assert _downloads(local_hub) == [f"{MODEL}/genai_config.json"]
+    assert not any(p.is_file() for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "named"),
+    [
+        ("evil.onnx.data", b"\x7fELF\x02\x01\x01" + bytes(100), "ELF"),
+        ("tokenizer.json", b'{"model": {"vocab": {"a": 0, "a": 1}}}', "key model.vocab.a"),
+    ],
+)
+def test_a_file_that_is_code_or_repeats_a_key_never_enters_the_snapshot(
+    local_hub, tmp_path: Path, name: str, data: bytes, named: str
+) -> None:
+    local_hub.add_repo(REPO, _repo(tmp_path / "src", extra={f"{MODEL}/{name}": data}))
+    root = tmp_path / "snapshots"
+    with pytest.raises(UnsafeModelError) as info:
+        fetch_snapshot(REPO, endpoint=local_hub.url, target_root=root)
+    assert f"{MODEL}/{name}: " in str(info.value) and named in str(info.value)
+    snapshot_copies = [p for p in root.rglob(name) if ".staging" not in p.parts]
+    assert snapshot_copies == []
+
+
+def test_weights_that_merely_start_with_mz_are_fetched(local_hub, tmp_path: Path) -> None:
+    weights = b"MZ" + bytes(range(256)) * 9000  # no "PE" signature where 0x3C points
+    local_hub.add_repo(REPO, _repo(tmp_path / "src", extra={WEIGHTS: weights}))
+    result = fetch_snapshot(REPO, endpoint=local_hub.url)
+    assert (result.local_dir / WEIGHTS).read_bytes() == weights
+
+
 def test_python_files_are_left_out(local_hub, tmp_path: Path) -> None:
     extra = {f"{MODEL}/configuration_phi3.py": b"import os\nos.system('id')\n"}
     local_hub.add_repo(REPO, _repo(tmp_path / "src", extra=extra))

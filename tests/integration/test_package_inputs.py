@@ -62,6 +62,24 @@ def test_custom_ops_library_written_into_genai_config_is_refused(onnx_snapshot) 
     assert "genai_config.json: model.decoder.session_options.custom_ops_library" in str(info.value)
 
 
+def test_a_genai_config_with_two_session_options_is_refused(onnx_snapshot) -> None:
+    """Python's json keeps the last session_options, onnxruntime-genai applies the first."""
+    config_path = onnx_snapshot.model_dir / "genai_config.json"
+    clean = json.dumps(json.loads(config_path.read_text())["model"]["decoder"]["session_options"])
+    text = config_path.read_text()
+    evil = '"session_options": {"custom_ops_library": "evil.onnx.data"}, "session_options": '
+    config_path.write_text(text.replace('"session_options": ', evil, 1))
+    assert json.loads(config_path.read_text())["model"]["decoder"]["session_options"] == (
+        json.loads(clean)
+    )
+    (onnx_snapshot.model_dir / "evil.onnx.data").write_bytes(b"\x7fELF" + bytes(100))
+    with pytest.raises(UnsafeModelError) as info:
+        plan_package(onnx_snapshot, Flavor.ONNX)
+    message = str(info.value)
+    assert "genai_config.json: key model.decoder.session_options appears more than once" in message
+    assert "evil.onnx.data: code (an ELF" in message
+
+
 def test_a_snapshot_whose_manifest_is_gone_or_rewritten_is_refused(onnx_snapshot) -> None:
     manifest_path = onnx_snapshot.local_dir / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import types
 from pathlib import Path
 
 import pytest
@@ -161,4 +163,122 @@ def test_the_context_served_is_the_published_4096_or_the_builders_2048() -> None
     assert (
         usable_context({**built, "decoder": {**built["decoder"], "sliding_window": sliding}})
         == 4096
+    )
+
+
+# --- JSON files are parsed once, with each key once -------------------------------------------
+
+# Two session_options: Python's json keeps the last (clean) one, onnxruntime-genai applies the
+# first, which loads a shared library saved under an allowed suffix.
+DUPLICATE_SESSION_OPTIONS = """{"model": {"type": "phi3", "decoder": {
+  "filename": "model.onnx",
+  "session_options": {"custom_ops_library": "evil.onnx.data"},
+  "session_options": {"log_id": "onnxruntime-genai", "provider_options": []}}}}"""
+
+
+def test_a_genai_config_with_two_session_options_is_refused(tmp_path: Path) -> None:
+    location = tmp_path / "genai_config.json"
+    location.write_text(DUPLICATE_SESSION_OPTIONS)
+    assert json.loads(DUPLICATE_SESSION_OPTIONS)["model"]["decoder"]["session_options"] == {
+        "log_id": "onnxruntime-genai",
+        "provider_options": [],
+    }  # what a check that reads it with json.load alone sees
+    problems = model_file_problems({"m/genai_config.json": str(location)})
+    assert problems == [
+        "m/genai_config.json: key model.decoder.session_options appears more than once "
+        "(parsers disagree on which one counts: onnxruntime-genai reads the first, Python the "
+        "last); keep one"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "key_path"),
+    [
+        (
+            "tokenizer.json",
+            '{"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []},'
+            ' "added_tokens": [{"id": 0, "special": true, "content": "<s>", "content": "</s>"}]}',
+            "added_tokens[0].content",
+        ),
+        ("tokenizer_config.json", '{"chat_template": "x", "chat_template": "y"}', "chat_template"),
+        ("special_tokens_map.json", '{"a": {"b": {"c": {"d": 1, "d": 2}}}}', "a.b.c.d"),
+        ("config.json", '{"model_type": "phi3", "auto_map": {}, "auto_map": {}}', "auto_map"),
+    ],
+)
+def test_a_key_repeated_anywhere_in_any_json_file_is_refused(
+    tmp_path: Path, name: str, text: str, key_path: str
+) -> None:
+    (tmp_path / name).write_text(text)
+    [problem] = model_file_problems({f"m/{name}": str(tmp_path / name)})
+    assert problem.startswith(f"m/{name}: key {key_path} appears more than once")
+
+
+def test_a_json_file_that_is_not_json_is_refused_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer_config.json").write_bytes(b"\xff{not json")
+    [problem] = model_file_problems(
+        {"tokenizer_config.json": str(tmp_path / "tokenizer_config.json")}
+    )
+    assert problem.startswith("tokenizer_config.json: not readable JSON")
+
+
+# --- files are what their bytes are, not what their names say ----------------------------------
+
+
+def _pe(offset: int = 0x80) -> bytes:
+    header = bytearray(b"MZ" + bytes(offset + 200))
+    struct.pack_into("<I", header, 0x3C, offset)
+    header[offset : offset + 4] = b"PE\0\0"
+    return bytes(header)
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"\x7fELF\x02\x01\x01" + bytes(100), "an ELF shared library or executable"),
+        (b"\xfe\xed\xfa\xce" + bytes(100), "a Mach-O"),
+        (b"\xfe\xed\xfa\xcf" + bytes(100), "a Mach-O"),
+        (b"\xce\xfa\xed\xfe" + bytes(100), "a Mach-O"),
+        (b"\xcf\xfa\xed\xfe" + bytes(100), "a Mach-O"),
+        (b"\xca\xfe\xba\xbe" + bytes(100), "a Mach-O universal"),
+        (_pe(), "a Windows (PE) DLL or executable"),
+        (_pe(0x40), "a Windows (PE) DLL or executable"),
+        (b"#!/bin/sh\nid\n", "a script"),
+    ],
+)
+def test_executables_are_refused_by_their_bytes_whatever_their_name(
+    tmp_path: Path, data: bytes, kind: str
+) -> None:
+    for name in ("evil.onnx.data", "model.safetensors", "README.md", "LICENSE"):
+        (tmp_path / name).write_bytes(data)
+        [problem] = model_file_problems({f"m/{name}": str(tmp_path / name)})
+        assert problem.startswith(f"m/{name}: code ({kind}")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"MZ" + bytes(range(256)) * 4,  # "MZ" by chance; the offset at 0x3C points at no "PE"
+        b"MZ\x00\x01",  # shorter than a PE header
+        b"MZ" + bytes(0x3A) + struct.pack("<I", 10**9),  # an offset past the end of the file
+        bytes(range(256)) * 4,
+    ],
+)
+def test_weights_that_merely_start_with_mz_are_model_data(tmp_path: Path, data: bytes) -> None:
+    (tmp_path / "model.onnx.data").write_bytes(data)
+    assert model_file_problems({"m/model.onnx.data": str(tmp_path / "model.onnx.data")}) == []
+
+
+def test_the_served_model_refuses_a_duplicate_session_options_at_load(tmp_path: Path) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from phi3_chat.model import MODEL_DIR_ARTIFACT, OnnxChatModel
+
+    (tmp_path / "genai_config.json").write_text(DUPLICATE_SESSION_OPTIONS)
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    (tmp_path / "evil.onnx.data").write_bytes(b"MZ" + bytes(100))  # not PE: data
+    context = types.SimpleNamespace(artifacts={MODEL_DIR_ARTIFACT: str(tmp_path)}, model_config={})
+    with pytest.raises(MlflowException) as info:
+        OnnxChatModel().load_context(context)
+    assert "genai_config.json: key model.decoder.session_options appears more than once" in str(
+        info.value.message
     )
