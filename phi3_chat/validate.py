@@ -19,11 +19,20 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-__all__ = ["ALLOWED_ROLES", "validated_params", "validated_row"]
+__all__ = ["ALLOWED_ROLES", "MAX_CHARS", "MAX_MESSAGES", "validated_params", "validated_row"]
 
 #: Roles the Phi-3 chat template renders; any other role would be dropped silently by it.
 ALLOWED_ROLES = ("system", "user", "assistant")
 _GENERATION_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "stop")
+#: Most messages one request may hold, checked before any template is rendered or token made.
+#: Each message takes at least four tokens of Phi-3's template (role marker, newline, content,
+#: ``<|end|>``), so more than 1,024 cannot fit a 4k context; chats do not run to thousands of
+#: turns. Without a cap, 60,000 tiny messages cost seconds of CPU before their 400.
+MAX_MESSAGES = 2048
+#: Most characters of text (all messages' content, or the prompt) one request may hold, checked
+#: before tokenising: the longest Phi-3 context is 131,072 tokens, and text averages about four
+#: characters a token, so a prompt of over a million characters cannot fit any Phi-3.
+MAX_CHARS = 1_048_576
 
 
 def _invalid(message: str) -> MlflowException:
@@ -32,9 +41,15 @@ def _invalid(message: str) -> MlflowException:
 
 def _is_missing(value: Any) -> bool:
     # DataFrame rows carry NaN (or None/NA) in the columns a request did not set.
-    if value is None or value is pd.NA:
+    if _is_absent(value):
         return True
     return isinstance(value, float) and math.isnan(value)
+
+
+def _is_absent(value: Any) -> bool:
+    # A client's own row (a dict, not a DataFrame row): only None (or NA) means "not set"; a NaN
+    # there is the client's value, refused by the field's validator, never taken as missing.
+    return value is None or value is pd.NA
 
 
 # --- validation of single fields ------------------------------------------------------------
@@ -119,7 +134,12 @@ def _validated_messages(value: Any, where: str) -> list[dict[str, str]]:
         raise _invalid(f"{where}messages must be a list of {{role, content}} objects")
     if len(value) == 0:
         raise _invalid(f"{where}messages is empty: send at least one message")
-    messages = []
+    if len(value) > MAX_MESSAGES:
+        raise _invalid(
+            f"{where}messages holds {len(value)} messages; a request may hold at most "
+            f"{MAX_MESSAGES}: send the recent part of the conversation"
+        )
+    messages, chars = [], 0
     for position, message in enumerate(value):
         label = f"{where}messages[{position}]"
         if not isinstance(message, Mapping):
@@ -131,8 +151,18 @@ def _validated_messages(value: Any, where: str) -> list[dict[str, str]]:
             raise _invalid(f"{label}.content must be a string, got {content!r}")
         if not content.strip():
             raise _invalid(f"{label}.content is empty: send the text of the message")
+        chars += len(content)
+        if chars > MAX_CHARS:
+            raise _invalid(_too_long(f"{where}messages"))
         messages.append({"role": role, "content": content})
     return messages
+
+
+def _too_long(field: str) -> str:
+    return (
+        f"{field} holds more than {MAX_CHARS} characters of text, more than any Phi-3 context "
+        "fits: shorten it"
+    )
 
 
 def validated_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -145,8 +175,9 @@ def validated_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     """
     shared = {}
     for name, value in (params or {}).items():
-        # MLflow fills params the caller left out with their defaults (None, [] for stop).
-        if name in _GENERATION_FIELDS and not _is_missing(value):
+        # MLflow fills params the caller left out with their defaults (None, [] for stop);
+        # a NaN is the caller's own value, refused by the field's validator.
+        if name in _GENERATION_FIELDS and not _is_absent(value):
             if name == "stop" and isinstance(value, Sized) and len(value) == 0:
                 continue
             shared[name] = _validated_setting(name, value, f"params[{name!r}]")
@@ -162,13 +193,16 @@ def validated_row(
     Also the serving layer's check of either flavor's requests: one validator for both.
 
     Args:
-        row: The row; fields it left empty (None, NaN) count as absent.
+        row: The row, as the client sent it or as `_rows` left it; fields set to None count as
+            absent, a NaN (or infinity) is refused naming the field.
         where: Prefix naming the row in messages (``request[2].``), empty for one row.
 
     Raises:
         MlflowException: ``INVALID_PARAMETER_VALUE`` naming the field.
     """
-    row = {str(key): value for key, value in row.items() if not _is_missing(value)}
+    row = {str(key): value for key, value in row.items() if not _is_absent(value)}
+    if "prompt" in row and isinstance(row["prompt"], str) and len(row["prompt"]) > MAX_CHARS:
+        raise _invalid(_too_long(f"{where}prompt"))
     has_messages, has_prompt = "messages" in row, "prompt" in row
     if has_messages == has_prompt:
         problem = "both" if has_messages else "neither"
@@ -190,7 +224,10 @@ def validated_row(
 
 
 def _rows(model_input: Any) -> list[dict[str, Any]]:
-    """One dict per request, without the fields a row left empty."""
+    """One dict per request, without the fields a row left empty: in a DataFrame, None or NaN
+    (pandas fills the columns a request did not set with NaN); in a dict, only None (a NaN
+    there is the caller's own value, which the field's validator refuses).
+    """
     if isinstance(model_input, pd.DataFrame):
         if len(model_input.columns) == 0:
             # What schema enforcement leaves of input it cannot map to columns (a bare list
@@ -213,7 +250,7 @@ def _rows(model_input: Any) -> list[dict[str, Any]]:
         )
     if not records:
         raise _invalid("model input is empty: send at least one request")
+    empty = _is_missing if isinstance(model_input, pd.DataFrame) else _is_absent
     return [
-        {str(key): value for key, value in record.items() if not _is_missing(value)}
-        for record in records
+        {str(key): value for key, value in record.items() if not empty(value)} for record in records
     ]

@@ -54,12 +54,14 @@ from phi3ops.serving.follow import (
     ModelSwitcher,
     alias_of,
 )
+from phi3ops.serving.json_bounds import BodyRefused
 from phi3ops.serving.model_folder import TransformersContextLimit, context_tokens, read_mlmodel
 from phi3ops.serving.openai_routes import (
     CHAT_COMPLETIONS_PATH,
     MODELS_PATH,
     ChatCompletions,
     ServedModel,
+    answer_invocation,
     error_body,
 )
 from phi3ops.serving.records import InferenceRecorder, write_entries
@@ -104,7 +106,9 @@ class ServingMiddleware:
 
     - Limits: a body over ``max_body_bytes`` is refused with a 413 before it is parsed (by its
       ``content-length`` before a byte is read); a request of more than ``max_rows`` rows with
-      a 413 before the model runs, recorded as one row.
+      a 413 before the model runs, recorded as one row; a body nesting too deep, holding too
+      many JSON values or ``NaN`` / ``Infinity`` with a 400 before it is parsed
+      (`phi3ops.serving.json_bounds`), recorded the same way.
     - Validate: every chat row, whatever the flavor, is checked by the ONNX pyfunc's own
       validators (`phi3ops.serving.validate`) and refused with its 400 and message before the
       model runs; with a ``limit`` (transformers flavor), a row that cannot fit the context too.
@@ -178,9 +182,10 @@ class ServingMiddleware:
         read: ParsedRequest | Exception
         try:
             read = await read_request(scope, receive, max_bytes=self.max_body_bytes)
-        except (BodyTooLarge, ClientDisconnected) as exc:
+        except (BodyTooLarge, BodyRefused, ClientDisconnected) as exc:
             read = exc
-        wanted = Arm.CANDIDATE if shadow else self.models.arm_for(_user(read))
+        stream = isinstance(read, ParsedRequest) and read.wants_stream
+        wanted = Arm.CANDIDATE if shadow else self.models.arm_for(_user(read), stream=stream)
         with self.models.using_arm(wanted) as (arm, loaded):
             if arm is not wanted:  # a shadow copy whose candidate left traffic meanwhile
                 return
@@ -226,6 +231,14 @@ class ServingMiddleware:
                 else:
                     body = {"error_code": "REQUEST_TOO_LARGE", "message": f"{read}."}
                     await send_json(exchange.send, 413, body)
+                return
+            if isinstance(read, BodyRefused):  # too deep, too many values, NaN: not parsed
+                exchange.reason = str(read)
+                code = "INVALID_PARAMETER_VALUE"
+                if openai:
+                    await chat.refuse(exchange, 400, code, f"{read}.")
+                else:
+                    await send_json(exchange.send, 400, {"error_code": code, "message": f"{read}."})
                 return
             if not isinstance(read, ParsedRequest):  # the client left while sending the body
                 exchange.gone.set()
@@ -330,7 +343,8 @@ class ServingMiddleware:
         elif request.wants_stream:
             await self._stream(loaded.model, request, exchange)
         else:
-            await loaded.app(scope, request.replay(), exchange.send)
+            replay, served = request.replay(), loaded.served  # named as /v1 names it: no path
+            await answer_invocation(loaded.app, scope, replay, exchange.send, served=served)
 
     def _problem(
         self, payload: Any, rows: list[Any], *, limit: ContextLimit | None = None

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from phi3ops.serving.json_bounds import parse_request_json
 from phi3ops.serving.records import request_rows
 
 INVOCATIONS_PATH = "/invocations"
@@ -111,6 +112,8 @@ async def read_request(scope: Scope, receive: Receive, *, max_bytes: int) -> Par
         BodyTooLarge: The body is over ``max_bytes`` (by its declared length, or as read);
             nothing more is read.
         ClientDisconnected: The client left before the body was complete.
+        BodyRefused: The body nests too deep, holds too many values, or holds ``NaN`` /
+            ``Infinity`` (`phi3ops.serving.json_bounds`); it is not parsed.
     """
     declared = _content_length(scope)
     if declared is not None and declared > max_bytes:
@@ -129,7 +132,7 @@ async def read_request(scope: Scope, receive: Receive, *, max_bytes: int) -> Par
         if message["type"] != "http.request" or not message.get("more_body"):
             break
     body = b"".join(chunks)
-    payload, error = parse_json(body)
+    payload, error = parse_request_json(body)
     return ParsedRequest(
         path=scope["path"],
         method=scope.get("method", ""),
