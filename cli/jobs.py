@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from deployments.setup import check_prefect_api
 from flows.evaluate import evaluate_flow
 from flows.fetch import fetch_flow
 from flows.lifecycle import LifecycleResult, Source, lifecycle_flow
@@ -66,6 +67,7 @@ def fetch_job(
 ) -> FetchResult:
     """Check the source, then run the fetch flow."""
     _check_source(repo_id, revision=revision, variant=variant, target_dir=target_dir)
+    check_prefect_api()  # bounded, naming the URL: a silent Prefect API fails, not hangs
     return fetch_flow(
         repo_id=repo_id,
         revision=revision,
@@ -89,6 +91,7 @@ def package_job(
     fetch_variant, _ = source_variant(chosen, variant)
     repo_id = repo_id or fetch_variant.default_repo_id
     _check_source(repo_id, revision=revision, variant=fetch_variant)
+    check_prefect_api()  # bounded, naming the URL: a silent Prefect API fails, not hangs
     return package_flow(
         flavor=chosen, repo_id=repo_id, revision=revision, variant=variant, model_name=name
     )
@@ -114,6 +117,7 @@ def evaluate_job(
     uri = model_uri or f"models:/{get_settings().registered_model_name}@{CANDIDATE_ALIAS}"
     resolve_model(uri)  # an unknown model, alias or version fails before Prefect starts
     loaded = open_eval_set(eval_set)  # so does a missing or invalid eval set
+    check_prefect_api()  # bounded, naming the URL: a silent Prefect API fails, not hangs
     return evaluate_flow(
         model_uri=uri,
         eval_set=str(loaded.path),
@@ -144,6 +148,7 @@ def promote_job(
     elif canary_share is not None:
         raise InvalidInputError("--canary-share applies with --live-traffic canary only.")
     loaded = open_eval_set(eval_set)
+    check_prefect_api()  # bounded, naming the URL: a silent Prefect API fails, not hangs
     return promote_flow(
         model_name=name,
         candidate=candidate,
@@ -163,6 +168,7 @@ def rollback_job(
     """
     name = _registered_model(model_name)
     smoke = str(open_eval_set(smoke_eval_set).path) if smoke_eval_set else None
+    check_prefect_api()  # bounded, naming the URL: a silent Prefect API fails, not hangs
     return rollback_flow(model_name=name, to_version=to_version, smoke_eval_set=smoke)
 
 
@@ -188,6 +194,7 @@ def monitor_job(
     get_settings().monitor.with_overrides(overrides)  # out-of-range values fail here
     window_bounds(window_minutes)
     loaded = open_eval_set(baseline_eval_set)
+    check_prefect_api()  # bounded, naming the URL: a silent Prefect API fails, not hangs
     return monitor_flow(
         model_name=name,
         alias=alias,
@@ -302,6 +309,7 @@ def lifecycle_job(
     loaded = open_eval_set(eval_set or DEFAULT_EVAL_SET)
     fetch_repo, fetch_variant, _ = source.fetch_plan
     _check_source(fetch_repo, revision=revision, variant=fetch_variant)
+    check_prefect_api()  # bounded, naming the URL: a silent Prefect API fails, not hangs
     return lifecycle_flow(
         source=source,
         model_name=name,

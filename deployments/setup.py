@@ -18,7 +18,8 @@ runs in (its path, its current branch): the single-machine default.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,6 +36,8 @@ __all__ = [
     "POOL",
     "REPOSITORY_VARIABLE",
     "SetupStep",
+    "bounded_prefect_api",
+    "check_prefect_api",
     "clone_defaults",
     "ensure_alias_limits",
     "ensure_code_variables",
@@ -92,11 +95,75 @@ def setup_server(
         OrchestrationError: No Prefect server is configured or reachable.
         InvalidInputError: A default was needed and ``clone`` is not a git clone on a branch.
     """
-    with server_client() as client:
+    with bounded_prefect_api(), server_client() as client:
         steps = [ensure_work_pool(client, name=pool, env=pool_env)]
         steps += ensure_alias_limits(client, model_names=model_names)
         steps += ensure_code_variables(client, repository=repository, branch=branch, clone=clone)
     return steps
+
+
+def _api_timeout() -> tuple[str | None, float]:
+    """The configured Prefect API URL (None: Prefect's temporary local server) and Prefect's
+    own per-request timeout (``PREFECT_API_REQUEST_TIMEOUT``, 60 s by default).
+    """
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    return settings.api.url, float(settings.api.request_timeout)
+
+
+def _no_answer(url: str, timeout: float) -> OrchestrationError:
+    return OrchestrationError(
+        f"The Prefect API at {url} did not answer within {timeout:g} s "
+        "(PREFECT_API_REQUEST_TIMEOUT): check that the server is up and not overloaded, or fix "
+        "PREFECT_API_URL."
+    )
+
+
+def check_prefect_api() -> None:
+    """Fails at once, naming the URL, when the configured Prefect API does not answer its
+    health check within ``PREFECT_API_REQUEST_TIMEOUT`` (one try, no retries); Prefect's own
+    client retries a timeout five times, so a server that accepts and never answers would
+    otherwise hang a command for minutes. Nothing to check for Prefect's temporary server.
+
+    Raises:
+        OrchestrationError: The API did not answer in time, or cannot be reached.
+    """
+    import httpx
+
+    url, timeout = _api_timeout()
+    if not url:
+        return
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
+    except httpx.TimeoutException as exc:
+        raise _no_answer(url, timeout) from exc
+    except httpx.HTTPError as exc:
+        raise OrchestrationError(
+            f"Cannot reach the Prefect API at {url} ({exc}): start the server "
+            "(`prefect server start`) or fix PREFECT_API_URL."
+        ) from exc
+
+
+@contextmanager
+def bounded_prefect_api() -> Iterator[None]:
+    """Bounds the Prefect API calls made inside: the API must answer its health check first
+    (`check_prefect_api`), and each call then takes at most ``PREFECT_API_REQUEST_TIMEOUT``
+    seconds without retries, so the whole block fails naming the URL instead of hanging.
+
+    Raises:
+        OrchestrationError: A call timed out (or the API is not reachable).
+    """
+    import httpx
+    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    check_prefect_api()
+    url, timeout = _api_timeout()
+    try:
+        with temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}):
+            yield
+    except httpx.TimeoutException as exc:
+        raise _no_answer(url or "(temporary server)", timeout) from exc
 
 
 def ensure_work_pool(

@@ -117,3 +117,52 @@ def test_policy_ranges_are_checked_by_the_one_model() -> None:
     with pytest.raises(InvalidInputError, match="min_records"):
         MonitorThresholds().with_overrides({"min_records": 0})
     assert MonitorThresholds().with_overrides({"min_response_chars": 5}).min_response_chars == 5
+
+
+def test_setup_against_a_silent_prefect_api_fails_within_the_bound_naming_it(
+    silent_server: str, tmp_path
+) -> None:
+    """Prefect's client retries a timeout five times, 60 s each: setup used to hang for minutes."""
+    url = f"{silent_server}/api"
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": url,
+        "PREFECT_API_REQUEST_TIMEOUT": "2",
+        "PHI3OPS_DATA_DIR": str(tmp_path / "data"),
+    }
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", "setup", "--model-name", "phi3"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and "[exit code 2" in result.stderr
+    assert url in result.stderr and "PREFECT_API_REQUEST_TIMEOUT" in result.stderr
+    assert time.monotonic() - started < 120  # the import, then one 2 s try
+
+
+def test_the_jobs_prefect_check_fails_within_the_bound_naming_the_url(silent_server: str) -> None:
+    from prefect.settings import (
+        PREFECT_API_REQUEST_TIMEOUT,
+        PREFECT_API_URL,
+        temporary_settings,
+    )
+
+    from deployments.setup import bounded_prefect_api, check_prefect_api
+    from phi3ops.errors import OrchestrationError
+
+    url = f"{silent_server}/api"
+    with temporary_settings({PREFECT_API_URL: url, PREFECT_API_REQUEST_TIMEOUT: 1.0}):
+        started = time.monotonic()
+        with pytest.raises(OrchestrationError, match=f"{url} did not answer within 1 s"):
+            check_prefect_api()
+        with pytest.raises(OrchestrationError, match=url), bounded_prefect_api():
+            pass
+        assert time.monotonic() - started < 30
+    refused = {PREFECT_API_URL: _refused_url() + "/api"}
+    with temporary_settings(refused), pytest.raises(OrchestrationError, match="Cannot reach"):
+        check_prefect_api()
