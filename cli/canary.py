@@ -42,7 +42,9 @@ def start(
     ] = None,
     model_name: ModelNameOption = None,
 ) -> None:
-    """Start a canary (or shadow) run of @candidate beside @champion; replaces any other."""
+    """Start a canary (or shadow) run of @candidate beside @champion; replaces any other.
+    @candidate must have passed every gate against @champion (`phi3ops promote --live-traffic`).
+    """
     typer.echo(run_job(start_job, model_name=model_name, mode=mode, share=share))
 
 
@@ -95,13 +97,15 @@ def verdict(
 
 
 def start_job(*, model_name: str | None, mode: TrafficMode | str, share: float | None) -> str:
-    """Check that @champion and @candidate exist and differ, then write the plan.
+    """Check that @champion and @candidate exist and differ, and that @candidate passed every
+    gate against @champion on its eval set; then write the plan, pinned to that version.
 
     Returns:
         One line saying what now happens.
 
     Raises:
-        InvalidInputError: A bad model name, mode or share, or aliases that cannot take part.
+        InvalidInputError: A bad model name, mode or share, aliases that cannot take part, or
+            a candidate without a passing gate decision against the champion.
     """
     from phi3ops.names import CANDIDATE_ALIAS, CHAMPION_ALIAS
     from tasks.canary import start_plan
@@ -122,8 +126,20 @@ def start_job(*, model_name: str | None, mode: TrafficMode | str, share: float |
         )
     return (
         f"{replaced}{plan.mode.value.capitalize()} started: {what}, as soon as each server "
-        "looks (PHI3OPS_SERVE_POLL_S). Judge it with `phi3ops canary verdict` (the canary "
-        "deployment does every 10 minutes); end it with `phi3ops canary stop`."
+        f"looks (PHI3OPS_SERVE_POLL_S). v{candidate} is pinned: servers keep serving it if "
+        f"@{CANDIDATE_ALIAS} moves. {_streams_note(plan)}Judge it with `phi3ops canary "
+        "verdict` (the canary deployment does every 10 minutes); end it with `phi3ops canary "
+        "stop`."
+    )
+
+
+def _streams_note(plan: Any) -> str:
+    """The warning of a plan whose candidate cannot stream ('' when it can)."""
+    if not plan.streams_to_champion:
+        return ""
+    return (
+        f"WARNING: v{plan.candidate_version} cannot stream (transformers flavor): streamed "
+        "requests stay with @champion and count for neither arm. "
     )
 
 
@@ -150,11 +166,20 @@ def status_job(*, model_name: str | None) -> str:
         lines = [f"No canary on {name}: {serving}. Start one with `phi3ops canary start`."]
     else:
         share = f", share {plan.share:.0%}" if plan.mode is TrafficMode.CANARY else ""
+        moved = candidate if candidate != plan.candidate_version else None
+        candidate = plan.candidate_version  # the version served, whatever the alias says now
         lines = [
             f"{plan.mode.value.capitalize()} on {name} since {_iso(plan.since)} (plan {plan.id}"
-            f"{share}): @{CANDIDATE_ALIAS} v{candidate or '-'} beside @{CHAMPION_ALIAS} "
+            f"{share}): v{candidate or '-'} (pinned) beside @{CHAMPION_ALIAS} "
             f"v{champion or '-'}"
         ]
+        if moved is not None:
+            lines.append(
+                f"  WARNING: @{CANDIDATE_ALIAS} is v{moved} now; v{moved} takes no traffic "
+                f"until a plan of its own starts (`phi3ops promote --live-traffic`)"
+            )
+        if plan.streams_to_champion:
+            lines.append(f"  {_streams_note(plan).strip()}")
         now = time.time()
         for arm, version, shadow in (("candidate", candidate, None), ("champion", champion, False)):
             if version is None:

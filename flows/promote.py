@@ -127,7 +127,9 @@ def _go_live(
 ) -> Decision:
     """Puts a version that passed every gate on live traffic instead of promoting it."""
     name, version = decision.model_name, decision.version
-    plan, _, champion = start_plan_task(name, mode=mode, share=share, version=version)
+    plan, _, champion = start_plan_task(
+        name, mode=mode, share=share, version=version, decision=decision
+    )
     decision = decision.model_copy(update={"live_traffic": plan.mode.value})
     state = AliasState(
         model_name=name, champion=champion, previous=None, changed=False, action="live-traffic"

@@ -3,11 +3,16 @@
 A registered model carries at most one traffic plan, as the registered-model tag
 ``phi3ops.traffic`` (JSON). Without one, ``@champion`` answers everything. With one:
 
-- ``canary``: a ``share`` of requests is answered by ``@candidate``. A request with an OpenAI
+- ``canary``: a ``share`` of requests is answered by the candidate. A request with an OpenAI
   ``user`` is sticky: the same user always gets the same arm for the whole canary (the user is
   hashed with the plan's id, so each canary draws its own users).
 - ``shadow``: ``@champion`` answers every request; each is also sent to ``@candidate`` in the
   background, whose answer is recorded and never reaches the client.
+
+The plan pins the candidate: ``candidate_version``, the version that passed every gate against
+``champion_version`` on the eval set ``eval_set_hash`` (checked when the plan starts). Servers
+serve that version as the candidate arm, whatever ``@candidate`` names later; a plan without
+one gives the candidate no traffic.
 
 The plan is set by ``phi3ops canary start`` (and flows), cleared by ``phi3ops canary stop`` and
 by the online verdict; each server worker looks at it as often as at its aliases, so a change
@@ -68,7 +73,20 @@ class TrafficPlan(BaseModel):
         default_factory=time.time, description="When it started, seconds since the epoch."
     )
     candidate_version: str | None = Field(
-        default=None, description="The version @candidate named when the plan started."
+        default=None,
+        description="The version that takes part: @candidate when the plan started, gated "
+        "against the champion. Servers serve it, whatever @candidate names later.",
+    )
+    champion_version: str | None = Field(
+        default=None, description="The champion its gates compared it with."
+    )
+    eval_set_hash: str | None = Field(
+        default=None, description="The eval set (content hash) its gates passed on."
+    )
+    streams_to_champion: bool = Field(
+        default=False,
+        description="The candidate cannot stream (transformers flavor): streamed requests stay "
+        "with @champion and count for neither arm.",
     )
 
     @model_validator(mode="after")
@@ -88,6 +106,9 @@ class TrafficPlan(BaseModel):
         *,
         share: float | None = None,
         candidate_version: str | None = None,
+        champion_version: str | None = None,
+        eval_set_hash: str | None = None,
+        streams_to_champion: bool = False,
     ) -> TrafficPlan:
         """A new plan, checked.
 
@@ -107,7 +128,14 @@ class TrafficPlan(BaseModel):
                 f"share={share:g}: a canary needs a share between 0 and 1 (e.g. 0.1 for 10%)."
             )
         try:
-            return cls(mode=mode, share=share, candidate_version=candidate_version)
+            return cls(
+                mode=mode,
+                share=share,
+                candidate_version=candidate_version,
+                champion_version=champion_version,
+                eval_set_hash=eval_set_hash,
+                streams_to_champion=streams_to_champion,
+            )
         except ValidationError as exc:
             raise InvalidInputError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from exc
 

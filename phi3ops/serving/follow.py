@@ -60,7 +60,8 @@ class LoadedModel:
     Attributes:
         app: MLflow's scoring app for this model (answers ``/invocations``, ``/ping``...).
         model: The loaded pyfunc (its ``predict_stream`` answers streams).
-        served: How the OpenAI routes name it (``<name>/<version>``).
+        served: How the OpenAI routes name it now (``<name>/<version>``; while a traffic plan
+            is in force the registered name, every arm's names accepted: `ModelSwitcher`).
         version: Its registry version; None when it is not a registered version.
         limit: The context check of a transformers model; None for the ONNX flavor.
         recorder: Where its requests are recorded, tagged with its version; None records none.
@@ -83,15 +84,24 @@ class LoadedModel:
     folder: Path | None = None
     streams: bool = True
     removal: threading.Thread | None = field(default=None, init=False)
+    own: ServedModel = field(init=False)  # ``served`` as loaded, before any plan renamed it
     users: int = field(default=0, init=False)
     retired: bool = field(default=False, init=False)
     released: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.own = self.served
 
 
 class ModelSwitcher:
     """The one owner of the models that answer new requests, one per arm; see the module
     docstring. ``@champion`` always has one; ``@candidate`` has one only while a traffic plan
     (`phi3ops.traffic`) gives it live traffic, and `plan` says how it shares it.
+
+    While a plan is in force, every arm's model answers as the registered model (its
+    `LoadedModel.served` is renamed, `ServedModel.among`) and takes a request naming any arm,
+    so neither an answer nor a 404 tells a client which arm it is on; and a candidate that
+    cannot stream takes no streamed request (`arm_for`).
 
     Args:
         first: The champion served from the start.
@@ -124,11 +134,36 @@ class ModelSwitcher:
         """Follow ``plan`` from the next request on (it applies once a candidate is loaded)."""
         with self._lock:
             self._plan = plan
+            self._rename()
 
-    def arm_for(self, user: str | None) -> Arm:
-        """The arm that answers a new request from ``user``, under the plan in force."""
-        plan = self.plan
-        return plan.arm_for(user) if plan is not None else Arm.CHAMPION
+    def arm_for(self, user: str | None, *, stream: bool = False) -> Arm:
+        """The arm that answers a new request from ``user``, under the plan in force; a
+        ``stream`` that the candidate cannot answer (and the champion can) stays with the
+        champion, so it is neither refused nor counted for either arm's verdict.
+        """
+        with self._lock:
+            plan = self._plan if Arm.CANDIDATE in self._models else None
+            if plan is None:
+                return Arm.CHAMPION
+            arm = plan.arm_for(user)
+            if (
+                arm is Arm.CANDIDATE
+                and stream
+                and not self._models[Arm.CANDIDATE].streams
+                and self._models[Arm.CHAMPION].streams
+            ):
+                return Arm.CHAMPION
+            return arm
+
+    def _rename(self) -> None:
+        """Names every arm's model as `ServedModel.among` says, for the plan in force (under
+        the lock).
+        """
+        in_force = self._plan is not None and Arm.CANDIDATE in self._models
+        models = list(self._models.values())
+        for loaded in models:
+            others = [other.own for other in models if other is not loaded]
+            loaded.served = loaded.own.among(others, plan=in_force)
 
     def acquire(self, arm: Arm = Arm.CHAMPION) -> LoadedModel:
         """The model of ``arm`` (the champion's when ``arm`` has none), counted as in use until
@@ -187,6 +222,7 @@ class ModelSwitcher:
                 for other in [a for a, m in self._models.items() if m is new and a is not arm]:
                     del self._models[other]
                 self._models[arm] = new
+                self._rename()
             done = old is not None and self._retire(old)
         if done and old is not None:
             _free(old)
@@ -200,6 +236,9 @@ class ModelSwitcher:
             raise ValueError("the champion arm always serves: switch it instead")
         with self._lock:
             old = self._models.pop(arm, None)
+            self._rename()
+            if old is not None:
+                old.served = old.own
             done = old is not None and self._retire(old)
         if done and old is not None:
             _free(old)
@@ -255,7 +294,8 @@ def alias_of(model_uri: str | None) -> tuple[str, str] | None:
 class AliasFollower:
     """Keeps a `ModelSwitcher` on the version ``models:/<model_name>@<alias>`` points at and,
     with ``candidate_alias``, on the model's traffic plan: while a plan is in force the
-    version ``@<candidate_alias>`` names is loaded beside the champion as the candidate arm
+    version the plan pinned (``candidate_version``: the one that passed the gates, not whatever
+    ``@<candidate_alias>`` names later) is loaded beside the champion as the candidate arm
     (`phi3ops.traffic`), and unloaded once the plan ends or the candidate becomes champion.
 
     Args:
@@ -266,8 +306,8 @@ class AliasFollower:
         download_dir: Where versions are downloaded, each into a folder of its own.
         poll_s: Seconds between looks at the registry.
         retry_s: Seconds before a version that failed to load is tried again.
-        candidate_alias: The alias whose version takes part in live traffic under the model's
-            traffic plan; None: the plan is not followed.
+        candidate_alias: The alias a plan's candidate starts as (a warning when it moves away
+            from the pinned version); None: the plan is not followed.
     """
 
     def __init__(
@@ -293,6 +333,7 @@ class AliasFollower:
         self.retry_s = retry_s
         self.candidate_alias = candidate_alias
         self._failed: dict[str, float] = {}  # version -> when it last failed (monotonic)
+        self._warned: set[tuple[str, str | None]] = set()  # (plan id, alias version) warned
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -387,7 +428,9 @@ class AliasFollower:
         """
         assert self.candidate_alias is not None
         plan = read_plan(self.model_name)
-        wanted = alias_version(self.model_name, self.candidate_alias) if plan else None
+        wanted = plan.candidate_version if plan else None
+        if plan is not None:
+            self._check_pin(plan)
         if wanted == self.switcher.current.version:
             wanted = None  # the candidate is the champion now: nothing to compare
         have = self.switcher.serving(Arm.CANDIDATE)
@@ -406,15 +449,52 @@ class AliasFollower:
                 self.switcher.switch(loaded, arm=Arm.CANDIDATE)
                 assert plan is not None
                 _log.info(
-                    "Version %s of %s (@%s) now takes live traffic: %s%s.",
+                    "Version %s of %s (the plan's candidate) now takes live traffic: %s%s.",
                     wanted,
                     self.model_name,
-                    self.candidate_alias,
                     plan.mode.value,
                     f", {plan.share:.0%} of requests" if plan.share else "",
                 )
+                if loaded.streams is False and self.switcher.current.streams:
+                    _log.warning(
+                        "Version %s of %s cannot stream (transformers flavor): streamed "
+                        "requests stay with the champion (version %s) during this %s, and "
+                        "count for neither arm.",
+                        wanted,
+                        self.model_name,
+                        self.switcher.current.version,
+                        plan.mode.value,
+                    )
         self.switcher.set_plan(plan)
         return wanted
+
+    def _check_pin(self, plan: TrafficPlan) -> None:
+        """Warns (once per plan and alias version) when ``@<candidate_alias>`` no longer
+        names the plan's candidate: the pinned version keeps serving, since it is the one
+        that passed the gates and the one the verdict judges; a version the alias moved to
+        takes no traffic until a plan of its own starts (`phi3ops promote --live-traffic`).
+        """
+        assert self.candidate_alias is not None
+        moved = alias_version(self.model_name, self.candidate_alias)
+        key = (plan.id, moved)
+        if plan.candidate_version is None or moved == plan.candidate_version:
+            return
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        _log.warning(
+            "@%s of %s moved to version %s during a %s of version %s: still serving version %s "
+            "(the version the plan pinned, which passed the gates). Version %s takes no live "
+            "traffic until it is gated and a plan of its own starts (`phi3ops promote "
+            "--live-traffic`); `phi3ops canary stop` ends this one.",
+            self.candidate_alias,
+            self.model_name,
+            moved or "-",
+            plan.mode.value,
+            plan.candidate_version,
+            plan.candidate_version,
+            moved or "-",
+        )
 
     def _load(self, version: str, *, still_serving: str | None) -> LoadedModel | None:
         """Downloads and loads ``version`` into a folder of its own; None when it cannot (the

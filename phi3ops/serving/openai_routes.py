@@ -6,8 +6,9 @@ by the same validator as every ``/invocations`` chat row, then answered by the s
 through MLflow's scoring app (so its schema check, error mapping and request timeout apply
 unchanged) or, with ``"stream": true``, from the model's ``predict_stream`` as
 ``chat.completion.chunk`` server-sent events ending with ``data: [DONE]``. The answer's
-``model`` names what is served (`ServedModel`: ``<name>/<version>`` of a registered model),
-never what the packaging machine called it. Errors come in OpenAI's shape,
+``model`` names what is served (`ServedModel`: ``<name>/<version>`` of a registered model, its
+name alone while a traffic plan is in force), never what the packaging machine called it.
+Errors come in OpenAI's shape,
 ``{"error": {"message", "type", "param", "code"}}``, with MLflow's status for the error code
 (RESOURCE_EXHAUSTED -> 429, DEADLINE_EXCEEDED -> 504...), so OpenAI's clients raise their
 own error types carrying the server's message.
@@ -19,8 +20,8 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from phi3ops.serving.exchange import (
@@ -33,7 +34,7 @@ from phi3ops.serving.exchange import (
     start_events,
     stream_refusal,
 )
-from phi3ops.serving.request import ASGIApp, Message, ParsedRequest, Receive, Scope
+from phi3ops.serving.request import ASGIApp, Message, ParsedRequest, Receive, Scope, Send
 from phi3ops.serving.validate import quiet_reason
 
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
@@ -66,6 +67,7 @@ _ERROR_TYPES = {
 _FIELDS = ("messages", "max_tokens", "temperature", "top_p", "stop", "n", "stream", "model")
 _PARAM = re.compile(r"^(?:request\[\d+\]\.)?(?:params\[')?([a-z_]+)")
 _MLFLOW_PREFIX = re.compile(r"^Failed to predict data .*?\nError: ", re.DOTALL)
+_LOCAL_PATH = re.compile(r"^(?:[/~\\]|\.{1,2}[/\\]|[A-Za-z]:[/\\]|file:)")
 
 
 class RequestProblem(Exception):
@@ -83,25 +85,51 @@ class ServedModel:
     """What the server serves, as the OpenAI routes name it.
 
     Attributes:
-        id: The model id answers carry: ``<name>/<version>`` for a registered model, else the
-            model URI the server was started with.
+        id: The model id answers carry: ``<name>/<version>`` for a registered model (its
+            registered name alone while a traffic plan is in force: `among`), else ``model``.
+            Never a path of any machine.
         names: Every ``model`` a request may name to mean it (the id, the registered name,
-            ``<name>@<alias>``, the URI).
+            ``<name>@<alias>``, the URI, and while a plan is in force every arm's id).
         created: When the server started, seconds since the epoch.
+        name: The registered model's name, if it is one.
     """
 
     id: str
     names: frozenset[str] = frozenset()
     created: int = field(default_factory=lambda: int(time.time()))
+    name: str | None = None
 
     @classmethod
     def of(cls, *, name: str | None, version: str | None, uri: str | None) -> ServedModel:
         """The served model from the server's environment (any part may be missing)."""
-        model_id = f"{name}/{version}" if name and version else (uri or "model")
+        if name and version:
+            model_id = f"{name}/{version}"
+        else:
+            model_id = uri if uri and not is_local_path(uri) else "model"
         names = {model_id, *(n for n in (name, uri) if n)}
         if uri and uri.startswith("models:/"):
             names.add(uri.removeprefix("models:/"))
-        return cls(id=model_id, names=frozenset(names))
+        return cls(id=model_id, names=frozenset(names), name=name or None)
+
+    def among(self, others: Iterable[ServedModel], *, plan: bool) -> ServedModel:
+        """How this model is named while it serves beside ``others`` (the other arms): any of
+        their names is accepted too, and while a traffic ``plan`` is in force answers carry the
+        registered name alone, so a client cannot tell which arm answered it.
+        """
+        names = self.names.union(*(other.names for other in others))
+        model_id = self.name if plan and self.name else self.id
+        return replace(self, id=model_id, names=names | {model_id})
+
+    def answer_model(self, value: Any) -> Any:
+        """The ``model`` an answer carries instead of the model's own ``value``: this id while
+        a plan is in force (the registered name), and never a local path (the transformers
+        flavor's answers name the packaging machine's snapshot folder).
+        """
+        if self.name is not None and self.id == self.name:
+            return self.id
+        if isinstance(value, str) and is_local_path(value):
+            return self.name or self.id
+        return value
 
     def listing(self) -> dict[str, Any]:
         """The ``GET /v1/models`` answer."""
@@ -110,6 +138,11 @@ class ServedModel:
     def card(self) -> dict[str, Any]:
         """The ``GET /v1/models/<id>`` answer."""
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": "phi3ops"}
+
+
+def is_local_path(value: str) -> bool:
+    """Whether ``value`` names a file or folder of some machine (POSIX, Windows, ``file:``)."""
+    return bool(_LOCAL_PATH.match(value))
 
 
 def error_body(status: int, message: str, *, code: str | None = None) -> dict[str, Any]:
@@ -354,16 +387,52 @@ class ChatCompletions:
                 yield {**event, "choices": [], "usage": usage}
 
 
+async def answer_invocation(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, *, served: ServedModel
+) -> None:
+    """MLflow's ``/invocations`` answer with each prediction's ``model`` named as the OpenAI
+    routes name it (`ServedModel.answer_model`): no arm, no path of the packaging machine.
+    Anything else (errors, answers that are not JSON) is passed on as MLflow sent it.
+    """
+    answer = _Captured()
+    await app(scope, receive, answer.send)
+    body = answer.json()
+    if answer.status == 200 and _rename_model(body, served):
+        await send_json(send, 200, body)
+        return
+    headers = [(k, v) for k, v in answer.headers if bytes(k).lower() != b"content-length"]
+    headers.append((b"content-length", str(len(answer.body)).encode()))
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body})
+
+
+def _rename_model(body: Any, served: ServedModel) -> bool:
+    """Renames the ``model`` of every chat completion in ``body`` (bare, in a list or under
+    ``predictions``), in place; whether any changed.
+    """
+    if isinstance(body, dict) and "predictions" in body:
+        body = body["predictions"]
+    changed = False
+    for item in body if isinstance(body, list) else [body]:
+        if isinstance(item, dict) and "model" in item:
+            renamed = served.answer_model(item["model"])
+            changed = changed or renamed != item["model"]
+            item["model"] = renamed
+    return changed
+
+
 class _Captured:
     """An ASGI ``send`` that keeps a response instead of sending it."""
 
     def __init__(self) -> None:
         self.status = 500
         self.body = b""
+        self.headers: list[tuple[bytes, bytes]] = []
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = int(message["status"])
+            self.headers = list(message.get("headers", []))
         elif message["type"] == "http.response.body":
             self.body += message.get("body", b"")
 

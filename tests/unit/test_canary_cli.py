@@ -31,6 +31,25 @@ def registry(isolated_settings):
     return client
 
 
+EVAL_HASH = "ab12cd34ef56" + "0" * 52
+
+
+def _gate(client, version: str = "2", *, champion: str = "1", **tags: str) -> None:
+    """Tags ``version`` as `promote --live-traffic` does once it passed every gate against
+    ``champion`` on EVAL_HASH, and ``champion`` with its evaluation on that eval set.
+    """
+    values = {
+        "phi3ops.promotion.decision": "live-traffic",
+        "phi3ops.promotion.champion_before": champion,
+        "phi3ops.promotion.eval_set_hash": EVAL_HASH,
+        "phi3ops.promotion.at": "2026-01-01T00:00:00+00:00",
+        **tags,
+    }
+    for key, value in values.items():
+        client.set_model_version_tag(NAME, version, key, value)
+    client.set_model_version_tag(NAME, champion, f"phi3ops.eval.{EVAL_HASH[:12]}", "run-1")
+
+
 def _canary(*args: str):
     return CliRunner().invoke(app, ["canary", *args, "--model-name", NAME])
 
@@ -75,13 +94,16 @@ def test_start_status_stop(registry) -> None:
 
     registry.set_registered_model_alias(NAME, "champion", "1")
     registry.set_registered_model_alias(NAME, "candidate", "2")
+    _gate(registry)
     assert "No canary on" in _canary("status").output
 
     started = _canary("start", "--share", "0.25")
     assert started.exit_code == 0, started.output
     assert "Canary started: @candidate (v2) now answers 25% of" in started.output
+    assert "v2 is pinned" in started.output and "WARNING" not in started.output
     plan = read_plan(NAME)
     assert (plan.mode, plan.share, plan.candidate_version) == (TrafficMode.CANARY, 0.25, "2")
+    assert (plan.champion_version, plan.eval_set_hash) == ("1", EVAL_HASH)
 
     experiment_id = configure_tracking(get_settings().inference_experiment_name)
     entries = []
@@ -155,3 +177,53 @@ def test_verdict_outcome_sets_the_exit_code(outcome, code, monkeypatch) -> None:
     result = _canary("verdict", "--threshold", "min_samples=50")
     assert result.exit_code == code, result.output
     assert seen["thresholds"].min_samples == 50 and seen["model_name"] == NAME
+
+
+def test_start_refuses_a_candidate_that_never_passed_the_gates(registry) -> None:
+    """A hand-registered, never-evaluated version takes no live traffic; nor does one gated
+    against another champion, on an eval set the champion has no evaluation on, or aborted
+    by a canary verdict since.
+    """
+    registry.set_registered_model_alias(NAME, "champion", "1")
+    registry.set_registered_model_alias(NAME, "candidate", "2")
+    error = _one_line_error(_canary("start"))
+    assert "v2 of phi3-cli-canary cannot take live traffic" in error
+    assert "never gated" in error
+    assert f"phi3ops evaluate --model-uri models:/{NAME}/2" in error
+    assert "phi3ops promote --candidate 2 --live-traffic canary" in error
+    registry.set_model_version_tag(NAME, "2", "phi3ops.promotion.decision", "rejected")
+    assert "'rejected', not a pass of every gate" in _one_line_error(_canary("start"))
+    _gate(registry)
+    registry.set_model_version_tag(NAME, "2", "phi3ops.promotion.champion_before", "3")
+    assert "compared it with v3, not with v1" in _one_line_error(_canary("start"))
+    _gate(registry)
+    registry.delete_model_version_tag(NAME, "1", f"phi3ops.eval.{EVAL_HASH[:12]}")
+    assert "@champion has no evaluation on" in _one_line_error(_canary("start"))
+    _gate(registry)
+    registry.set_model_version_tag(NAME, "2", "phi3ops.canary.verdict", "aborted")
+    registry.set_model_version_tag(NAME, "2", "phi3ops.canary.at", "2026-02-01T00:00:00+00:00")
+    assert "canary verdict aborted it" in _one_line_error(_canary("start", "--mode", "shadow"))
+    assert read_plan(NAME) is None
+    _gate(registry, **{"phi3ops.promotion.at": "2026-03-01T00:00:00+00:00"})  # gated again
+    assert _canary("start").exit_code == 0 and read_plan(NAME).candidate_version == "2"
+
+
+def test_a_plan_pins_its_candidate_and_says_when_streams_stay_with_the_champion(
+    registry,
+) -> None:
+    registry.set_registered_model_alias(NAME, "champion", "1")
+    registry.set_registered_model_alias(NAME, "candidate", "2")
+    registry.set_model_version_tag(NAME, "1", "phi3ops.flavor", "onnx")
+    registry.set_model_version_tag(NAME, "2", "phi3ops.flavor", "transformers")
+    _gate(registry)
+    started = _canary("start", "--share", "0.5")
+    assert started.exit_code == 0, started.output
+    assert "WARNING: v2 cannot stream (transformers flavor)" in started.output
+    assert read_plan(NAME).streams_to_champion
+    registry.create_model_version(NAME, source="nowhere")  # v3: registered, never gated
+    registry.set_registered_model_alias(NAME, "candidate", "3")
+    status = _canary("status")
+    assert "v2 (pinned) beside @champion v1" in status.output
+    assert "@candidate is v3 now; v3 takes no traffic" in status.output
+    assert "streamed requests stay with @champion" in status.output
+    assert read_plan(NAME).candidate_version == "2"

@@ -213,7 +213,7 @@ def test_the_follower_loads_the_candidate_for_a_plan_and_unloads_it_after(
     follower.candidate_alias = "candidate"
     follower.poll_once()
     assert switcher.serving(Arm.CANDIDATE) is None and loads == []  # no plan: no second model
-    plans["phi3"] = TrafficPlan.start("shadow")
+    plans["phi3"] = TrafficPlan.start("shadow", candidate_version="2")
     follower.poll_once()
     candidate = switcher.serving(Arm.CANDIDATE)
     assert candidate is not None and candidate.version == "2" and switcher.plan == plans["phi3"]
@@ -222,16 +222,78 @@ def test_the_follower_loads_the_candidate_for_a_plan_and_unloads_it_after(
     assert switcher.current is candidate and switcher.serving(Arm.CANDIDATE) is None
     assert loads == ["2"]
     registry["candidate"] = "3"  # a candidate that cannot load: the champion serves alone
+    plans["phi3"] = TrafficPlan.start("shadow", candidate_version="3")
     follower.poll_once()
     assert switcher.serving(Arm.CANDIDATE) is None and loads == ["2", "3"]
     follower.poll_once()
     assert loads == ["2", "3"]  # not tried again at every look
     registry["candidate"] = "4"
+    plans["phi3"] = TrafficPlan.start("canary", share=0.5, candidate_version="4")
     follower.poll_once()
     assert switcher.serving(Arm.CANDIDATE).version == "4"
     plans["phi3"] = None  # the plan ended (a verdict, `phi3ops canary stop`)
     follower.poll_once()
     assert switcher.serving(Arm.CANDIDATE) is None and switcher.plan is None
+
+
+def test_the_server_serves_the_pinned_candidate_whatever_the_alias_names_later(
+    registry, tmp_path, monkeypatch, caplog
+) -> None:
+    """@candidate moving mid-canary (a registration, a hand move) puts no other version on
+    live traffic: the plan's gated version keeps serving, with one warning per move.
+    """
+    plan = TrafficPlan.start("canary", share=0.5, candidate_version="2")
+    plans: dict[str, TrafficPlan | None] = {"phi3": plan}
+    monkeypatch.setattr(follow, "read_plan", lambda name: plans[name])
+    registry["candidate"] = "2"
+    switcher, loads = ModelSwitcher(_loaded("1")), []
+    follower = _follower(switcher, tmp_path, loads)
+    follower.candidate_alias = "candidate"
+    follower.poll_once()
+    assert switcher.serving(Arm.CANDIDATE).version == "2"
+    registry["candidate"] = "4"  # never gated
+    with caplog.at_level(logging.WARNING, logger="phi3ops.serving.follow"):
+        for _ in range(3):
+            follower.poll_once()
+    assert switcher.serving(Arm.CANDIDATE).version == "2" and loads == ["2"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "moved to version 4" in warning and "still serving version 2" in warning
+    plans["phi3"] = TrafficPlan.start("canary", share=0.5)  # a plan pinning nothing
+    follower.poll_once()
+    assert switcher.serving(Arm.CANDIDATE) is None and loads == ["2"]
+
+
+def test_a_candidate_that_cannot_stream_takes_no_streamed_request() -> None:
+    """Streams routed to a transformers candidate would be refused (and judge nobody): they
+    stay with a champion that streams; other requests split as the plan says.
+    """
+    champion, candidate = _loaded("1"), _loaded("2")
+    candidate.streams = False
+    switcher = ModelSwitcher(champion)
+    switcher.switch(candidate, arm=Arm.CANDIDATE)
+    switcher.set_plan(TrafficPlan.start("canary", share=0.5, candidate_version="2"))
+    users = [f"user-{i}" for i in range(60)]
+    assert {switcher.arm_for(u, stream=True) for u in users} == {Arm.CHAMPION}
+    assert {switcher.arm_for(u) for u in users} == {Arm.CHAMPION, Arm.CANDIDATE}
+    champion.streams = False  # neither streams: the plan decides (the model refuses it)
+    assert {switcher.arm_for(u, stream=True) for u in users} == {Arm.CHAMPION, Arm.CANDIDATE}
+
+
+def test_while_a_plan_is_in_force_every_arm_answers_as_the_registered_model() -> None:
+    """No answer names the arm, and a request naming what /v1/models listed before or during
+    the plan (``phi3/1``, ``phi3``) is served by either arm.
+    """
+    champion, candidate = _loaded("1"), _loaded("2")
+    switcher = ModelSwitcher(champion)
+    assert switcher.current.served.id == "phi3/1"  # no plan: the version, as before
+    switcher.switch(candidate, arm=Arm.CANDIDATE)
+    switcher.set_plan(TrafficPlan.start("canary", share=0.5, candidate_version="2"))
+    for loaded in (champion, candidate):
+        assert loaded.served.id == "phi3" and loaded.served.listing()["data"][0]["id"] == "phi3"
+        assert {"phi3", "phi3/1", "phi3/2", "phi3@champion"} <= loaded.served.names
+        assert loaded.served.answer_model("phi3-mini-onnx") == "phi3"
+    switcher.remove(Arm.CANDIDATE)  # the plan ended
+    assert champion.served.id == "phi3/1" and "phi3/2" not in champion.served.names
 
 
 def test_a_canary_plan_is_sticky_per_user_and_splits_by_its_share() -> None:

@@ -441,3 +441,80 @@ def test_a_body_over_the_limit_is_a_413_in_openais_shape(recorder, store) -> Non
     assert status == 413 and "PHI3OPS_SERVE_MAX_BODY_BYTES" in json.loads(body)["error"]["message"]
     assert recorder.flush(5)
     assert [r["outcome"] for r in store.records] == ["refused"]
+
+
+# --- a traffic plan: no arm in any answer, no 404 for the listed id, no path -------------------
+
+
+def test_an_invocations_answer_never_carries_a_path(recorder, store) -> None:
+    """The transformers flavor's answers name the packaging machine's snapshot folder."""
+    status, _, body = call(middleware(recorder), "/invocations", {"messages": HELLO})
+    (answer,) = json.loads(body)
+    assert status == 200 and answer["model"] == "phi3-mini"
+    assert answer["choices"] == ANSWER["choices"]
+    local = ServedModel.of(name=None, version=None, uri="/home/packager/model")
+    assert local.id == "model" and local.listing()["data"][0]["id"] == "model"
+    assert "/home/packager/model" in local.names  # still accepted when a request names it
+    assert ServedModel.of(name=None, version=None, uri="s3://bucket/m").id == "s3://bucket/m"
+    assert SERVED.answer_model("C:\\Users\\me\\phi3") == "phi3-mini"
+    assert SERVED.answer_model("microsoft/Phi-3-mini-4k-instruct") != "phi3-mini"  # a repo id
+
+
+def test_during_a_canary_the_listed_id_is_served_by_either_arm_which_no_answer_names(
+    recorder, store, tmp_path
+) -> None:
+    """A client that names what /v1/models listed (before or during the plan) is served
+    whichever arm its user falls on; every answer names the registered model; the records
+    keep the version and arm. Streams a candidate cannot answer stay with the champion.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from phi3ops.traffic import Arm, TrafficPlan
+
+    class NoStream:
+        def predict_stream(self, row: dict) -> Iterator[dict]:
+            raise MlflowException("This model does not support predict_stream method.")
+
+    champion = LoadedModel(
+        app=ScoringApp(), model=StreamModel(), served=SERVED, version="3", recorder=recorder
+    )
+    spool = RecordSpool(tmp_path / "spool-4", store.write).start()
+    candidate = LoadedModel(
+        app=ScoringApp(),
+        model=NoStream(),
+        served=ServedModel.of(name="phi3-mini", version="4", uri="models:/phi3-mini@champion"),
+        version="4",
+        recorder=InferenceRecorder(
+            model_name="phi3-mini", model_version="4", experiment_id="1", spool=spool
+        ),
+        streams=False,
+    )
+    switcher = ModelSwitcher(champion)
+    listed_before = json.loads(call(ServingMiddleware(switcher), "/v1/models", method="GET")[2])
+    assert listed_before["data"][0]["id"] == "phi3-mini/3"
+    switcher.switch(candidate, arm=Arm.CANDIDATE)
+    plan = TrafficPlan.start("canary", share=0.5, candidate_version="4")
+    switcher.set_plan(plan)
+    app = ServingMiddleware(switcher)
+    listed = json.loads(call(app, "/v1/models", method="GET")[2])
+    assert [m["id"] for m in listed["data"]] == ["phi3-mini"]
+
+    users = [f"user-{i}" for i in range(12)]
+    expected = [plan.arm_for(user).value for user in users]
+    assert set(expected) == {"champion", "candidate"}
+    for user, model in zip(users, ["phi3-mini/3", "phi3-mini"] * 6, strict=True):
+        body = {"messages": HELLO, "model": model, "user": user}
+        status, _, data = call(app, "/v1/chat/completions", body)
+        assert status == 200, data
+        assert json.loads(data)["model"] == "phi3-mini"
+        status, _, data = call(app, "/v1/chat/completions", {**body, "stream": True})
+        assert status == 200, data  # never the candidate's "cannot stream" 400
+        assert {e["model"] for e in events(data) if e != "[DONE]"} == {"phi3-mini"}
+    assert recorder.flush(5) and candidate.recorder.flush(5)
+    spool.close(timeout=5)
+    records = store.records
+    arms = {(r["arm"], r["model_version"]) for r in records}
+    assert arms == {("champion", "3"), ("candidate", "4")}
+    candidate_records = [r for r in records if r["arm"] == "candidate"]
+    assert len(candidate_records) == expected.count("candidate")  # only the plain requests
+    assert len(records) == 2 * len(users)
