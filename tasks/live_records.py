@@ -3,13 +3,15 @@ optionally one arm's of a canary or shadow run.
 
 `phi3ops serve` stores each request row as an MLflow trace tagged with the model name, version,
 arm (``champion`` / ``candidate``) and shadow flag (`phi3ops.serving.records`). The monitor reads
-one version's window; the online verdict (`tasks.canary`) reads one arm's.
+one version's window; the online verdict (`tasks.canary`) reads one arm's, and waits while
+records of its window are still in a server's spool (`unstored_records`).
 """
 
 from __future__ import annotations
 
 from phi3ops.names import MODEL_NAME_TAG, MODEL_VERSION_TAG, RECORD_ATTRIBUTE, RECORD_SPAN_NAME
 from phi3ops.serving.records import InferenceRecord
+from phi3ops.serving.spool import read_backlog
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
 
@@ -68,6 +70,20 @@ def load_records(
         if (arm is None or record.arm == arm) and (shadow is None or record.shadow == shadow)
     ]
     return sorted(records, key=lambda record: record.timestamp)
+
+
+def unstored_records(end: float) -> str | None:
+    """Why a verdict over a window ending at ``end`` must wait: records spooled by a server of
+    this data dir before ``end`` and not yet in the tracking store (None: there are none).
+    """
+    backlog = read_backlog(get_settings().data_dir / "serving" / "spool")
+    if not backlog.waiting or backlog.oldest_at is None or backlog.oldest_at > end:
+        return None
+    return (
+        f"{backlog.waiting} inference records are still in the servers' spool (the oldest "
+        f"waiting {backlog.oldest_age_s():.0f} s): judging before they are stored would leave "
+        f"part of the window out"
+    )
 
 
 def _quoted(value: str) -> str:

@@ -25,25 +25,16 @@ import logging
 import math
 import re
 import uuid
-from collections import defaultdict
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from phi3ops.names import (
-    ARM_TAG,
-    MODEL_NAME_TAG,
-    MODEL_VERSION_TAG,
-    RECORD_ATTRIBUTE,
-    RECORD_SPAN_NAME,
-    SHADOW_TAG,
-)
 from phi3ops.serving.spool import Entry, RecordSpool
-from phi3ops.serving.trace_summary import (
-    request_preview,
-    request_summary,
-    response_preview,
-    response_summary,
-)
+from phi3ops.serving.trace_summary import request_summary
+
+# Where the records' traces are written; imported from here too.
+from phi3ops.serving.trace_writer import _span_dict as _span_dict
+from phi3ops.serving.trace_writer import trace_id_of as trace_id_of
+from phi3ops.serving.trace_writer import write_entries as write_entries
 
 _log = logging.getLogger(__name__)
 
@@ -282,132 +273,6 @@ class InferenceRecorder:
         if self.spool is None:
             raise RuntimeError("This recorder has no spool: give it one to record.")
         return self.spool
-
-
-def trace_id_of(entry: Entry) -> str:
-    """The MLflow trace id a spool entry is stored as (the same each time it is written)."""
-    return f"tr-{entry['id']}"
-
-
-def write_entries(entries: list[Entry], *, tracking_uri: str | None = None) -> None:
-    """Store spool entries as traces, one ``log_spans`` call per experiment; raises if the store
-    did not take them (the spool then tries again). Writing an entry again rewrites its trace.
-
-    An entry with the logged model's id, or without text, first gets its trace's info, so that
-    the trace carries ``mlflow.modelId`` (the MLflow UI lists it under the logged model) and
-    the previews of its summaries (the trace list's Request and Response columns);
-    ``log_spans`` alone can set neither. Starting a trace that exists merges into it, so a
-    rewrite after a crash is still one trace.
-    """
-    from mlflow.entities import Span
-    from mlflow.tracing.client import TracingClient
-
-    by_experiment: dict[str, list[Span]] = defaultdict(list)
-    client = TracingClient(tracking_uri)
-    for entry in entries:
-        if entry.get("model_id") or not _prompts_recorded(entry):
-            client.start_trace(_trace_info(entry))
-        by_experiment[str(entry["experiment_id"])].append(Span.from_dict(_span_dict(entry)))
-    for experiment_id, spans in by_experiment.items():
-        client.log_spans(experiment_id, spans)
-
-
-def _trace_info(entry: Entry) -> Any:
-    """The trace info of an entry: its time, state and tags, its logged model's id, and, for
-    an entry without text, the previews of its summaries.
-    """
-    from mlflow.entities import TraceInfo, TraceLocation, TraceState
-    from mlflow.tracing.constant import TraceMetadataKey
-
-    record = entry["record"]
-    served = record.get("outcome", "served") == "served"
-    recorded = _prompts_recorded(entry)
-    return TraceInfo(
-        trace_id=trace_id_of(entry),
-        trace_location=TraceLocation.from_experiment_id(str(entry["experiment_id"])),
-        request_time=int(record["timestamp"] * 1000),
-        execution_duration=int(float(record["latency_s"]) * 1000),
-        state=TraceState.OK if served else TraceState.ERROR,
-        request_preview=None if recorded else request_preview(entry.get("inputs")),
-        response_preview=None if recorded else response_preview(record),
-        trace_metadata=(
-            {TraceMetadataKey.MODEL_ID: str(entry["model_id"])} if entry.get("model_id") else {}
-        ),
-        tags=_trace_tags(record),
-    )
-
-
-def _prompts_recorded(entry: Entry) -> bool:
-    """Whether the entry holds the request and answer text (an entry spooled before this was
-    stored says so by its inputs only).
-    """
-    if "prompts_recorded" in entry:
-        return bool(entry["prompts_recorded"])
-    inputs = entry.get("inputs")
-    return not (isinstance(inputs, dict) and inputs.get("recorded") is False)
-
-
-def _outputs(entry: Entry) -> Any:
-    """The span's outputs: the answer text when recorded, else (or when there is none) what
-    came of the request (`response_summary`).
-    """
-    record = entry["record"]
-    if _prompts_recorded(entry) and record.get("response") is not None:
-        return record["response"]
-    return response_summary(record)
-
-
-def _trace_tags(record: dict[str, Any]) -> dict[str, str]:
-    """The tags the monitor and the canary verdict search traces by."""
-    return {
-        MODEL_NAME_TAG: record["model_name"],
-        MODEL_VERSION_TAG: str(record["model_version"]),
-        ARM_TAG: record.get("arm", "champion"),
-        SHADOW_TAG: str(bool(record.get("shadow"))).lower(),
-    }
-
-
-def _span_dict(entry: Entry) -> dict[str, Any]:
-    """The root span of an entry's trace, in the form ``Span.from_dict`` reads."""
-    from mlflow.tracing.constant import SpanAttributeKey
-
-    record = entry["record"]
-    trace_id = trace_id_of(entry)
-    start_ns = int(record["timestamp"] * 1e9)
-    attributes = {
-        SpanAttributeKey.REQUEST_ID: trace_id,
-        SpanAttributeKey.SPAN_TYPE: "CHAT_MODEL",
-        SpanAttributeKey.INPUTS: entry.get("inputs"),
-        SpanAttributeKey.OUTPUTS: _outputs(entry),
-        RECORD_ATTRIBUTE: record,
-        **{
-            f"{SpanAttributeKey.TRACE_TAG_PREFIX}{key}": value
-            for key, value in _trace_tags(record).items()
-        },
-    }
-    prompt_tokens, completion_tokens = record.get("prompt_tokens"), record.get("completion_tokens")
-    if prompt_tokens is not None and completion_tokens is not None:
-        attributes[SpanAttributeKey.CHAT_USAGE] = {
-            "input_tokens": prompt_tokens,
-            "output_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-    failed = record.get("outcome", "served") != "served"
-    return {
-        "trace_id": trace_id,
-        "span_id": entry["id"][:16],
-        "parent_span_id": None,
-        "name": RECORD_SPAN_NAME,
-        "start_time_unix_nano": start_ns,
-        "end_time_unix_nano": start_ns + int(float(record["latency_s"]) * 1e9),
-        "status": {
-            "code": "STATUS_CODE_ERROR" if failed else "STATUS_CODE_OK",
-            "message": record.get("outcome", "") if failed else "",
-        },
-        # Span attributes are stored JSON-encoded, as MLflow's own spans store them.
-        "attributes": {key: json.dumps(value, default=str) for key, value in attributes.items()},
-        "events": [],
-    }
 
 
 def request_rows(payload: Any) -> list[Any]:

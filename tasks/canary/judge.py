@@ -32,7 +32,7 @@ from tasks.canary.compare import (
     needed_samples,
 )
 from tasks.canary.start import stop_plan
-from tasks.live_records import load_records
+from tasks.live_records import load_records, unstored_records
 from tasks.monitoring import Check, build_expectations, records_frame, validate
 
 
@@ -189,6 +189,8 @@ def judge(
     verdict, report.reasons = decide(
         report.candidate, report.champion, report.tests, report.suites, policy=policy
     )
+    if (unstored := unstored_records(end)) is not None:  # never decide on part of the window
+        verdict, report.reasons = "wait", [unstored, *report.reasons]
     report.verdict = verdict
     report.outcome = OUTCOME_OF[verdict]
     if plan.candidate_version and plan.candidate_version != target.candidate:
