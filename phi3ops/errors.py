@@ -115,6 +115,13 @@ class RegistryError(Phi3OpsError, RuntimeError):
     """The MLflow model registry refused an operation (registering, tagging, aliasing)."""
 
 
+class AliasLockLostError(Phi3OpsError, RuntimeError):
+    """An alias change lost the model's alias lock before it finished (its lease ran out while
+    the process was paused, so another holder took the lock): it stopped before its next write,
+    and the other holder's change stands.
+    """
+
+
 class TrackingUnreachableError(Phi3OpsError, ConnectionError):
     """The MLflow tracking server did not answer within the configured timeout."""
 

@@ -68,6 +68,9 @@ RESTORED_BY_ROLLBACK_TAG = f"{TAG_PREFIX}restored_by_rollback"
 #: An alias change in progress: on the registered model, ``{"id", "op", "version"}``; on that
 #: version, the whole plan. The next alias change of the model finishes it first.
 INTENT_TAG = f"{TAG_PREFIX}intent"
+#: Registered-model tag: the fencing token of the alias lock's latest holder (``<n> <holder>``,
+#: ``n`` one more at each acquisition); a holder writes only while it is still its own.
+LOCK_TOKEN_TAG = f"{TAG_PREFIX}lock_token"
 #: Run tag tying a promotion decision run to its intent (one run per intent).
 INTENT_ID_TAG = f"{TAG_PREFIX}intent_id"
 #: Model version tag, ``pending`` from registration until the version holds ``@candidate``.

@@ -17,6 +17,18 @@ the environment or the active profile), else ``file``.
 
 Either way the caller re-reads the aliases once it holds the lock (`tasks.promotion`): the lock
 orders the changes, the re-read makes a decision taken against an older champion *stale*.
+
+**The fence.** A Prefect slot is a lease: a holder paused past it (SIGSTOP, a frozen VM, a long
+GC) loses the slot to the next process, and wakes believing it still holds the lock. So every
+acquisition, of either kind, takes a *fencing token*: the registered model's
+``phi3ops.lock_token`` tag (`phi3ops.names.LOCK_TOKEN_TAG`) becomes ``<n+1> <holder>``, and
+`promotion_lock` yields an `AliasFence` holding it. The holder calls `AliasFence.check` right
+before each registry write; once another holder has taken the lock, the tag is no longer this
+holder's and the check raises `AliasLockLostError` (nothing more is written; the other holder
+finished or superseded this change). The file lock cannot lapse while its process lives; the
+same check costs one registry read and keeps one mechanism for both kinds. MLflow cannot refuse
+a write by token, so a holder paused between a check and its write can still land that one
+write: the fence narrows the window from the whole change to one registry call.
 """
 
 from __future__ import annotations
@@ -24,17 +36,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Iterator
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from filelock import FileLock
 
-from phi3ops.errors import OrchestrationError
-from phi3ops.names import alias_limit_name
+from phi3ops import registry
+from phi3ops.crash import owner
+from phi3ops.errors import AliasLockLostError, OrchestrationError
+from phi3ops.names import LOCK_TOKEN_TAG, alias_limit_name
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
 
-__all__ = ["LEASE_S", "alias_lock_kind", "check_alias_lock", "promotion_lock"]
+__all__ = ["LEASE_S", "AliasFence", "alias_lock_kind", "check_alias_lock", "promotion_lock"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +71,49 @@ def alias_lock_kind() -> Literal["file", "prefect"]:
     return "prefect" if PREFECT_API_URL.value() else "file"
 
 
+@dataclass(frozen=True)
+class AliasFence:
+    """This holder's fencing token for the alias lock of one model (see the module docstring).
+
+    Attributes:
+        model_name: The registered model.
+        token: The ``phi3ops.lock_token`` value this acquisition wrote; None when the registered
+            model did not exist then (the check then asks that no holder has taken one since).
+        lock: Which lock was held, in words, for the error message.
+    """
+
+    model_name: str
+    token: str | None
+    lock: str
+
+    def check(self, step: str) -> None:
+        """Call right before a registry write: raise if another holder took the lock since.
+
+        Args:
+            step: The write about to happen, in words (``move the aliases``), for the message.
+
+        Raises:
+            AliasLockLostError: The model's lock token is no longer this holder's.
+        """
+        current = _read_token(self.model_name)
+        if current == self.token:
+            return
+        raise AliasLockLostError(
+            f"The alias lock of {self.model_name} ({self.lock}) was lost before this process "
+            f"could {step}: another holder took it (fencing token now {current!r}, this "
+            f"holder's {self.token!r}), most likely because this process was paused past the "
+            f"lock's {LEASE_S:.0f} s lease. Nothing more was written by this process, and the "
+            f"other holder's change stands (it also finishes any change this one left half "
+            f"done). Check `phi3ops status`, then run the command again: it decides against the "
+            f"aliases as they are now."
+        )
+
+
 @contextlib.contextmanager
-def promotion_lock(model_name: str, *, timeout: float = 120.0) -> Iterator[None]:
+def promotion_lock(model_name: str, *, timeout: float = 120.0) -> Iterator[AliasFence]:
     """Hold the alias lock of ``model_name`` (see the module docstring for which one).
+
+    Yields the holder's `AliasFence`: call its ``check`` before each registry write.
 
     Args:
         model_name: The registered model whose aliases are about to change.
@@ -71,17 +127,19 @@ def promotion_lock(model_name: str, *, timeout: float = 120.0) -> Iterator[None]
     started = time.monotonic()
     if alias_lock_kind() == "prefect":
         with _prefect_slot(model_name, timeout=timeout):
-            _report(f"the Prefect global concurrency limit {alias_limit_name(model_name)}", started)
+            lock = f"the Prefect global concurrency limit {alias_limit_name(model_name)}"
+            _report(lock, started)
             configure_tracking()
-            yield
+            yield AliasFence(model_name, _take_token(model_name), lock)
         return
     locks = get_settings().data_dir / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     path = locks / f"promote-{model_name}.lock"
     with FileLock(path, timeout=timeout):
-        _report(f"the lock file {path}", started)
+        lock = f"the lock file {path}"
+        _report(lock, started)
         configure_tracking()
-        yield
+        yield AliasFence(model_name, _take_token(model_name), lock)
 
 
 def check_alias_lock(model_name: str) -> None:
@@ -131,6 +189,39 @@ def _prefect_slot(model_name: str, *, timeout: float) -> Iterator[None]:
         except ConcurrencySlotAcquisitionError as exc:
             raise OrchestrationError(f"{_missing(model_name)} ({exc})") from exc
         yield
+
+
+def _read_token(model_name: str) -> str | None:
+    """The model's current fencing token; None when the model or the tag does not exist (any
+    other registry error is raised: a store that does not answer is not a lost lock).
+    """
+    model = _registered_model(model_name)
+    return None if model is None else (model.tags or {}).get(LOCK_TOKEN_TAG)
+
+
+def _take_token(model_name: str) -> str | None:
+    """Write this acquisition's fencing token, one more than the last (its holder named, so two
+    holders never share one); None when the registered model does not exist yet.
+    """
+    model = _registered_model(model_name)
+    if model is None:
+        return None  # nothing to fence yet; the check asks that it stays so
+    last = (model.tags or {}).get(LOCK_TOKEN_TAG, "")
+    number = last.split(" ", 1)[0]
+    token = f"{int(number) + 1 if number.isdigit() else 1} {owner()}:{uuid.uuid4().hex[:8]}"
+    registry.client().set_registered_model_tag(model_name, LOCK_TOKEN_TAG, token)
+    return token
+
+
+def _registered_model(model_name: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return registry.client().get_registered_model(model_name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
 def _report(lock: str, started: float) -> None:

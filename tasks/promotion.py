@@ -14,6 +14,10 @@ a Prefect global concurrency limit across hosts, or a file lock on one machine),
    MLflow run (one per intent, found again by the intent id) and its Prefect event (whose id is
    the intent's, so Prefect's triggers see a repeat once). Then the intent is cleared.
 
+Each write step of 3-4 first checks the lock's fence (`tasks.alias_lock.AliasFence`): a holder
+paused past its lease, whose lock another process took meanwhile, stops with
+`AliasLockLostError` before its next write instead of undoing the other holder's change.
+
 A process killed anywhere in 3-4 leaves the intent; the next promotion or rollback of the model
 finishes it under the lock (so never beside the live process that wrote it), and a re-run of the
 same command reports that finished change (``resumed``) instead of making a new one. Two
@@ -52,7 +56,7 @@ from phi3ops.names import (
     TAG_PREFIX,
 )
 from phi3ops.tracking import configure_tracking, version_url
-from tasks.alias_lock import promotion_lock
+from tasks.alias_lock import AliasFence, promotion_lock
 from tasks.events import emit, prefect_is_listening
 from tasks.gates import Decision, Evaluation, GateResult, check_regression, evaluate_gates
 from tasks.status import refresh_description
@@ -143,8 +147,8 @@ def apply_decision(decision: Decision, *, triggered_by: str) -> AliasState:
         crashed run of this same promotion was finished instead, its outcome, ``resumed``.
     """
     name, version = decision.model_name, decision.version
-    with promotion_lock(name):
-        resumed = _finish_pending(name, op="promote", version=version)
+    with promotion_lock(name) as fence:
+        resumed = _finish_pending(name, op="promote", version=version, fence=fence)
         if resumed is not None:
             return resumed
         champion = registry.alias_version(name, CHAMPION_ALIAS)
@@ -180,9 +184,9 @@ def apply_decision(decision: Decision, *, triggered_by: str) -> AliasState:
             triggered_by=triggered_by,
             decision=decision,
         )
-        _write_intent(intent)
+        _write_intent(intent, fence=fence)
         crash_point("promote.after-intent")
-        return _carry_out(intent, resumed=False)
+        return _carry_out(intent, resumed=False, fence=fence)
 
 
 def rollback(model_name: str, *, to_version: str | None = None, triggered_by: str) -> AliasState:
@@ -195,8 +199,8 @@ def rollback(model_name: str, *, to_version: str | None = None, triggered_by: st
     Raises:
         RegistryError: there is no champion, or nothing to roll back to; nothing changed.
     """
-    with promotion_lock(model_name):
-        resumed = _finish_pending(model_name, op="rollback", version=to_version)
+    with promotion_lock(model_name) as fence:
+        resumed = _finish_pending(model_name, op="rollback", version=to_version, fence=fence)
         if resumed is not None:
             return resumed
         champion = registry.alias_version(model_name, CHAMPION_ALIAS)
@@ -225,9 +229,9 @@ def rollback(model_name: str, *, to_version: str | None = None, triggered_by: st
             previous=previous,
             triggered_by=triggered_by,
         )
-        _write_intent(intent)
+        _write_intent(intent, fence=fence)
         crash_point("rollback.after-intent")
-        return _carry_out(intent, resumed=False)
+        return _carry_out(intent, resumed=False, fence=fence)
 
 
 # --- intents: written first, carried out step by step, finished by whoever finds one ------------
@@ -290,25 +294,31 @@ def _intent(
     )
 
 
-def _write_intent(intent: Intent) -> None:
+def _write_intent(intent: Intent, *, fence: AliasFence) -> None:
     """The pointer first, then the plan (a version tag: no length limit that matters)."""
     client = registry.client()
     head = {"id": intent.id, "op": intent.op, "version": intent.version}
+    fence.check(f"write down its {intent.op} of version {intent.version}")
     client.set_registered_model_tag(intent.model_name, INTENT_TAG, json.dumps(head))
     client.set_model_version_tag(
         intent.model_name, intent.version, INTENT_TAG, intent.model_dump_json()
     )
 
 
-def _clear_intent(intent: Intent) -> None:
+def _clear_intent(intent: Intent, *, fence: AliasFence) -> None:
     """The plan first, then the pointer (a pointer without a plan is dropped when found)."""
     client = registry.client()
+    fence.check(f"clear the finished {intent.op} of version {intent.version}")
     client.delete_model_version_tag(intent.model_name, intent.version, INTENT_TAG)
     client.delete_registered_model_tag(intent.model_name, INTENT_TAG)
 
 
 def _finish_pending(
-    model_name: str, *, op: Literal["promote", "rollback"], version: str | None
+    model_name: str,
+    *,
+    op: Literal["promote", "rollback"],
+    version: str | None,
+    fence: AliasFence,
 ) -> AliasState | None:
     """Finish the change a dead process left, if any (the caller holds the model's lock).
 
@@ -319,6 +329,7 @@ def _finish_pending(
     pointer, intent = _read_intent(model_name)
     if intent is None:
         if pointer:  # its process died before writing the plan, or after clearing it
+            fence.check("drop a dangling intent pointer")
             registry.client().delete_registered_model_tag(model_name, INTENT_TAG)
         return None
     logger.warning(
@@ -329,32 +340,38 @@ def _finish_pending(
         intent.triggered_by,
         intent.at,
     )
-    state = _carry_out(intent, resumed=True)
+    state = _carry_out(intent, resumed=True, fence=fence)
     return state if intent.op == op and version in (None, intent.version) else None
 
 
-def _carry_out(intent: Intent, *, resumed: bool) -> AliasState:
-    """Every step of the change, each one safe to repeat; the one path for fresh and resumed."""
+def _carry_out(intent: Intent, *, resumed: bool, fence: AliasFence) -> AliasState:
+    """Every step of the change, each one safe to repeat; the one path for fresh and resumed.
+    Each write step checks the lock's fence first.
+    """
     if intent.op == "rollback":
-        return _carry_out_rollback(intent, resumed=resumed)
-    return _carry_out_decision(intent, resumed=resumed)
+        return _carry_out_rollback(intent, resumed=resumed, fence=fence)
+    return _carry_out_decision(intent, resumed=resumed, fence=fence)
 
 
-def _carry_out_decision(intent: Intent, *, resumed: bool) -> AliasState:
+def _carry_out_decision(intent: Intent, *, resumed: bool, fence: AliasFence) -> AliasState:
     client = registry.client()
     name, version, decision = intent.model_name, intent.version, intent.decision
     if decision is None:
         raise RegistryError(f"The promotion intent {intent.id} of {name} holds no decision.")
     if intent.action == "promoted":
+        fence.check(f"move @{CHAMPION_ALIAS} to version {version}")
         if intent.champion_before is not None:
             client.set_registered_model_alias(name, PREVIOUS_ALIAS, intent.champion_before)
         client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
         crash_point("promote.after-aliases")
     state = intent.state(resumed=resumed)
+    fence.check(f"tag the decision on version {version}")
     _tag_decision(client, decision, state, triggered_by=intent.triggered_by, at=intent.at)
     crash_point("promote.after-tags")
+    fence.check(f"record the decision run of version {version}")
     run_id = _decision_run(intent, decision, state)
     crash_point("promote.after-run")
+    fence.check(f"announce the decision on version {version}")
     _announce(
         PROMOTED_EVENT if intent.action == "promoted" else REJECTED_EVENT,
         intent=intent,
@@ -368,29 +385,33 @@ def _carry_out_decision(intent: Intent, *, resumed: bool) -> AliasState:
         },
     )
     crash_point("promote.after-event")
-    _clear_intent(intent)
+    _clear_intent(intent, fence=fence)
     return state.model_copy(update={"run_id": run_id})
 
 
-def _carry_out_rollback(intent: Intent, *, resumed: bool) -> AliasState:
+def _carry_out_rollback(intent: Intent, *, resumed: bool, fence: AliasFence) -> AliasState:
     client = registry.client()
     name, target, before = intent.model_name, intent.version, intent.champion_before
+    fence.check(f"move @{CHAMPION_ALIAS} back to version {target}")
     client.set_registered_model_alias(name, CHAMPION_ALIAS, target)
     crash_point("rollback.after-champion")
+    fence.check(f"clear @{PREVIOUS_ALIAS}")
     client.delete_registered_model_alias(name, PREVIOUS_ALIAS)  # a no-op when there is none
     crash_point("rollback.after-previous")
+    fence.check(f"tag the rollback to version {target}")
     if before is not None:
         client.set_model_version_tag(name, before, ROLLED_BACK_AT_TAG, intent.at)
     client.set_model_version_tag(
         name, target, RESTORED_BY_ROLLBACK_TAG, f"{intent.at} by {intent.triggered_by}"
     )
     crash_point("rollback.after-tags")
+    fence.check(f"announce the rollback to version {target}")
     _announce(
         ROLLED_BACK_EVENT,
         intent=intent,
         payload={"triggered_by": intent.triggered_by, "rolled_back": before},
     )
-    _clear_intent(intent)
+    _clear_intent(intent, fence=fence)
     return intent.state(resumed=resumed)
 
 

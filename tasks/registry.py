@@ -180,7 +180,8 @@ def _finish_registration(version: ModelVersion) -> ModelVersion:
     name, number = version.name, str(version.version)
     # An alias move like any other: two registrations at once on two workers would otherwise
     # both insert @candidate, which a PostgreSQL-backed registry refuses for one of them.
-    with promotion_lock(name):
+    with promotion_lock(name) as fence:
+        fence.check(f"move @{CANDIDATE_ALIAS} to version {number}")
         client.set_registered_model_alias(name, CANDIDATE_ALIAS, number)
     client.delete_model_version_tag(name, number, REGISTRATION_TAG)
     return client.get_model_version(name, number)
