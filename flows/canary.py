@@ -10,6 +10,9 @@ the plan started → test and validate them → the verdict:
 * ``abort``: the plan is cleared (``@champion`` answers everything again), the candidate
   version tagged with the verdict and why, ``phi3ops.canary.aborted`` emitted.
 
+Either way the candidate's promotion decision (``phi3ops.promotion.decision`` and reasons) and
+its registry description are rewritten with the canary's outcome.
+
 Every verdict is an MLflow run (``phi3ops.run_type`` = ``canary``) and a Prefect markdown
 artifact.
 """
@@ -32,6 +35,7 @@ from tasks.canary import (
     find_target_task,
     judge_task,
     record_verdict_task,
+    tag_outcome_task,
     verdict_markdown,
 )
 from tasks.events import default_trigger, emit
@@ -106,6 +110,8 @@ def canary_flow(
     finally:
         for _, docs_dir in artifacts.values():
             shutil.rmtree(docs_dir, ignore_errors=True)
+    # The version's promotion decision, reasons and description now say how the canary ended.
+    tag_outcome_task(report, triggered_by=who)
 
     markdown = verdict_markdown(report)
     create_markdown_artifact(

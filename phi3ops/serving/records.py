@@ -81,6 +81,10 @@ class InferenceRecord:
     template_tokens: int | None = None  # chat-template markers in the answer
     arm: str = "champion"  # the alias that answered: champion or candidate (`phi3ops.traffic`)
     shadow: bool = False  # a shadow copy: answered in the background, never seen by the client
+    # The request's own choices, which the canary verdict compares arms within (None: unset).
+    max_tokens: int | None = None
+    stop_given: bool | None = None  # it named stop sequences
+    stream: bool | None = None
 
     @classmethod
     def from_attribute(cls, value: dict[str, Any]) -> InferenceRecord:
@@ -241,6 +245,7 @@ class InferenceRecorder:
                 outcome=outcome_of(status_code, answered=answer is not None),
                 arm=arm,
                 shadow=shadow,
+                **_request_choices(row, payload),
             )
             out.append((with_text_features(record), row))
         return out
@@ -398,6 +403,21 @@ def _error_message(body: Any, status_code: int, *, reason: str | None, full: boo
     if full and message:
         return f"{head}: {str(message)[:_MAX_ERROR_CHARS]}"
     return f"{head}: {reason}" if reason else head
+
+
+def _request_choices(row: Any, payload: Any) -> dict[str, Any]:
+    """``max_tokens``, ``stop_given`` and ``stream`` of a row (under the payload's ``params``)."""
+    params = payload.get("params") if isinstance(payload, dict) else None
+    given = {
+        **(params if isinstance(params, dict) else {}),
+        **(row if isinstance(row, dict) else {}),
+    }
+    stop, stream = given.get("stop"), given.get("stream")
+    return {
+        "max_tokens": _int(given.get("max_tokens")),
+        "stop_given": None if stop is None else bool(stop),
+        "stream": stream if isinstance(stream, bool) else None,
+    }
 
 
 def _int(value: Any) -> int | None:

@@ -8,8 +8,9 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 from scipy import stats
 
 from phi3ops.policies import CanaryPolicy
@@ -30,25 +31,72 @@ SERVER_FAILURES = frozenset({"error", "shed"})
 
 # --- one arm's sample -------------------------------------------------------------------------
 
+#: A request's own choices (`InferenceRecord`'s ``max_tokens``, ``stop_given``, ``stream``):
+#: arms are compared only within a stratum, so what a client asks for cannot differ between
+#: them. ``max_tokens`` is exact: a cut-off at 1 token compares only with cut-offs at 1 token.
+Stratum = tuple[int | None, bool | None, bool | None]
+
+
+def stratum_of(record: InferenceRecord) -> Stratum:
+    """The stratum of a record: the request's ``max_tokens``, whether it gave ``stop``, stream."""
+    return (record.max_tokens, record.stop_given, record.stream)
+
+
+def prompt_size(record: InferenceRecord) -> int | None:
+    """The prompt's size class (powers of two of its tokens): time per token is compared only
+    between prompts of one class, since a long prompt costs time before the first token.
+    """
+    tokens = record.prompt_tokens
+    return None if tokens is None else max(0, int(tokens)).bit_length()
+
+
+def is_judged(record: InferenceRecord) -> bool:
+    """Whether a record judges the server: not a client outcome (`CLIENT_OUTCOMES`: refused,
+    cancelled) and not a shadow copy the server shed to protect the champion.
+    """
+    return record.outcome not in CLIENT_OUTCOMES and not (
+        record.shadow and record.outcome == "shed"
+    )
+
 
 def is_format_failure(record: InferenceRecord) -> bool:
-    """Whether a served answer is unusable as an answer: blank, leaking chat-template tokens
-    (``<|end|>``...), or cut off by ``max_tokens`` (finish reason ``length``).
+    """Whether a served answer is unusable as an answer: blank or leaking chat-template tokens
+    (``<|end|>``...). A blank answer that ended on the client's own ``stop`` sequence is the
+    client's choice, not the model's. (A cut-off is `is_length_finish`, judged per stratum.)
 
     The one definition of a format failure; records without an answer are never one.
     """
     if record.outcome != "served":
         return False
-    return bool(
-        record.blank_response
-        or (record.template_tokens or 0) > 0
-        or record.finish_reason == "length"
+    blank = bool(record.blank_response) and not (
+        record.stop_given and record.finish_reason == "stop"
     )
+    return blank or (record.template_tokens or 0) > 0
+
+
+def is_length_finish(record: InferenceRecord) -> bool:
+    """Whether a served answer was cut off by ``max_tokens`` (finish reason ``length``): only
+    evidence against a model next to answers of the same ``max_tokens``.
+    """
+    return record.outcome == "served" and record.finish_reason == "length"
+
+
+@dataclass(frozen=True)
+class StratumCounts:
+    """What one arm did in one stratum."""
+
+    judged: int = 0
+    errors: int = 0
+    served: int = 0
+    format_failures: int = 0
+    length_finishes: int = 0
 
 
 @dataclass(frozen=True)
 class ArmSample:
-    """What one arm did in the window: counts, and the values the rank tests compare."""
+    """What one arm did in the window: counts, and the values the rank tests compare (each
+    also per stratum, which is what the tests read).
+    """
 
     arm: str
     version: str
@@ -56,12 +104,17 @@ class ArmSample:
     judged: int  # records that judge the server (not client outcomes, not shed shadow copies)
     errors: int  # server failures among the judged
     served: int
-    format_failures: int  # among the served
+    format_failures: int  # among the served: blank or template tokens
     refused: int = 0  # the client's: counted apart
     cancelled: int = 0
     shed_shadow: int = 0
+    length_finishes: int = 0  # among the served
     seconds_per_token: list[float] = field(default_factory=list)
     completion_tokens: list[float] = field(default_factory=list)
+    strata: dict[Stratum, StratumCounts] = field(default_factory=dict)
+    #: seconds per token by (stratum, prompt size); completion tokens by stratum
+    timings: dict[tuple[Stratum, int | None], list[float]] = field(default_factory=dict)
+    lengths: dict[Stratum, list[float]] = field(default_factory=dict)
 
     @property
     def error_rate(self) -> float | None:
@@ -78,13 +131,28 @@ def arm_sample(records: Sequence[InferenceRecord], *, arm: str, version: str) ->
     """One arm's counts and samples (see the module docstring for what counts where)."""
     client = [r for r in records if r.outcome in CLIENT_OUTCOMES]
     shed_shadow = [r for r in records if r.shadow and r.outcome == "shed"]
-    judged = [
-        r
-        for r in records
-        if r.outcome not in CLIENT_OUTCOMES and not (r.shadow and r.outcome == "shed")
-    ]
+    judged = [r for r in records if is_judged(r)]
     served = [r for r in judged if r.outcome == "served"]
     timed = [r for r in served if (r.completion_tokens or 0) > 0]
+    strata: dict[Stratum, StratumCounts] = {}
+    for r in judged:
+        c = strata.get(stratum_of(r), StratumCounts())
+        strata[stratum_of(r)] = StratumCounts(
+            judged=c.judged + 1,
+            errors=c.errors + (r.outcome in SERVER_FAILURES),
+            served=c.served + (r.outcome == "served"),
+            format_failures=c.format_failures + is_format_failure(r),
+            length_finishes=c.length_finishes + is_length_finish(r),
+        )
+    timings: dict[tuple[Stratum, int | None], list[float]] = {}
+    for r in timed:
+        timings.setdefault((stratum_of(r), prompt_size(r)), []).append(
+            r.latency_s / (r.completion_tokens or 1)
+        )
+    lengths: dict[Stratum, list[float]] = {}
+    for r in served:
+        if r.completion_tokens is not None:
+            lengths.setdefault(stratum_of(r), []).append(float(r.completion_tokens))
     return ArmSample(
         arm=arm,
         version=str(version),
@@ -96,11 +164,44 @@ def arm_sample(records: Sequence[InferenceRecord], *, arm: str, version: str) ->
         refused=sum(r.outcome == "refused" for r in client),
         cancelled=sum(r.outcome == "cancelled" for r in client),
         shed_shadow=len(shed_shadow),
+        length_finishes=sum(is_length_finish(r) for r in served),
         seconds_per_token=[r.latency_s / (r.completion_tokens or 1) for r in timed],
         completion_tokens=[
             float(r.completion_tokens) for r in served if r.completion_tokens is not None
         ],
+        strata=strata,
+        timings=timings,
+        lengths=lengths,
     )
+
+
+def comparable_judged(candidate: ArmSample, champion: ArmSample) -> dict[str, int]:
+    """Each arm's judged records in the strata both arms have: the records a verdict rests on."""
+    shared = candidate.strata.keys() & champion.strata.keys()
+    return {
+        sample.arm: sum(sample.strata[s].judged for s in shared) for sample in (candidate, champion)
+    }
+
+
+def matched_records(
+    candidate: Sequence[InferenceRecord], champion: Sequence[InferenceRecord]
+) -> tuple[list[InferenceRecord], list[InferenceRecord]]:
+    """Judged records of both arms with one mix of strata, for the expectation suites (which
+    read each arm as one sample): in each stratum both arms have, as many records of each arm
+    as the smaller side has, spread evenly over the window.
+    """
+    by_arm: list[dict[Stratum, list[InferenceRecord]]] = [{}, {}]
+    for grouped, records in zip(by_arm, (candidate, champion), strict=True):
+        for r in records:
+            if is_judged(r):
+                grouped.setdefault(stratum_of(r), []).append(r)
+    out: tuple[list[InferenceRecord], list[InferenceRecord]] = ([], [])
+    for stratum in sorted(by_arm[0].keys() & by_arm[1].keys(), key=repr):
+        k = min(len(by_arm[0][stratum]), len(by_arm[1][stratum]))
+        for matched, grouped in zip(out, by_arm, strict=True):
+            rows = grouped[stratum]
+            matched.extend(rows[i * len(rows) // k] for i in range(k))
+    return out
 
 
 # --- the statistics ---------------------------------------------------------------------------
@@ -137,6 +238,63 @@ def rank_pvalue(
     return 1.0 if math.isnan(p) else p  # all values tied: no evidence either way
 
 
+def cmh_worse_pvalue(tables: Sequence[tuple[int, int, int, int]]) -> float | None:
+    """One-sided Cochran-Mantel-Haenszel test over strata (no continuity correction): the
+    p-value of "the first rate is higher than the second within strata" under "equal within
+    each stratum". Each table is (failures, total, base failures, base total) of one stratum;
+    a stratum one side lacks says nothing. None when no stratum has both sides.
+
+    With one stratum it is the two-proportion z-test with the hypergeometric variance
+    (``N - 1`` for ``N``).
+    """
+    excess, variance, shared = 0.0, 0.0, False
+    for failures, total, base_failures, base_total in tables:
+        n = total + base_total
+        if not total or not base_total:
+            continue
+        shared = True
+        failed = failures + base_failures
+        excess += failures - total * failed / n
+        if n > 1:
+            variance += total * base_total * failed * (n - failed) / (n * n * (n - 1))
+    if not shared:
+        return None
+    if variance == 0:  # all failures or none in every stratum: no difference to test
+        return 1.0
+    return float(stats.norm.sf(excess / math.sqrt(variance)))
+
+
+def stratified_rank_pvalue(
+    pairs: Sequence[tuple[Sequence[float], Sequence[float]]],
+    *,
+    alternative: Literal["greater", "two-sided"],
+) -> float | None:
+    """Van Elteren's stratified Wilcoxon-Mann-Whitney test: each stratum's rank sum of the
+    first values against the second, weighted by ``1 / (n + 1)`` and combined (normal
+    approximation, ties corrected, no continuity correction). "greater": the first values tend
+    to be larger. Strata one side lacks say nothing; None with fewer than 2 values on either
+    side in the strata both have.
+    """
+    statistic, variance, counts = 0.0, 0.0, [0, 0]
+    for values, base in pairs:
+        n1, n2 = len(values), len(base)
+        if not n1 or not n2:
+            continue
+        counts[0], counts[1] = counts[0] + n1, counts[1] + n2
+        n = n1 + n2
+        ranks = stats.rankdata([*values, *base])
+        _, ties = np.unique(ranks, return_counts=True)
+        tie_term = float(np.sum(ties**3 - ties)) / (n * (n - 1)) if n > 1 else 0.0
+        statistic += (float(np.sum(ranks[:n1])) - n1 * (n + 1) / 2) / (n + 1)
+        variance += n1 * n2 * ((n + 1) - tie_term) / 12 / (n + 1) ** 2
+    if min(counts) < 2:
+        return None
+    if variance == 0:  # all values tied: no evidence either way
+        return 1.0
+    z = statistic / math.sqrt(variance)
+    return float(stats.norm.sf(z) if alternative == "greater" else 2 * stats.norm.sf(abs(z)))
+
+
 @dataclass(frozen=True)
 class Comparison:
     """One comparison of the arms."""
@@ -160,7 +318,9 @@ class Comparison:
 def compare_arms(
     candidate: ArmSample, champion: ArmSample, *, policy: CanaryPolicy
 ) -> list[Comparison]:
-    """The four tests of the candidate against the champion (module docstring)."""
+    """The five tests of the candidate against the champion, each within the strata both arms
+    have (module docstring); the values shown are each arm's over those strata.
+    """
 
     def result(
         name: str, test: str, cand: float | None, champ: float | None, p: float | None
@@ -169,45 +329,52 @@ def compare_arms(
         # change either way.
         return Comparison(name, test, cand, champ, p, worse=p is not None and p < policy.alpha)
 
-    z_test = "two-proportion z-test, one-sided"
+    shared = sorted(candidate.strata.keys() & champion.strata.keys(), key=repr)
+
+    def rate(name: str, count: str, total: str) -> Comparison:
+        tables = [
+            (
+                getattr(candidate.strata[s], count),
+                getattr(candidate.strata[s], total),
+                getattr(champion.strata[s], count),
+                getattr(champion.strata[s], total),
+            )
+            for s in shared
+        ]
+        tables = [t for t in tables if t[1] and t[3]]
+        champ_total = sum(t[3] for t in tables)
+        # Shown: the champion's rate, and the candidate's in the champion's mix of strata.
+        return result(
+            name,
+            "Cochran-Mantel-Haenszel over strata, one-sided; candidate in the champion's mix",
+            sum(t[3] / champ_total * t[0] / t[1] for t in tables) if champ_total else None,
+            sum(t[2] for t in tables) / champ_total if champ_total else None,
+            cmh_worse_pvalue(tables),
+        )
+
+    timed = sorted(candidate.timings.keys() & champion.timings.keys(), key=repr)
+    lengths = [s for s in shared if s in candidate.lengths and s in champion.lengths]
+    ranks = "van Elteren (Mann-Whitney U per stratum, combined)"
     return [
-        result(
-            "error-rate",
-            z_test,
-            candidate.error_rate,
-            champion.error_rate,
-            proportion_worse_pvalue(
-                candidate.errors, candidate.judged, champion.errors, champion.judged
-            ),
-        ),
-        result(
-            "format-failure-rate",
-            z_test,
-            candidate.format_failure_rate,
-            champion.format_failure_rate,
-            proportion_worse_pvalue(
-                candidate.format_failures,
-                candidate.served,
-                champion.format_failures,
-                champion.served,
-            ),
-        ),
+        rate("error-rate", "errors", "judged"),
+        rate("format-failure-rate", "format_failures", "served"),
+        rate("length-finish-rate", "length_finishes", "served"),
         result(
             "seconds-per-token",
-            "Mann-Whitney U, one-sided (median shown)",
-            _median(candidate.seconds_per_token),
-            _median(champion.seconds_per_token),
-            rank_pvalue(
-                candidate.seconds_per_token, champion.seconds_per_token, alternative="greater"
+            f"{ranks}, one-sided (medians of matched values shown)",
+            *_matched_medians(candidate.timings, champion.timings, timed),
+            stratified_rank_pvalue(
+                [(candidate.timings[k], champion.timings[k]) for k in timed],
+                alternative="greater",
             ),
         ),
         result(
             "completion-tokens",
-            "Mann-Whitney U, two-sided (median shown)",
-            _median(candidate.completion_tokens),
-            _median(champion.completion_tokens),
-            rank_pvalue(
-                candidate.completion_tokens, champion.completion_tokens, alternative="two-sided"
+            f"{ranks}, two-sided (medians of matched values shown)",
+            *_matched_medians(candidate.lengths, champion.lengths, lengths),
+            stratified_rank_pvalue(
+                [(candidate.lengths[k], champion.lengths[k]) for k in lengths],
+                alternative="two-sided",
             ),
         ),
     ]
@@ -216,10 +383,11 @@ def compare_arms(
 def needed_samples(
     candidate: ArmSample, champion: ArmSample, *, policy: CanaryPolicy
 ) -> dict[str, int]:
-    """How many more judged records each arm needs before a verdict (0: enough)."""
-    return {
-        sample.arm: max(0, policy.min_samples - sample.judged) for sample in (candidate, champion)
-    }
+    """How many more comparable judged records (in strata both arms have) each arm needs
+    before a verdict (0: enough).
+    """
+    have = comparable_judged(candidate, champion)
+    return {arm: max(0, policy.min_samples - n) for arm, n in have.items()}
 
 
 def decide(
@@ -243,9 +411,12 @@ def decide(
     needed = needed_samples(candidate, champion, policy=policy)
     if any(needed.values()):
         more = ", ".join(f"{n} more {arm} record(s)" for arm, n in needed.items() if n)
+        have = comparable_judged(candidate, champion)
         return "wait", [
-            f"too few records to judge: candidate {candidate.judged}, champion {champion.judged} "
-            f"(each needs {policy.min_samples}, PHI3OPS_CANARY_MIN_SAMPLES); waiting for {more}"
+            f"too few comparable records to judge (requests of the same max_tokens, stop and "
+            f"stream on both arms): candidate {have[candidate.arm]} of {candidate.judged}, "
+            f"champion {have[champion.arm]} of {champion.judged} (each needs "
+            f"{policy.min_samples}, PHI3OPS_CANARY_MIN_SAMPLES); waiting for {more}"
         ]
     reasons = [f"worse on live traffic: {t.line()}" for t in tests if t.worse]
     champion_broken = {c.name for c in suites.get(Arm.CHAMPION, []) if c.success is False}
@@ -266,6 +437,20 @@ def decide(
             f"both arms break {', '.join(both)} (the monitor's concern, not the candidate's)"
         )
     return "promote", held
+
+
+def _matched_medians(
+    values: dict[Any, list[float]], base: dict[Any, list[float]], keys: Sequence[Any]
+) -> tuple[float | None, float | None]:
+    """Each side's median over the same number of values per stratum (spread evenly), so that
+    neither median is the other's mix of strata.
+    """
+    picked: tuple[list[float], list[float]] = ([], [])
+    for key in keys:
+        k = min(len(values[key]), len(base[key]))
+        for out, sample in zip(picked, (values[key], base[key]), strict=True):
+            out.extend(sorted(sample)[i * len(sample) // k] for i in range(k))
+    return _median(picked[0]), _median(picked[1])
 
 
 def _median(values: Sequence[float]) -> float | None:

@@ -4,6 +4,7 @@ arm's expectation suite, and end the plan once a verdict is carried out.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from phi3ops import registry
-from phi3ops.names import CANDIDATE_ALIAS, CHAMPION_ALIAS
+from phi3ops.names import CANDIDATE_ALIAS, CHAMPION_ALIAS, PROMOTION_TAG_PREFIX
 from phi3ops.policies import CanaryPolicy, MonitorThresholds
 from phi3ops.serving.records import InferenceRecord
 from phi3ops.traffic import Arm, TrafficPlan, read_plan
@@ -29,11 +30,13 @@ from tasks.canary.compare import (
     arm_sample,
     compare_arms,
     decide,
+    matched_records,
     needed_samples,
 )
 from tasks.canary.start import stop_plan
 from tasks.live_records import load_records, unstored_records
 from tasks.monitoring import Check, build_expectations, records_frame, validate
+from tasks.status import refresh_description
 
 
 def suite_checks(
@@ -90,12 +93,17 @@ class CanaryReport:
         data = asdict(self)
         for arm in ("candidate", "champion"):
             if data[arm] is not None:
-                data[arm].pop("seconds_per_token")
-                data[arm].pop("completion_tokens")
+                for raw in ("seconds_per_token", "completion_tokens", "timings", "lengths"):
+                    data[arm].pop(raw)
                 sample = getattr(self, arm)
                 data[arm] |= {
                     "error_rate": sample.error_rate,
                     "format_failure_rate": sample.format_failure_rate,
+                    # JSON keys: "max_tokens/stop_given/stream"
+                    "strata": {
+                        "/".join(map(str, stratum)): asdict(counts)
+                        for stratum, counts in sample.strata.items()
+                    },
                 }
         data["suites"] = {
             arm: [c.name for c in checks if c.success is False]
@@ -182,7 +190,9 @@ def judge(
     artifacts: dict[str, tuple[dict[str, Any], Path]] = {}
     if not any(report.needed.values()):
         report.tests = compare_arms(report.candidate, report.champion, policy=policy)
-        for arm, records in arms.items():
+        # The suites read each arm as one sample: give both the same mix of requests.
+        matched = matched_records(arms[Arm.CANDIDATE.value], arms[Arm.CHAMPION.value])
+        for arm, records in zip((Arm.CANDIDATE.value, Arm.CHAMPION.value), matched, strict=True):
             checks, validation, docs_dir = suite_checks(records, thresholds)
             report.suites[arm] = checks
             artifacts[arm] = (validation, docs_dir)
@@ -209,6 +219,47 @@ def end_plan(report: CanaryReport) -> bool:
     since (another id) is left alone. Whether the judged plan was cleared.
     """
     return stop_plan(report.model_name, plan_id=report.plan_id) is not None
+
+
+def tag_outcome(report: CanaryReport, *, triggered_by: str) -> bool:
+    """Make the candidate's promotion decision say how its canary ended: the decision tag
+    (``phi3ops.promotion.decision``: ``promoted`` / ``aborted``), its reasons (the verdict's,
+    after the gates' own on a promotion), when and by whom; then its registry description,
+    which `phi3ops status` and the MLflow UI show. An older offline decision ("live-traffic",
+    "rejected") with its reasons must not outlive the live verdict. Whether anything was written
+    (only a verdict carried out writes).
+    """
+    if report.outcome not in ("promoted", "aborted") or not report.candidate_version:
+        return False
+    name, version = report.model_name, report.candidate_version
+    client = registry.client()
+    key = f"{PROMOTION_TAG_PREFIX}reasons"
+    reasons = [
+        f"{report.mode or 'canary'} verdict on live traffic: {report.outcome} "
+        f"(run {report.run_id or '-'}, plan {report.plan_id or '-'})",
+        *report.reasons,
+    ]
+    if report.outcome == "promoted":  # the promotion flow just tagged its gates' reasons
+        reasons += _json_list(client.get_model_version(name, version).tags.get(key))
+    tags = {
+        "decision": report.outcome,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "triggered_by": triggered_by[:4900],
+        # MLflow caps tag values at 5000 characters.
+        "reasons": json.dumps(reasons)[:4900],
+    }
+    for tag, value in tags.items():
+        client.set_model_version_tag(name, version, f"{PROMOTION_TAG_PREFIX}{tag}", value)
+    refresh_description(name, version)
+    return True
+
+
+def _json_list(value: str | None) -> list[str]:
+    try:
+        parsed = json.loads(value) if value else []
+    except ValueError:
+        return [value] if value else []
+    return [str(item) for item in parsed] if isinstance(parsed, list) else [str(parsed)]
 
 
 def _judged(sample: ArmSample | None) -> int:
@@ -244,3 +295,9 @@ def judge_task(
 def end_plan_task(report: CanaryReport) -> bool:
     """Prefect wrapper of `end_plan`."""
     return end_plan(report)
+
+
+@task(name="tag-canary-outcome", cache_policy=NO_CACHE)
+def tag_outcome_task(report: CanaryReport, *, triggered_by: str) -> bool:
+    """Prefect wrapper of `tag_outcome`."""
+    return tag_outcome(report, triggered_by=triggered_by)

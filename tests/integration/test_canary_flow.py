@@ -69,8 +69,18 @@ def canary(monkeypatch: pytest.MonkeyPatch) -> dict:
     return {"client": client, "plan": plan, "events": events}
 
 
-def _write(version: str, arm: str, n: int, *, errors: int = 0, shadow: bool = False) -> None:
-    """``n`` records of one arm, the last ``errors`` of them server errors, stored as traces."""
+def _write(
+    version: str,
+    arm: str,
+    n: int,
+    *,
+    errors: int = 0,
+    shadow: bool = False,
+    max_tokens: int | None = None,
+) -> None:
+    """``n`` records of one arm, the last ``errors`` of them server errors, stored as traces;
+    with ``max_tokens=1``, answers of one token, cut off, every third one blank.
+    """
     import mlflow
 
     from phi3ops.settings import get_settings
@@ -96,7 +106,17 @@ def _write(version: str, arm: str, n: int, *, errors: int = 0, shadow: bool = Fa
             context_tokens=4096,
             arm=arm,
             shadow=shadow,
+            max_tokens=max_tokens,
+            stream=False,
         )
+        if max_tokens == 1:
+            record = dataclasses.replace(
+                record,
+                latency_s=0.3 + 0.01 * (i % 5),
+                response=" " if i % 3 == 0 else "An",
+                finish_reason="length",
+                completion_tokens=1,
+            )
         if i >= n - errors:
             record = dataclasses.replace(
                 record,
@@ -184,9 +204,87 @@ def test_a_candidate_that_errors_more_is_aborted(canary) -> None:
     assert payload["candidate"]["errors"] == 20 and payload["champion"]["errors"] == 0
     tags = _canary_tags(canary["client"], "2")
     assert tags["verdict"] == "aborted" and "error-rate" in tags["reason"]
-    assert "phi3ops.promotion.decision" not in canary["client"].get_model_version(NAME, "2").tags
+    promotion = canary["client"].get_model_version(NAME, "2").tags
+    assert promotion["phi3ops.promotion.decision"] == "aborted"
     # With the plan cleared, the next scheduled run has nothing to judge.
     assert _verdict().outcome == "no-canary"
+
+
+def test_a_client_steering_the_candidates_users_to_max_tokens_1_cannot_abort_it(canary) -> None:
+    """The red-team replay: the candidate is the champion's twin; a client that found which
+    users land on it sent them max_tokens=1 requests (cut off, often blank, slow per token),
+    while the champion's users sent normal ones. Only like requests are compared.
+    """
+    _write("2", "candidate", 70)
+    _write("2", "candidate", 150, max_tokens=1)
+    _write("1", "champion", 150)
+    _write("1", "champion", 10, max_tokens=1)
+
+    report = _verdict()
+
+    assert report.outcome == "promoted", report.summary()
+    assert (report.candidate.length_finishes, report.champion.length_finishes) == (150, 10)
+    assert not any(t.worse for t in report.tests)
+    assert alias_version(NAME, CHAMPION_ALIAS) == "2"
+
+
+def test_a_candidate_worse_on_the_same_requests_is_aborted_despite_the_steering(canary) -> None:
+    _write("2", "candidate", 70, errors=15)
+    _write("2", "candidate", 150, max_tokens=1)
+    _write("1", "champion", 150)
+    _write("1", "champion", 10, max_tokens=1)
+
+    report = _verdict()
+
+    assert report.outcome == "aborted", report.summary()
+    assert [t.name for t in report.tests if t.worse] == ["error-rate"]
+
+
+def test_a_canary_end_rewrites_the_decision_description_and_status(canary) -> None:
+    """An older offline decision (here "rejected", with its reasons) must not outlive the
+    canary: the decision tag, its reasons, the description and `phi3ops status` say how the
+    canary ended.
+    """
+    from tasks.status import refresh_description, version_status
+
+    client = canary["client"]
+    client.set_model_version_tag(NAME, "2", "phi3ops.promotion.decision", "rejected")
+    client.set_model_version_tag(NAME, "2", "phi3ops.promotion.reasons", '["old: pass rate"]')
+    refresh_description(NAME, "2")
+    assert "rejected (old: pass rate)" in client.get_model_version(NAME, "2").description
+    _write("2", "candidate", 80, errors=20)
+    _write("1", "champion", 80)
+
+    report = _verdict()
+
+    assert report.outcome == "aborted"
+    status = version_status(NAME, "2")
+    assert status.promotion == "aborted"
+    assert status.promotion_reasons[0].startswith("canary verdict on live traffic: aborted (run")
+    assert report.run_id in status.promotion_reasons[0]
+    assert any("error-rate" in r for r in status.promotion_reasons)
+    assert not any("old: pass rate" in r for r in status.promotion_reasons)
+    assert status.canary == "canary aborted"
+    description = client.get_model_version(NAME, "2").description
+    assert "- promotion: aborted (canary verdict on live traffic" in description
+    assert "old: pass rate" not in description
+
+
+def test_a_canary_promotion_says_so_in_the_decision(canary) -> None:
+    from tasks.status import version_status
+
+    _write("2", "candidate", 80)
+    _write("1", "champion", 80)
+
+    report = _verdict()
+
+    assert report.outcome == "promoted"
+    status = version_status(NAME, "2")
+    assert status.promotion == "promoted"
+    assert status.promotion_reasons[0].startswith("canary verdict on live traffic: promoted")
+    assert "canary verdict on live traffic: promoted" in (
+        canary["client"].get_model_version(NAME, "2").description
+    )
 
 
 def test_ending_a_plan_leaves_one_started_since_alone(canary) -> None:
