@@ -73,10 +73,13 @@ class Answer:
 
 
 class Traffic:
-    """A steady stream of chat completions from ``clients`` threads, until `stop`."""
+    """A steady stream of chat completions from ``clients`` threads, until `stop` (all sent
+    as ``user``, when given).
+    """
 
-    def __init__(self, url: str, clients: int = 2) -> None:
+    def __init__(self, url: str, clients: int = 2, *, user: str | None = None) -> None:
         self.url = url
+        self.body = CHAT if user is None else {**CHAT, "user": user}
         self.answers: list[Answer] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._send, daemon=True) for _ in range(clients)]
@@ -88,7 +91,7 @@ class Traffic:
             while not self._stop.is_set():
                 sent = time.monotonic()
                 try:
-                    response = client.post(f"{self.url}/v1/chat/completions", json=CHAT)
+                    response = client.post(f"{self.url}/v1/chat/completions", json=self.body)
                     status = response.status_code
                     model = response.json().get("model") if status == 200 else response.text
                 except httpx.HTTPError as exc:
@@ -221,10 +224,19 @@ def _recorded_arms(data_dir: str) -> dict[tuple[str, str, str], int]:
     return counts
 
 
-def _chat(client: httpx.Client, url: str, content: str, *, user: str | None = None) -> dict:
-    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 6}
+def _chat(
+    client: httpx.Client,
+    url: str,
+    content: str,
+    *,
+    user: str | None = None,
+    model: str | None = None,
+) -> dict:
+    body: dict = {"messages": [{"role": "user", "content": content}], "max_tokens": 6}
     if user is not None:
         body["user"] = user
+    if model is not None:
+        body["model"] = model
     response = client.post(f"{url}/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     return response.json()
@@ -242,17 +254,24 @@ def _wait_until(check, *, timeout: float, what: str) -> None:
 @pytest.mark.slow
 def test_canary_and_shadow_follow_the_traffic_plan(versions, tmp_path) -> None:
     """A candidate that gets a traffic plan mid-traffic joins without a failed request; a
-    canary splits by its share and sticks per user; shadow copies never reach the client.
+    canary splits users as the plan says and sticks per user; no answer names the arm, and
+    the id /v1/models listed before the plan is served by either arm; @candidate moving to
+    another version mid-canary changes nothing (the plan pinned its version); shadow copies
+    never reach the client.
     """
     from mlflow import MlflowClient
 
     from phi3ops.settings import get_settings
-    from phi3ops.traffic import TrafficPlan, clear_plan, write_plan
+    from phi3ops.traffic import Arm, TrafficPlan, clear_plan, write_plan
 
-    old, new = f"{NAME}/{versions['old']}", f"{NAME}/{versions['new']}"
+    old = f"{NAME}/{versions['old']}"
     log_path = tmp_path / "server.log"
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    share = 0.3
+    late: list[str] = []  # users answered under the canary while it was ending
+    plan = TrafficPlan.start("canary", share=share, candidate_version=versions["new"])
+    steady = "steady-user"
     with log_path.open("w") as log, pytest.MonkeyPatch.context() as mp:
         mp.setenv("PHI3OPS_DATA_DIR", versions["data_dir"])
         get_settings.cache_clear()
@@ -269,48 +288,63 @@ def test_canary_and_shadow_follow_the_traffic_plan(versions, tmp_path) -> None:
         try:
             wait_until_ready(process, url, timeout=240)
             before = _recorded_arms(versions["data_dir"])
-            # Canary, mid-traffic: a new candidate takes 30% of the requests.
-            traffic = Traffic(url)
+            with httpx.Client(timeout=60) as client:
+                listed_before = client.get(f"{url}/v1/models").json()["data"][0]["id"]
+            assert listed_before == old
+            # Canary, mid-traffic: the pinned candidate takes 30% of the users.
+            traffic = Traffic(url, user=steady)
             time.sleep(2)
             registry.set_registered_model_alias(NAME, "candidate", versions["new"])
-            share = 0.3
-            write_plan(NAME, TrafficPlan.start("canary", share=share))
-            traffic.wait_for(new, timeout=60)
-            time.sleep(1)
+            write_plan(NAME, plan)
+            joined = f"Version {versions['new']} of {NAME} (the plan's candidate) now takes"
+            _wait_for_line(log_path, joined, timeout=60)
+            time.sleep(3 * POLL_S)
             during = traffic.stop()
             assert [a for a in during if a.status != 200] == []  # not one request failed
+            assert {a.model for a in during} <= {old, NAME}
 
             with httpx.Client(timeout=60) as client:
-                # The split: one request each from many users, within 4 standard deviations.
+                assert client.get(f"{url}/v1/models").json()["data"][0]["id"] == NAME
+                # @candidate moves to a never-gated version: the pinned one keeps serving.
+                registry.set_registered_model_alias(NAME, "candidate", versions["broken"])
+                _wait_for_line(log_path, f"moved to version {versions['broken']}", timeout=30)
+                # Many users, each naming the id listed before the plan: all served (no 404
+                # on the candidate's users), every answer naming the registered model only.
                 n = 160
-                arms = [_chat(client, url, "Hi", user=f"user-{i}")["model"] for i in range(n)]
-                observed = arms.count(new) / n
-                assert abs(observed - share) < 4 * (share * (1 - share) / n) ** 0.5, observed
-                # Sticky: a user keeps its arm for the whole canary.
-                for i in (1, 2, 3):
-                    again = [_chat(client, url, "Hi", user=f"user-{i}")["model"] for _ in range(4)]
-                    assert set(again) == {arms[i]}
-                    arms += again
+                users = [f"user-{i}" for i in range(n)] + ["user-1", "user-2", "user-3"] * 4
+                answers = [_chat(client, url, "Hi", user=u, model=old) for u in users]
+                assert {a["model"] for a in answers} == {NAME}
+                invocation = client.post(f"{url}/invocations", json=CHAT)
+                assert invocation.status_code == 200, invocation.text
+                predictions = invocation.json()
+                if isinstance(predictions, dict):
+                    predictions = predictions["predictions"]
+                assert {p["model"] for p in predictions} == {NAME}  # no arm, no path
 
                 # Shadow: the champion answers everything, exactly as without a shadow.
                 clear_plan(NAME)
 
                 def canary_over() -> bool:
-                    answered = [
-                        _chat(client, url, "Hi", user=f"user-{i}")["model"] for i in range(20)
-                    ]
-                    arms.extend(answered)
-                    return set(answered) == {old}
+                    answered = {
+                        f"user-{i}": _chat(client, url, "Hi", user=f"user-{i}")["model"]
+                        for i in range(20)
+                    }
+                    late.extend(user for user, model in answered.items() if model == NAME)
+                    return set(answered.values()) == {old}
 
                 _wait_until(canary_over, timeout=30, what="the canary ending")
                 prompts = [f"Tell me about {topic}" for topic in ("cats", "rain", "tea")]
                 alone = [_chat(client, url, p)["choices"][0]["message"] for p in prompts]
-                write_plan(NAME, TrafficPlan.start("shadow"))
-                time.sleep(3 * POLL_S)  # the servers' next looks at the plan
+                write_plan(NAME, TrafficPlan.start("shadow", candidate_version=versions["new"]))
+                _wait_until(
+                    lambda: _chat(client, url, "Hi")["model"] == NAME,
+                    timeout=30,
+                    what="the shadow starting",
+                )
                 shadowed = []
                 for prompt in prompts * 3:
                     answer = _chat(client, url, prompt)
-                    assert answer["model"] == old  # the client only ever sees the champion
+                    assert answer["model"] == NAME  # the client only ever sees the champion
                     shadowed.append(answer["choices"][0]["message"])
                     time.sleep(0.5)  # idle moments: the shadow copies run
                 assert shadowed == alone * 3  # shadow copies never alter the champion's answers
@@ -321,11 +355,18 @@ def test_canary_and_shadow_follow_the_traffic_plan(versions, tmp_path) -> None:
 
     after = _recorded_arms(versions["data_dir"])
     added = {key: after.get(key, 0) - before.get(key, 0) for key in after}
-    # Every answer the candidate gave is recorded as its own (none as the champion's).
-    by_candidate = sum(1 for a in during if a.model == new) + arms.count(new)
-    assert added.get((versions["new"], "candidate", "false"), 0) == by_candidate
+    # Each user's requests went to the arm the plan gives it, and only the pinned version
+    # answered as the candidate; the split is about the share.
+    under_plan = sum(1 for a in during if a.model == NAME)  # the rest came before it
+    routed = [plan.arm_for(u) for u in users + late] + [plan.arm_for(steady)] * under_plan
+    by_candidate = routed.count(Arm.CANDIDATE)
+    served = added.get((versions["new"], "candidate", "false"), 0)
+    assert by_candidate <= served <= by_candidate + 1  # +1: the /invocations call drew its arm
+    first = routed[:n]
+    observed = first.count(Arm.CANDIDATE) / n
+    assert abs(observed - share) < 4 * (share * (1 - share) / n) ** 0.5, observed
     assert added.get((versions["new"], "candidate", "true"), 0) >= 1  # shadow copies recorded
     assert added.get((versions["old"], "candidate", "true"), 0) == 0
+    assert not any(version == versions["broken"] for version, _, _ in added)
     assert not any(arm == "champion" and shadow == "true" for _, arm, shadow in added)
-    log_text = log_path.read_text()
-    assert f"Version {versions['new']} of {NAME} (@candidate) now takes live traffic" in log_text
+    assert "still serving version " + versions["new"] in log_path.read_text()
