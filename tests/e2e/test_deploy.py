@@ -456,7 +456,8 @@ def test_a_canary_earns_promotion_on_live_traffic(
         for i in range(120):
             model = chat(f"user-{i}")
             answered[model] = answered.get(model, 0) + 1
-        assert set(answered) == {f"phi3-mini/{champion}", f"phi3-mini/{candidate}"}, answered
+        # No answer tells a client its arm: both arms answer as the registered model.
+        assert set(answered) == {"phi3-mini"}, answered
 
         verdict = _run_deployment(
             stack,
