@@ -25,6 +25,9 @@ Two arms (``--only arms``, `bench.arms`): the server with ``@candidate`` loaded 
 ``@champion``: resident memory, champion latency with shadow copies on vs off, and the pause of
 an alias switch.
 
+Records (``--only records``, `bench.records`): the server with 2 workers under 16 clients; the
+record writer's records/s vs its requests/s, the largest backlog, records stored across SIGTERM.
+
 Orchestration (``--only orchestration``): the lifecycle flow (fetch, package, register,
 evaluate, promote) on the tiny Phi-3 vs the same task functions called as plain Python, each
 run on a fresh store so nothing is reused; the difference is what Prefect costs per run
@@ -350,6 +353,7 @@ SECTIONS = {
     "concurrency": "Serving: concurrent clients share batches",
     "load": "Serving under load: the HTTP server, clients on loopback",
     "arms": "Serving two arms: champion and candidate side by side",
+    "records": "Inference records: the writer vs the server under load",
     "orchestration": "Orchestration: the lifecycle flow vs plain Python",
 }
 
@@ -381,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         "--lifecycle-eval-set", default="phi3-default", help="Eval set of the lifecycle runs."
     )
     parser.add_argument("--lifecycle-rounds", type=int, default=3)
+    parser.add_argument("--records-clients", type=int, default=16)
+    parser.add_argument("--records-requests", type=int, default=960)
+    parser.add_argument("--records-max-tokens", type=int, default=4)
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -390,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="phi3ops-bench-") as tmp:
         packaged = (
             _package(Path(tmp), args.preset)
-            if {"serving", "concurrency", "load", "arms"} & set(chosen)
+            if {"serving", "concurrency", "load", "arms", "records"} & set(chosen)
             else {}
         )
         params = getattr(packaged.get("recipe"), "num_parameters", None)
@@ -426,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
             setup, rows = cost_of_two_arms(packaged, args, Path(tmp), prompts=PROMPTS)
             sections["arms"] = _section(
                 "arms", f"preset `{args.preset}`, {params:,} parameters; {setup}", rows
+            )
+        if "records" in chosen:
+            from bench.records import records_keep_up
+
+            setup, rows = records_keep_up(packaged, args, Path(tmp), prompts=PROMPTS)
+            sections["records"] = _section(
+                "records", f"preset `{args.preset}`, {params:,} parameters; {setup}", rows
             )
         if "orchestration" in chosen:
             rows = _orchestration(

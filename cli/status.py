@@ -42,6 +42,14 @@ def status(model_name: ModelNameOption = None) -> None:
             f"Live traffic: {plan.mode}{share} to @candidate (version "
             f"{plan.candidate_version or '-'}) since {since}, plan {plan.id[:8]}."
         )
+    if found.records_waiting:
+        console.print(
+            f"Inference records: {found.records_waiting} waiting in the servers' spool for the "
+            f"store, the oldest for {found.oldest_record_age_s or 0:.0f} s (a canary verdict "
+            "waits for them)."
+        )
+    else:
+        console.print("Inference records: none waiting for the store.")
 
 
 def status_view(found: ModelStatus, console: Console) -> RenderableType:

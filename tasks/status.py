@@ -8,7 +8,9 @@ Everything here is read back from what the stages record, nothing is stored twic
 - last evaluation: the runs its ``phi3ops.eval.<hash>`` tags point at (the newest that finished);
 - promotion: its ``phi3ops.promotion.*`` tags; monitoring: its ``phi3ops.monitor.*`` tags;
 - canary: the model's traffic plan (`phi3ops.traffic`) and the version's ``phi3ops.canary.*``
-  verdict tags.
+  verdict tags;
+- records: the inference records the servers on this data dir have spooled and not yet stored
+  (`phi3ops.serving.spool.read_backlog`).
 
 `refresh_description` writes `version_markdown` as the version's description; the stages call it
 after they record something the description shows (registration, an evaluation, a decision), so
@@ -36,6 +38,8 @@ from phi3ops.names import (
     EvalTag,
     LineageTag,
 )
+from phi3ops.serving.spool import read_backlog
+from phi3ops.settings import get_settings
 from phi3ops.traffic import TrafficPlan, read_plan
 
 __all__ = [
@@ -87,6 +91,12 @@ class ModelStatus(BaseModel):
     model_name: str
     traffic: TrafficPlan | None = None
     versions: list[VersionStatus] = Field(default_factory=list)
+    records_waiting: int = Field(
+        default=0, description="Inference records in the servers' spool, not yet stored."
+    )
+    oldest_record_age_s: float | None = Field(
+        default=None, description="Seconds the oldest of them has waited."
+    )
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -110,9 +120,12 @@ def model_status(model_name: str | None = None) -> ModelStatus:
     versions = sorted(
         registry.search_versions(f"name = '{name}'"), key=lambda v: int(v.version), reverse=True
     )
+    backlog = read_backlog(get_settings().data_dir / "serving" / "spool")
     return ModelStatus(
         model_name=name,
         traffic=plan,
+        records_waiting=backlog.waiting,
+        oldest_record_age_s=backlog.oldest_age_s(),
         versions=[
             _version_status(client, mv, aliases=aliases.get(str(mv.version), []), plan=plan)
             for mv in versions

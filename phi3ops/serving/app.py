@@ -78,7 +78,7 @@ from phi3ops.serving.request import (
     read_request,
 )
 from phi3ops.serving.shadow import ShadowCopies, ShadowCopy
-from phi3ops.serving.spool import RecordSpool
+from phi3ops.serving.spool import RecordSpool, read_backlog
 from phi3ops.serving.validate import chat_problem, quiet_reason
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking, tracking_uri
@@ -92,6 +92,8 @@ MODEL_URI_ENV = "PHI3OPS_SERVE_MODEL_URI"
 DOWNLOAD_DIR_ENV = "PHI3OPS_SERVE_DOWNLOAD_DIR"
 #: The setting with the seconds between looks at the alias served (`Settings.serve_poll_s`).
 POLL_ENV = "PHI3OPS_SERVE_POLL_S"
+#: MLflow's health route: its status code as MLflow gives it, the record backlog in the body.
+HEALTH_PATH = "/health"
 
 
 class ServingMiddleware:
@@ -131,7 +133,8 @@ class ServingMiddleware:
       time to first token is when its first text was sent. On the app's lifespan shutdown the
       records spooled are stored before the process ends.
 
-    Other paths and scopes (``/ping``) go to the current model's scoring app untouched.
+    Other paths and scopes (``/ping``) go to the current model's scoring app untouched;
+    ``/health`` too, but its body says the records waiting for the store (`read_backlog`).
     """
 
     def __init__(
@@ -159,6 +162,9 @@ class ServingMiddleware:
         openai = path == CHAT_COMPLETIONS_PATH
         if path == MODELS_PATH or path.startswith(f"{MODELS_PATH}/"):
             await self._models(scope, send)
+            return
+        if path == HEALTH_PATH:
+            await self._health(scope, receive, send)
             return
         if path.startswith("/v1/") and not openai:
             message = f"{path[:200]} is not a route of this server: use {CHAT_COMPLETIONS_PATH}"
@@ -302,6 +308,31 @@ class ServingMiddleware:
                 f"{served.id!r}"
             )
             await send_json(send, 404, error_body(404, message, code="RESOURCE_DOES_NOT_EXIST"))
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """MLflow's ``/health`` status code, with ``{"status", "records_waiting",
+        "oldest_record_age_s"}``: the records every server on this data dir has spooled and
+        not yet stored (absent when this server does not record).
+        """
+        import anyio
+
+        status: list[int] = []
+
+        async def keep_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(int(message["status"]))
+
+        with self.models.using() as loaded:
+            await loaded.app(scope, receive, keep_status)
+        code = status[0] if status else 500
+        body: dict[str, Any] = {"status": "ok" if code == 200 else "unhealthy"}
+        recorder = self.models.current.recorder
+        if recorder is not None and recorder.spool is not None:
+            backlog = await anyio.to_thread.run_sync(read_backlog, recorder.spool.directory)
+            age = backlog.oldest_age_s()
+            body["records_waiting"] = backlog.waiting
+            body["oldest_record_age_s"] = None if age is None else round(age, 3)
+        await send_json(send, code, body)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         """Start following the alias at startup; at shutdown stop, and store the spooled

@@ -518,3 +518,31 @@ def test_during_a_canary_the_listed_id_is_served_by_either_arm_which_no_answer_n
     candidate_records = [r for r in records if r["arm"] == "candidate"]
     assert len(candidate_records) == expected.count("candidate")  # only the plain requests
     assert len(records) == 2 * len(users)
+
+
+class HealthApp:
+    """Stands in for MLflow's ``/ping`` and ``/health``: ``status`` and a bare newline."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": []})
+        await send({"type": "http.response.body", "body": b"\n"})
+
+
+@pytest.mark.parametrize(("status", "word"), [(200, "ok"), (404, "unhealthy")])
+def test_health_keeps_mlflows_status_and_shows_the_records_waiting(recorder, status, word) -> None:
+    app = middleware(recorder, HealthApp(status))
+    code, _, body = call(app, "/health", method="GET")
+    assert code == status
+    assert json.loads(body) == {"status": word, "records_waiting": 0, "oldest_record_age_s": None}
+    assert call(app, "/ping", method="GET")[::2] == (status, b"\n")  # untouched
+
+    # A server that died on this data dir left 2 records its successor has not stored yet.
+    assert recorder.spool is not None
+    (recorder.spool.directory / "dead-server.jsonl").write_bytes(b'{"id": "a"}\n{"id": "b"}\n')
+    code, _, body = call(app, "/health", method="GET")
+    health = json.loads(body)
+    assert code == status and health["records_waiting"] == 2
+    assert 0 <= health["oldest_record_age_s"] < 60

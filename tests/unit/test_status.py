@@ -185,6 +185,26 @@ def test_the_narrow_layout_folds_what_is_too_long_instead_of_cutting_it() -> Non
             assert f"{repo}@eeeeeeeeeeee (transformers)" in joined
 
 
+def test_status_shows_the_inference_records_waiting_for_the_store(
+    store, isolated_settings: Path
+) -> None:
+    status = model_status(NAME)
+    assert (status.records_waiting, status.oldest_record_age_s) == (0, None)
+    result = CliRunner().invoke(app, ["status", "--model-name", NAME], env={"COLUMNS": "250"})
+    assert "Inference records: none waiting for the store." in result.output
+
+    # A server that died on this data dir left 3 records the next server will store.
+    spool = isolated_settings / "serving" / "spool"
+    spool.mkdir(parents=True)
+    (spool / "dead-server.jsonl").write_bytes(b'{"id": "a"}\n{"id": "b"}\n{"id": "c"}\n')
+    status = model_status(NAME)
+    assert status.records_waiting == 3
+    assert status.oldest_record_age_s is not None and 0 <= status.oldest_record_age_s < 60
+    result = CliRunner().invoke(app, ["status", "--model-name", NAME], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "Inference records: 3 waiting in the servers' spool for the store" in result.output
+
+
 def test_status_of_an_unknown_model_is_one_line_and_exit_2(store) -> None:
     result = CliRunner().invoke(app, ["status", "--model-name", "nobody"])
     assert result.exit_code == 2
