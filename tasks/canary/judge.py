@@ -131,19 +131,25 @@ class CanaryTarget:
         if self.champion is None:
             return f"no @{CHAMPION_ALIAS}: nothing to compare the candidate with"
         if self.candidate is None:
-            return f"no @{CANDIDATE_ALIAS}: the plan has no candidate to send traffic to"
+            return (
+                "the plan names no candidate version (start it again with `phi3ops canary start`)"
+            )
         if self.candidate == self.champion:
-            return f"@{CANDIDATE_ALIAS} is the champion (v{self.champion}): nothing left to judge"
+            return f"the plan's candidate is the champion (v{self.champion}): nothing to judge"
         return None
 
 
 def find_target(model_name: str) -> CanaryTarget:
-    """The model's traffic plan and the versions its aliases name now."""
+    """The model's traffic plan, the champion its alias names now, and the candidate the plan
+    pinned (the version that passed the gates, which is what the servers send traffic to),
+    whatever ``@candidate`` names since.
+    """
+    plan = read_plan(model_name, registry=registry.client())
     return CanaryTarget(
         model_name=model_name,
-        plan=read_plan(model_name, registry=registry.client()),
+        plan=plan,
         champion=registry.alias_version(model_name, CHAMPION_ALIAS),
-        candidate=registry.alias_version(model_name, CANDIDATE_ALIAS),
+        candidate=plan.candidate_version if plan is not None else None,
     )
 
 
@@ -203,10 +209,12 @@ def judge(
         verdict, report.reasons = "wait", [unstored, *report.reasons]
     report.verdict = verdict
     report.outcome = OUTCOME_OF[verdict]
-    if plan.candidate_version and plan.candidate_version != target.candidate:
+    moved = registry.alias_version(target.model_name, CANDIDATE_ALIAS)
+    if moved != target.candidate:
         report.reasons.append(
-            f"note: the plan started with v{plan.candidate_version} as candidate; "
-            f"@{CANDIDATE_ALIAS} is now v{target.candidate}, which is what was judged"
+            f"note: @{CANDIDATE_ALIAS} is now "
+            f"{f'v{moved}' if moved else 'on no version'}; the plan's v{target.candidate}, "
+            f"which took the traffic, is what was judged"
         )
     return report, artifacts
 

@@ -188,6 +188,24 @@ def test_a_no_worse_candidate_is_promoted_through_the_gates(canary) -> None:
     assert _verdict().outcome == "no-canary"
 
 
+def test_the_verdict_judges_and_promotes_the_version_the_plan_pinned(canary) -> None:
+    # @candidate moves to a never-evaluated v3 mid-canary: the servers keep sending the
+    # candidate's share to v2, the plan's version, so that is what is judged and promoted.
+    client = canary["client"]
+    client.create_model_version(NAME, source="weights")
+    client.set_registered_model_alias(NAME, CANDIDATE_ALIAS, "3")
+    _write("2", "candidate", 80, errors=1)
+    _write("1", "champion", 80, errors=1)
+
+    report = _verdict()
+
+    assert (report.outcome, report.candidate_version) == ("promoted", "2"), report.summary()
+    assert report.candidate is not None and report.candidate.judged == 80
+    assert any("@candidate is now v3" in reason for reason in report.reasons), report.reasons
+    assert alias_version(NAME, CHAMPION_ALIAS) == "2"
+    assert "phi3ops.promotion.decision" not in client.get_model_version(NAME, "3").tags
+
+
 def test_a_candidate_that_errors_more_is_aborted(canary) -> None:
     _write("2", "candidate", 80, errors=20)
     _write("1", "champion", 80)
