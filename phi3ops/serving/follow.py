@@ -159,7 +159,9 @@ class ModelSwitcher:
         """Names every arm's model as `ServedModel.among` says, for the plan in force (under
         the lock).
         """
-        in_force = self._plan is not None and Arm.CANDIDATE in self._models
+        # Named by the plan as soon as it is known, before its candidate has loaded: the first
+        # answers under a plan must not name the version either.
+        in_force = self._plan is not None
         models = list(self._models.values())
         for loaded in models:
             others = [other.own for other in models if other is not loaded]
@@ -345,6 +347,12 @@ class AliasFollower:
     def start(self) -> AliasFollower:
         """Starts looking at the registry every ``poll_s`` seconds, in a thread of its own."""
         if self._thread is None:
+            if self.candidate_alias is not None:
+                # The plan's naming holds from the first request, not from the first poll.
+                try:
+                    self.switcher.set_plan(read_plan(self.model_name))
+                except Exception as exc:  # the first poll tries again
+                    _log.warning("Cannot read the traffic plan of %s (%s).", self.model_name, exc)
             self._thread = threading.Thread(target=self._run, name="phi3ops-follow", daemon=True)
             self._thread.start()
         return self
@@ -431,6 +439,7 @@ class AliasFollower:
         wanted = plan.candidate_version if plan else None
         if plan is not None:
             self._check_pin(plan)
+        self.switcher.set_plan(plan)  # names the arms now; routing waits for the candidate
         if wanted == self.switcher.current.version:
             wanted = None  # the candidate is the champion now: nothing to compare
         have = self.switcher.serving(Arm.CANDIDATE)

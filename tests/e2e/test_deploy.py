@@ -444,6 +444,15 @@ def test_a_canary_earns_promotion_on_live_traffic(
         {**stack.env, "PHI3OPS_DATA_DIR": str(stack.data_dir)},
     )
     stack.wait("phi3ops serve", lambda: healthy(url) or None, timeout=180)
+    # Answers cannot tell the arms apart: wait for the candidate's arm, as its log says.
+    stack.wait(
+        "the candidate to take live traffic",
+        lambda: (
+            "(the plan's candidate) now takes live traffic" in stack.processes.log("serve", 10**7)
+            or None
+        ),
+        timeout=180,
+    )
     answered: dict[str, int] = {}
     with httpx.Client(timeout=60) as http:
 

@@ -286,13 +286,17 @@ def test_while_a_plan_is_in_force_every_arm_answers_as_the_registered_model() ->
     champion, candidate = _loaded("1"), _loaded("2")
     switcher = ModelSwitcher(champion)
     assert switcher.current.served.id == "phi3/1"  # no plan: the version, as before
+    plan = TrafficPlan.start("canary", share=0.5, candidate_version="2")
+    switcher.set_plan(plan)  # known before its candidate has loaded: named by the plan already
+    assert champion.served.id == "phi3" and switcher.arm_for("anyone") is Arm.CHAMPION
     switcher.switch(candidate, arm=Arm.CANDIDATE)
-    switcher.set_plan(TrafficPlan.start("canary", share=0.5, candidate_version="2"))
+    switcher.set_plan(plan)
     for loaded in (champion, candidate):
         assert loaded.served.id == "phi3" and loaded.served.listing()["data"][0]["id"] == "phi3"
         assert {"phi3", "phi3/1", "phi3/2", "phi3@champion"} <= loaded.served.names
         assert loaded.served.answer_model("phi3-mini-onnx") == "phi3"
     switcher.remove(Arm.CANDIDATE)  # the plan ended
+    switcher.set_plan(None)
     assert champion.served.id == "phi3/1" and "phi3/2" not in champion.served.names
 
 
