@@ -9,8 +9,18 @@ Overload is refused, not queued without end: with ``max_queue`` calls waiting, a
 ``RESOURCE_EXHAUSTED`` (HTTP 429) at once; a call past its timeout (``params['timeout_s']``,
 else ``model_config['request_timeout_s']``) is cancelled with ``DEADLINE_EXCEEDED`` (HTTP 504);
 a stream its consumer closes is cancelled too. A cancelled row takes no more tokens.
+
+Admission knows the model's speed (`phi3_chat.admission`): a call whose predicted completion
+(the running batch's rest, the batches queued ahead, its prefill and its ``max_tokens`` steps, at
+the rates the model measured) falls past its timeout is refused at once with
+``RESOURCE_EXHAUSTED`` naming when to retry and what would fit, instead of working until a 504;
+a stream needs only its first token within its timeout. Rows whose ``max_tokens`` nobody set get
+the most that fits. A batch's KV cache (rows x (longest prompt + most new tokens)) stays within
+``kv_budget_bytes``: rows past it wait for the next batch; a row alone past it is refused.
 """
 
+import dataclasses
+import math
 import queue
 import threading
 import time
@@ -22,6 +32,12 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED
 
+from phi3_chat.admission import (
+    _Rates,
+    batch_kv_bytes,
+    fitting_max_tokens,
+    predicted_completion_s,
+)
 from phi3_chat.request import _Request, _RowState
 
 __all__ = ["DEFAULT_BATCH_WAIT_MS", "DEFAULT_MAX_BATCH_SIZE", "DEFAULT_MAX_QUEUE"]
@@ -116,12 +132,19 @@ class _Batcher:
         max_batch_size: int,
         max_queue: int,
         wait_s: float,
+        rates: _Rates | None = None,
+        kv_per_token: int = 0,
+        kv_budget: int | None = None,
     ) -> None:
         self._steps = steps
         self._fits = fits
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.wait_s = wait_s
+        self.rates = rates  # None: no admission by speed
+        self.kv_per_token = kv_per_token
+        self.kv_budget = kv_budget  # None: no KV budget
+        self._running: tuple[int, int] | None = None  # (rows, steps left) of the running batch
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[_Job] = deque()
@@ -134,13 +157,23 @@ class _Batcher:
         with self._lock:
             return self._queued
 
-    def submit(self, requests: list[_Request], *, timeout_s: float, stream: bool) -> _Ticket:
-        """Queues one call's rows; refuses at once when ``max_queue`` requests already wait.
+    def submit(
+        self,
+        requests: list[_Request],
+        *,
+        timeout_s: float,
+        stream: bool,
+        flexible: list[bool] | None = None,
+    ) -> _Ticket:
+        """Queues one call's rows; refuses at once what cannot be served in time.
+
+        ``flexible`` marks rows whose ``max_tokens`` nobody set: they get the most that fits.
 
         Raises:
-            MlflowException: ``RESOURCE_EXHAUSTED`` (HTTP 429) when the queue is full.
+            MlflowException: ``RESOURCE_EXHAUSTED`` (HTTP 429) when the queue is full, when a
+                row alone needs more KV cache than the budget, or when the call is predicted
+                to finish (a stream: to start) past its timeout.
         """
-        ticket = _Ticket(requests, timeout_s=timeout_s, stream=stream)
         with self._lock:
             if self._queued >= self.max_queue:
                 raise MlflowException(
@@ -148,6 +181,8 @@ class _Batcher:
                     "while it generates): retry later",
                     error_code=RESOURCE_EXHAUSTED,
                 )
+            requests = self._admitted(requests, timeout_s, stream, flexible)
+            ticket = _Ticket(requests, timeout_s=timeout_s, stream=stream)
             now = time.monotonic()
             self._waiting.extend(_Job(ticket, position, now) for position in range(len(requests)))
             self._queued += 1
@@ -158,6 +193,75 @@ class _Batcher:
                 self._thread.start()
             self._wake.notify()
         return ticket
+
+    def running_left_s(self) -> float:
+        """Predicted seconds until the running batch is done (holding the lock)."""
+        if self._running is None or self.rates is None:
+            return 0.0
+        rows, steps_left = self._running
+        return steps_left * (self.rates.step_s(rows) or 0.0)
+
+    def _admitted(
+        self,
+        requests: list[_Request],
+        timeout_s: float,
+        stream: bool,
+        flexible: list[bool] | None,
+    ) -> list[_Request]:
+        """``requests`` as they will run (flexible ``max_tokens`` fitted), or a refusal."""
+        for request in requests:
+            alone = batch_kv_bytes(self.kv_per_token, [_row(request)])
+            if self.kv_budget is not None and alone > self.kv_budget:
+                raise MlflowException(
+                    f"the request needs {alone / 2**20:.0f} MiB of KV cache (prompt "
+                    f"{len(request.input_ids)} + max_tokens {request.max_tokens} tokens), more "
+                    f"than the model's budget of {self.kv_budget / 2**20:.0f} MiB: ask for "
+                    "fewer max_tokens or send a shorter prompt",
+                    error_code=RESOURCE_EXHAUSTED,
+                )
+        rates = self.rates
+        if rates is None or not rates.known:
+            return requests
+        running = self.running_left_s()
+        queued = [_row(job.request) for job in self._waiting]
+        if flexible and any(flexible):
+            fitted = []
+            for request, fit in zip(requests, flexible, strict=True):
+                if fit:
+                    most = fitting_max_tokens(
+                        rates,
+                        running,
+                        queued,
+                        len(request.input_ids),
+                        request.max_tokens,
+                        self.max_batch_size,
+                        timeout_s,
+                    )
+                    request = dataclasses.replace(request, max_tokens=max(1, most))
+                fitted.append(request)
+                queued.append(_row(request))
+            requests = fitted
+            queued = queued[: len(queued) - len(requests)]
+        rows = [_row(request) for request in requests]
+        if stream:  # a stream must start in time; once it streams it runs to its end
+            rows = [(prompt, 1) for prompt, _ in rows]
+        when = predicted_completion_s(rates, running, queued, rows, self.max_batch_size)
+        if when > timeout_s:
+            ahead = predicted_completion_s(rates, running, queued, [], self.max_batch_size)
+            idle = predicted_completion_s(rates, 0.0, [], rows, self.max_batch_size)
+            what = "start streaming" if stream else "finish"
+            hint = (
+                f"retry in about {math.ceil(ahead)} s"
+                if idle <= timeout_s
+                else "ask for fewer max_tokens or send a longer params['timeout_s']"
+            )
+            raise MlflowException(
+                f"the model would {what} this request in about {when:.1f} s at its measured "
+                f"speed ({ahead:.1f} s of work ahead of it), past its timeout of "
+                f"{timeout_s:g} s: refused before any work; {hint}",
+                error_code=RESOURCE_EXHAUSTED,
+            )
+        return requests
 
     def cancel(self, ticket: _Ticket) -> None:
         """Gives up ``ticket``: its waiting rows leave the queue, its running rows stop."""
@@ -206,6 +310,12 @@ class _Batcher:
                 break
             self._wake.wait(window)
         jobs = jobs[: self.max_batch_size]
+        if self.kv_budget is not None:  # rows past the KV budget wait for the next batch
+            while len(jobs) > 1 and (
+                batch_kv_bytes(self.kv_per_token, [_row(job.request) for job in jobs])
+                > self.kv_budget
+            ):
+                jobs.pop()
         taken = set(map(id, jobs))
         self._waiting = deque(job for job in self._waiting if id(job) not in taken)
         for job in jobs:
@@ -218,8 +328,14 @@ class _Batcher:
         fits = self._fits([job.request for job in jobs])
         for group in [jobs] if fits else [[job] for job in jobs]:
             delivered: set[int] = set()
+            steps = max(job.request.max_tokens for job in group)
+            with self._lock:
+                self._running = (len(group), steps)
             try:
                 for states in self._steps([job.request for job in group]):
+                    steps -= 1
+                    with self._lock:
+                        self._running = (len(group), max(0, steps))
                     now = time.monotonic()
                     for index, (job, state) in enumerate(zip(group, states, strict=True)):
                         if index in delivered:
@@ -239,3 +355,10 @@ class _Batcher:
                 for index, job in enumerate(group):
                     if index not in delivered:
                         job.ticket.events.put(("error", exc))
+            finally:
+                with self._lock:
+                    self._running = None
+
+
+def _row(request: _Request) -> tuple[int, int]:
+    return len(request.input_ids), request.max_tokens

@@ -31,6 +31,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.pyfunc import PythonModel, PythonModelContext  # mypy sees mlflow.pyfunc as a LazyLoader
 
+from phi3_chat.admission import (
+    _Rates,
+    default_kv_budget,
+    kv_bytes_per_token,
+    machine_memory_bytes,
+)
 from phi3_chat.batcher import (
     DEFAULT_BATCH_WAIT_MS,
     DEFAULT_MAX_BATCH_SIZE,
@@ -92,7 +98,11 @@ class OnnxChatModel(PythonModel):
                 ``max_queue`` (requests that may wait, default 64; one more gets
                 ``RESOURCE_EXHAUSTED``), ``batch_wait_ms`` (how long a request waits for others
                 to join its batch, default 5) and ``request_timeout_s`` (default
-                ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, 60).
+                ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, 60), ``admission`` (default true:
+                refuse at once what the measured speed cannot finish in time; a tiny warm-up
+                at load seeds the rates) and ``kv_budget_bytes`` (the KV cache a batch may
+                take; default: the full batch at full context, at most a quarter of the
+                machine's memory).
 
         Raises:
             MlflowException: The artifact is missing, holds a file or ``genai_config.json``
@@ -135,14 +145,28 @@ class OnnxChatModel(PythonModel):
             config.get("request_timeout_s", MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()),
             "model_config['request_timeout_s']",
         )
+        self._rates = _Rates()
+        kv_per_token = kv_bytes_per_token(genai_config)
+        max_batch_size = _as_int(
+            config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE),
+            "model_config['max_batch_size']",
+            minimum=1,
+        )
+        kv_budget = config.get("kv_budget_bytes")
+        kv_budget = (
+            default_kv_budget(
+                genai_config, self.context_length, max_batch_size, machine_memory_bytes()
+            )
+            if _is_missing(kv_budget)
+            else _as_int(kv_budget, "model_config['kv_budget_bytes']", minimum=kv_per_token)
+        )
+        admission = config.get("admission", True)
+        if not isinstance(admission, bool):
+            raise _invalid(f"model_config['admission'] must be true or false, got {admission!r}")
         self._batcher = _Batcher(
             self._steps,
             self._fits,
-            max_batch_size=_as_int(
-                config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE),
-                "model_config['max_batch_size']",
-                minimum=1,
-            ),
+            max_batch_size=max_batch_size,
             max_queue=_as_int(
                 config.get("max_queue", DEFAULT_MAX_QUEUE), "model_config['max_queue']", minimum=1
             ),
@@ -150,6 +174,9 @@ class OnnxChatModel(PythonModel):
                 config.get("batch_wait_ms", DEFAULT_BATCH_WAIT_MS), "model_config['batch_wait_ms']"
             )
             / 1000,
+            rates=self._rates if admission else None,
+            kv_per_token=kv_per_token,
+            kv_budget=kv_budget,
         )
         self._prompt_format = config.get("prompt_format", "auto")
         if self._prompt_format not in _PROMPT_FORMATS:
@@ -161,6 +188,10 @@ class OnnxChatModel(PythonModel):
         # already holds it was formatted by the caller.
         rendered = self._render([{"role": "user", "content": _SENTINEL}])
         self._user_marker = rendered.split(_SENTINEL, 1)[0].strip()
+        if admission:  # measured, never assumed: one tiny generation seeds the rates
+            warm_up = self._request(0, {"prompt": "Hi", "max_tokens": 2}, {}, "")
+            for _ in self._steps([warm_up]):
+                pass
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -190,7 +221,12 @@ class OnnxChatModel(PythonModel):
                 HTTP 504): its rows were cancelled.
         """
         requests = self._requests(model_input, params)
-        ticket = self._batcher.submit(requests, timeout_s=self._timeout(params), stream=False)
+        ticket = self._batcher.submit(
+            requests,
+            timeout_s=self._timeout(params),
+            stream=False,
+            flexible=self._flexible(model_input, params),
+        )
         states: list[_RowState | None] = [None] * len(requests)
         left = len(requests)
         try:
@@ -236,11 +272,23 @@ class OnnxChatModel(PythonModel):
         requests = self._requests(model_input, params)
         if len(requests) != 1:
             raise _invalid(f"predict_stream takes exactly one request, got {len(requests)}")
-        ticket = self._batcher.submit(requests, timeout_s=self._timeout(params), stream=True)
+        ticket = self._batcher.submit(
+            requests,
+            timeout_s=self._timeout(params),
+            stream=True,
+            flexible=self._flexible(model_input, params),
+        )
         stream = self._stream(requests[0], ticket)
         # A stream dropped unstarted never runs its finally: cancel it when it is collected.
         weakref.finalize(stream, self._batcher.cancel, ticket)
         return stream
+
+    def _flexible(self, model_input: Any, params: dict[str, Any] | None) -> list[bool]:
+        """Which rows left ``max_tokens`` out (the call's params too): they get what fits."""
+        rows = _rows(model_input)
+        if not _is_missing((params or {}).get("max_tokens")):
+            return [False] * len(rows)
+        return ["max_tokens" not in row for row in rows]
 
     def _timeout(self, params: dict[str, Any] | None) -> float:
         value = (params or {}).get("timeout_s")
@@ -341,13 +389,17 @@ class OnnxChatModel(PythonModel):
             **batch[0].sampling.search_options(),
         )
         generator = og.Generator(self._model, params)
+        started = time.perf_counter()
         generator.append_tokens(input_ids)
+        self._rates.observe_prefill(input_ids.size, time.perf_counter() - started)
         states = [
             _RowState(request, _IncrementalDecoder(self._tokenizer), self.eos_token_ids)
             for request in batch
         ]
         while not generator.is_done() and not all(state.done for state in states):
+            started = time.perf_counter()
             generator.generate_next_token()
+            self._rates.observe_step(len(batch), time.perf_counter() - started)
             for state, token in zip(states, generator.get_next_tokens(), strict=True):
                 if not state.done:
                     state.add(int(token))

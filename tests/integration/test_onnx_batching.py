@@ -9,6 +9,7 @@ waits where is known when a test looks.
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import time
 import types
@@ -95,8 +96,8 @@ def generators(monkeypatch: pytest.MonkeyPatch) -> Iterator[GatedGenerators]:
 
 
 @pytest.fixture
-def load(tiny_phi3) -> Callable[..., Any]:
-    """Loads a fresh model with the given ``model_config``."""
+def load(tiny_phi3, generators) -> Callable[..., Any]:
+    """Loads a fresh model with the given ``model_config``; its warm-up is not recorded."""
 
     def load(**config: Any) -> Any:
         model = served.OnnxChatModel()
@@ -104,6 +105,8 @@ def load(tiny_phi3) -> Callable[..., Any]:
             artifacts={MODEL_DIR_ARTIFACT: str(tiny_phi3.onnx_model_dir)}, model_config=config
         )
         model.load_context(context)
+        del generators.options[:], generators.steps[:]
+        generators.stepping.clear()
         return model
 
     return load
@@ -251,7 +254,7 @@ def test_a_full_queue_refuses_at_once_with_resource_exhausted(load, generators) 
 
 
 def test_calls_past_their_deadline_are_cancelled_and_free_their_slot(load, generators) -> None:
-    model = load(max_batch_size=1, batch_wait_ms=0)
+    model = load(max_batch_size=1, batch_wait_ms=0, admission=False)
     generators.gate.clear()
     long_params = {"timeout_s": 0.6}
     running, ran = in_thread(
@@ -280,7 +283,7 @@ def test_calls_past_their_deadline_are_cancelled_and_free_their_slot(load, gener
 
 
 def test_the_default_timeout_comes_from_model_config(load, generators) -> None:
-    model = load(max_batch_size=1, batch_wait_ms=0, request_timeout_s=0.2)
+    model = load(max_batch_size=1, batch_wait_ms=0, request_timeout_s=0.2, admission=False)
     generators.gate.clear()
     running, ran = in_thread(lambda: model.predict(None, chat(PROMPTS[0], max_tokens=50)))
     running.join(timeout=30)
@@ -337,3 +340,91 @@ def test_a_bad_timeout_param_is_refused(load) -> None:
     with pytest.raises(MlflowException, match=r"params\['timeout_s'\]") as refused:
         model.predict(None, chat(PROMPTS[0], max_tokens=2), params={"timeout_s": -1})
     assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+# --- admission by measured speed and the KV budget ---------------------------------------------
+
+
+def test_the_warm_up_measures_the_models_rates(load, generators) -> None:
+    model = load()
+    rates = model._batcher.rates
+    assert rates.known  # measured at load, never assumed
+    assert rates.prefill_s_per_token > 0 and rates.step_s(1) > 0
+    assert load(admission=False)._batcher.rates is None
+
+
+def test_a_request_predicted_to_overrun_its_timeout_is_refused_before_any_work(
+    load, generators
+) -> None:
+    model = load(max_batch_size=1, batch_wait_ms=0)
+    # 1,900 steps at the measured rate cannot finish in 10 ms.
+    with pytest.raises(MlflowException) as refused:
+        model.predict(None, chat(PROMPTS[0], max_tokens=1900), params={"timeout_s": 0.01})
+    assert refused.value.error_code == "RESOURCE_EXHAUSTED"
+    assert refused.value.get_http_status_code() == 429
+    assert "refused before any work" in refused.value.message
+    assert "fewer max_tokens" in refused.value.message
+    assert generators.batch_sizes == []  # nothing was generated
+    assert model._batcher.queued == 0
+
+    (answer,) = model.predict(None, chat(PROMPTS[1], max_tokens=3), params={"timeout_s": 30})
+    assert answer["usage"]["completion_tokens"] == 3  # one that fits is served
+    assert generators.batch_sizes == [1]
+
+
+def test_a_request_behind_a_long_batch_is_told_when_to_retry(load, generators) -> None:
+    model = load(max_batch_size=1, batch_wait_ms=0)
+    model._batcher.rates = rates = served._Rates()  # known rates: 10 ms a step, free prefill
+    rates.observe_prefill(1, 0.0)
+    rates.observe_step(1, 0.01)
+    generators.gate.clear()
+    running, ran = in_thread(lambda: model.predict(None, chat(PROMPTS[0], max_tokens=500)))
+    wait_until(generators.stepping.is_set, "the first call generates")
+    with pytest.raises(MlflowException) as refused:  # ~5 s ahead of it, 2 s allowed
+        model.predict(None, chat(PROMPTS[1], max_tokens=5), params={"timeout_s": 2})
+    assert refused.value.error_code == "RESOURCE_EXHAUSTED"
+    assert "retry in about 5 s" in refused.value.message
+    # A stream needs only its first token in time: accepted behind a 5 s batch with 6 s.
+    stream = model.predict_stream(None, chat(PROMPTS[2], max_tokens=50), params={"timeout_s": 6})
+    generators.gate.set()
+    running.join(timeout=60)
+    assert ran["result"][0]["usage"]["completion_tokens"] == 500
+    assert joined_stream_of(stream)["usage"]["completion_tokens"] == 50
+
+
+def joined_stream_of(stream: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    chunks = list(stream)
+    return {"usage": chunks[-1]["usage"]}
+
+
+def test_max_tokens_left_out_means_what_fits_the_deadline(load, generators) -> None:
+    model = load(max_batch_size=1, batch_wait_ms=0)
+    model._batcher.rates = rates = served._Rates()  # 10 ms a step, free prefill
+    rates.observe_prefill(1, 0.0)
+    rates.observe_step(1, 0.01)
+    (answer,) = model.predict(None, chat(PROMPTS[0]), params={"timeout_s": 0.5})
+    assert answer["usage"]["completion_tokens"] == 50  # not the default 256
+    assert answer["choices"][0]["finish_reason"] == "length"
+    # Asked for explicitly, it is refused instead of cut short.
+    with pytest.raises(MlflowException, match="refused before any work"):
+        model.predict(None, chat(PROMPTS[0], max_tokens=256), params={"timeout_s": 0.5})
+
+
+def test_rows_past_the_kv_budget_wait_for_the_next_batch(load, generators, tiny_phi3) -> None:
+    config = json.loads((tiny_phi3.onnx_model_dir / "genai_config.json").read_text())["model"]
+    per_token = served.kv_bytes_per_token(config)
+    assert per_token == 2 * 4 * 16 * 2 * 4  # the tiny model: 2 layers, 4 KV heads of 16
+    # Room for one row of (prompt + 40) tokens, not two.
+    model = load(batch_wait_ms=500, kv_budget_bytes=per_token * 100)
+    requests = [chat(prompt, max_tokens=40) for prompt in PROMPTS[:3]]
+    running = [in_thread(lambda r=r: model.predict(None, r)) for r in requests]
+    for thread, _ in running:
+        thread.join(timeout=60)
+    assert all("result" in outcome for _, outcome in running)
+    assert generators.batch_sizes == [1, 1, 1]
+
+    with pytest.raises(MlflowException) as refused:  # alone over the budget
+        model.predict(None, chat(PROMPTS[0], max_tokens=200))
+    assert refused.value.error_code == "RESOURCE_EXHAUSTED"
+    assert "KV cache" in refused.value.message
+    assert generators.batch_sizes == [1, 1, 1]

@@ -1,0 +1,158 @@
+"""Admission: what the model can finish in time, and what its KV cache may hold.
+
+`_Rates` keeps moving averages of the model's own measured speed: seconds per prompt token
+(prefill, padded rows x width) and seconds per generation step by batch size. Nothing is
+assumed: until a rate has been measured (a tiny warm-up at load seeds batch 1), every request
+is admitted. `predicted_completion_s` is the pure arithmetic the batcher admits requests with:
+the running batch's remaining steps, the batches queued ahead, then the request's own batch
+(its prefill and its ``max_tokens`` steps). `kv_bytes_per_token` and `default_kv_budget` size
+the KV cache a batch needs (onnxruntime-genai's CPU buffer is fp32, sized for batch x
+(longest prompt + most new tokens)).
+"""
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+#: Weight of a new measurement in the moving averages.
+_ALPHA = 0.2
+#: Share of the machine's physical memory the KV cache may take by default.
+KV_MEMORY_SHARE = 0.25
+#: Bytes per KV value: onnxruntime-genai keeps the CPU KV cache in fp32.
+_KV_VALUE_BYTES = 4
+
+
+class _Rates:
+    """Moving averages of the model's measured prefill and step times (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.prefill_s_per_token: float | None = None
+        self._step_s: dict[int, float] = {}
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds < 0:
+            return
+        with self._lock:
+            self.prefill_s_per_token = _average(self.prefill_s_per_token, seconds / tokens)
+
+    def observe_step(self, batch_size: int, seconds: float) -> None:
+        if batch_size <= 0 or seconds < 0:
+            return
+        with self._lock:
+            self._step_s[batch_size] = _average(self._step_s.get(batch_size), seconds)
+
+    def step_s(self, batch_size: int) -> float | None:
+        """Seconds per step at this batch size: measured, else the nearest measured size
+        scaled up (never down: a larger batch's step is not assumed faster).
+        """
+        with self._lock:
+            if batch_size in self._step_s:
+                return self._step_s[batch_size]
+            smaller = [size for size in self._step_s if size < batch_size]
+            if smaller:  # a step costs at most proportionally more rows
+                size = max(smaller)
+                return self._step_s[size] * batch_size / size
+            larger = [size for size in self._step_s if size > batch_size]
+            return self._step_s[min(larger)] if larger else None
+
+    @property
+    def known(self) -> bool:
+        with self._lock:
+            return self.prefill_s_per_token is not None and bool(self._step_s)
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else (1 - _ALPHA) * old + _ALPHA * new
+
+
+def batch_s(rates: _Rates, rows: Sequence[tuple[int, int]]) -> float:
+    """Predicted seconds for one batch of ``(prompt_tokens, max_tokens)`` rows (padded)."""
+    width = max(prompt for prompt, _ in rows)
+    steps = max(new for _, new in rows)
+    return (rates.prefill_s_per_token or 0.0) * width * len(rows) + steps * (
+        rates.step_s(len(rows)) or 0.0
+    )
+
+
+def predicted_completion_s(
+    rates: _Rates,
+    running_left_s: float,
+    queued: Sequence[tuple[int, int]],
+    new: Sequence[tuple[int, int]],
+    max_batch_size: int,
+) -> float:
+    """When the ``new`` rows would be done: the running batch's remaining time, the queued
+    rows' batches (in order, ``max_batch_size`` at a time) and the batches holding ``new``.
+    """
+    rows = [*queued, *new]
+    total = running_left_s
+    for start in range(0, len(rows), max_batch_size):
+        total += batch_s(rates, rows[start : start + max_batch_size])
+    return total
+
+
+def fitting_max_tokens(
+    rates: _Rates,
+    running_left_s: float,
+    queued: Sequence[tuple[int, int]],
+    prompt_tokens: int,
+    cap: int,
+    max_batch_size: int,
+    deadline_s: float,
+) -> int:
+    """The most new tokens (at most ``cap``) one row may ask for and finish within
+    ``deadline_s``; 0 when not even one fits.
+    """
+    low, high = 0, cap
+    while low < high:  # the completion grows with max_tokens: bisect
+        middle = (low + high + 1) // 2
+        when = predicted_completion_s(
+            rates, running_left_s, queued, [(prompt_tokens, middle)], max_batch_size
+        )
+        if when <= deadline_s:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def kv_bytes_per_token(genai_config: dict[str, Any]) -> int:
+    """KV cache bytes per token of one row: layers x KV heads x head size x 2 (K and V) x 4."""
+    decoder = genai_config["decoder"]
+    heads = int(decoder.get("num_key_value_heads") or decoder["num_attention_heads"])
+    head_size = int(
+        decoder.get("head_size") or int(decoder["hidden_size"]) // decoder["num_attention_heads"]
+    )
+    return int(decoder["num_hidden_layers"]) * heads * head_size * 2 * _KV_VALUE_BYTES
+
+
+def batch_kv_bytes(per_token: int, rows: Sequence[tuple[int, int]]) -> int:
+    """A batch's KV cache: rows x (longest prompt + most new tokens) tokens."""
+    width = max(prompt for prompt, _ in rows) + max(new for _, new in rows)
+    return per_token * len(rows) * width
+
+
+def machine_memory_bytes() -> int | None:
+    """The machine's physical memory, or None where the OS does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def default_kv_budget(
+    genai_config: dict[str, Any],
+    context_length: int,
+    max_batch_size: int,
+    memory_bytes: int | None,
+) -> int:
+    """The full batch at full context, capped by `KV_MEMORY_SHARE` of the machine's memory
+    (but always room for one row at full context).
+    """
+    per_token = kv_bytes_per_token(genai_config)
+    full = per_token * context_length * max_batch_size
+    if memory_bytes is None:
+        return full
+    return max(min(full, int(memory_bytes * KV_MEMORY_SHARE)), per_token * context_length)
