@@ -9,7 +9,8 @@ Either way the weights are written to the artifact store exactly once per logged
 ``artifacts=`` copies the ONNX folder once, and the transformers flavor writes the pipeline's
 weights once with ``save_pretrained`` (``save_pretrained=False`` would not help: MLflow ignores
 it for a pipeline loaded from a local folder, and logging a local checkpoint *path* instead is
-broken in MLflow 3.17 with transformers 5).
+broken in MLflow 3.17 with transformers 5). With a local artifact store the ONNX copy is then
+replaced by hard links to the snapshot's identical files (`tasks.weights_copy`).
 
 What a package will be is decided before anything is logged (`plan_package`): the flavor, the
 quantization, the wrapper code version, the exact pip requirements and a *package key* over all
@@ -64,6 +65,7 @@ from phi3ops.tracking import configure_tracking
 from tasks.hub import FetchResult, check_before_packaging
 from tasks.onnx_build import build_onnx_int4, check_pytorch_phi3_dir, find_onnx_build
 from tasks.recovery import discard_run_models, owner_tags, reusable_logged_model
+from tasks.weights_copy import artifact_bytes, share_logged_weights
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -392,22 +394,6 @@ def log_model(fetched: FetchResult, *, flavor: Flavor | str) -> LoggedModelInfo:
     return log_onnx_model(fetched)
 
 
-def artifact_bytes(artifact_uri: str) -> int:
-    """Total size of every file under an artifact URI (any artifact store MLflow supports)."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    repo = get_artifact_repository(artifact_uri)
-    total = 0
-    pending: list[str | None] = [None]  # None: the root
-    while pending:
-        for entry in repo.list_artifacts(pending.pop()):
-            if entry.is_dir:
-                pending.append(entry.path)
-            else:
-                total += entry.file_size or 0
-    return total
-
-
 # --- Prefect tasks: no retries (nothing here is transient), no caching (paths and stores) -----
 
 
@@ -569,7 +555,9 @@ def _log_in_run(fetched: FetchResult, plan: PackagePlan, log: Any) -> LoggedMode
         try:
             info = log(mlflow, tags)
             crash_point("package.after-log-model")
-            size = artifact_bytes(mlflow.get_logged_model(info.model_id).artifact_location)
+            location = mlflow.get_logged_model(info.model_id).artifact_location
+            share_logged_weights(location, plan.weights_dir)  # links, not a 2nd copy, if local
+            size = artifact_bytes(location)
             mlflow.log_metric("artifact_bytes", size)
         except Exception as exc:
             discard_run_models(experiment_id, run.info.run_id)  # no orphan copy of the weights

@@ -36,6 +36,7 @@ from phi3ops.serving.openai_routes import ServedModel
 from phi3ops.serving.records import InferenceRecorder
 from phi3ops.tracking import configure_tracking
 from phi3ops.traffic import Arm, TrafficPlan, read_plan
+from phi3ops.weights_links import link_local_model
 
 _log = logging.getLogger(__name__)
 
@@ -561,7 +562,8 @@ def check_model_uri(model_uri: str) -> None:
 
 
 def download_model(model_uri: str, target: Path) -> Path:
-    """Resolve ``model_uri`` once and copy the model into ``target``; returns the model folder.
+    """Resolve ``model_uri`` once and copy (or hard-link) the model into ``target``; returns
+    the model folder.
 
     Raises:
         InvalidInputError: ``model_uri`` is not an MLflow model location (`check_model_uri`),
@@ -572,8 +574,8 @@ def download_model(model_uri: str, target: Path) -> Path:
     from mlflow.exceptions import MlflowException
 
     configure_tracking()
-    try:
-        path = Path(
+    try:  # a local artifact store's files are hard-linked, not copied (phi3ops.weights_links)
+        path = link_local_model(model_uri, target) or Path(
             mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target))
         )
     except MlflowException as exc:

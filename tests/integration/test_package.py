@@ -15,6 +15,7 @@ The tests below assert on what each step left behind.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,6 +318,48 @@ def test_each_logged_model_holds_exactly_one_copy_of_the_weights(store, registry
     built_weights = _tree_bytes(built_dir, (".onnx", ".onnx.data"))
     everything = _tree_bytes(store.data_dir / "mlartifacts", _WEIGHT_SUFFIXES)
     assert abs(everything - (2 * onnx_weights + torch_weights + built_weights)) <= 1024
+
+
+def _disk_bytes(*roots: Path) -> tuple[int, int]:
+    """(bytes summed per name, bytes on disk: each inode once, as ``du`` counts them)."""
+    files = [p for root in roots for p in root.rglob("*") if p.is_file()]
+    inodes = {(p.stat().st_dev, p.stat().st_ino): p.stat().st_size for p in files}
+    return sum(p.stat().st_size for p in files), sum(inodes.values())
+
+
+@pytest.mark.slow
+def test_snapshot_artifacts_and_served_folder_share_one_copy_of_each_weight_file(
+    store, registry, tmp_path
+) -> None:
+    from phi3ops.serving.follow import download_model
+    from phi3ops.weights_links import same_bytes
+
+    version = registry.get_model_version(MODEL_NAME, "1")
+    logged = _logged_model_dir(version) / "artifacts"
+    (logged_dir,) = [p for p in logged.iterdir() if p.is_dir()]
+    snapshot_root = store.data_dir / "snapshots" / ONNX_REPO_ID.replace("/", "--") / store.onnx_sha
+    (model_dir,) = {p.parent for p in snapshot_root.rglob("genai_config.json")}
+    served = download_model(f"models:/{MODEL_NAME}/1", tmp_path / "serving" / "v1")
+
+    weights = sorted(p.relative_to(model_dir) for p in model_dir.rglob("*") if p.is_file())
+    assert any(p.name.endswith((".onnx", ".onnx.data")) for p in weights)
+    served_dir = served / logged_dir.relative_to(logged.parent)
+    for relative in weights:
+        copies = [model_dir / relative, logged_dir / relative, served_dir / relative]
+        # One inode per file across snapshot, MLflow artifacts and the server's folder ...
+        assert len({(p.stat().st_dev, p.stat().st_ino) for p in copies}) == 1, relative
+        # ... read-only, so nothing edits all three at once by accident.
+        assert not copies[0].stat().st_mode & 0o222, relative
+    # The served folder is a complete model (MLmodel, code, artifacts), byte for byte.
+    for path in (p for p in _logged_model_dir(version).rglob("*") if p.is_file()):
+        assert same_bytes(path, served / path.relative_to(_logged_model_dir(version)))
+    named, on_disk = _disk_bytes(model_dir, logged_dir, served_dir)
+    weight_bytes = _tree_bytes(model_dir)
+    assert named == 3 * weight_bytes and on_disk == weight_bytes, (named, on_disk)
+    print(f"\nweights named {named:,} bytes, on disk {on_disk:,} bytes")
+    # Removing the served folder (as stop_server does) leaves the logged model whole.
+    shutil.rmtree(served)
+    assert _tree_bytes(logged_dir) == weight_bytes
 
 
 # --- the packaged models serve the chat shape -------------------------------------------------
