@@ -7,13 +7,14 @@ Its root span carries the record (the ``phi3ops.record`` attribute), its inputs 
 verdict search by; its trace info carries the logged model's id (``mlflow.modelId``) and the
 previews of the summaries, which ``log_spans`` alone cannot set.
 
-Where the time went (measured, SQLite store, 200 entries): MLflow's ``start_trace`` is one
-transaction per trace (an experiment lookup, a session, a commit: about 9 ms each), which held
-the writer near 55 records/s. On a SQLAlchemy store (the embedded SQLite default, or
-PostgreSQL) the trace infos of a batch are now inserted in one transaction with MLflow's own
-table models, exactly as ``start_trace`` writes them; other stores (a tracking server over
-REST) still get one ``start_trace`` per trace. The spans then go in one ``log_spans`` call per
-experiment, as before.
+Where the time went (measured, SQLite store): MLflow's ``start_trace`` is one transaction per
+trace (about 9 ms each), which held the writer near 55 records/s; with the trace infos of a
+batch in one transaction, ``log_spans`` (a merge per trace tag, an UPDATE per trace) still held
+it near 110 records/s, below the server's requests/s. On a SQLAlchemy store (the embedded
+SQLite default, or PostgreSQL) a batch's new traces are now written in one transaction with
+one multi-row INSERT per table, MLflow's own table models and helpers producing the rows
+``start_trace`` and ``log_spans`` would (`phi3ops.serving.trace_bulk`); a trace stored already
+(a crash re-write) and other stores (a tracking server over REST) keep MLflow's public API.
 
 An entry the store can never take (no experiment id, an unknown experiment, a malformed
 record) raises `RefusedEntry`: the spool then writes the batch's lines one by one and moves the
@@ -35,6 +36,7 @@ from phi3ops.names import (
     SHADOW_TAG,
 )
 from phi3ops.serving.spool import Entry, RefusedEntry
+from phi3ops.serving.trace_bulk import Item, insert_traces
 from phi3ops.serving.trace_summary import request_preview, response_preview, response_summary
 
 #: MLflow error codes that say the request itself is wrong (never worth trying again).
@@ -49,9 +51,10 @@ def trace_id_of(entry: Entry) -> str:
 
 
 def write_entries(entries: list[Entry], *, tracking_uri: str | None = None) -> None:
-    """Store spool entries as traces: their trace infos in one transaction (SQLAlchemy stores),
-    their spans in one ``log_spans`` call per experiment. Writing an entry again rewrites its
-    trace.
+    """Store spool entries as traces: on a SQLAlchemy store the new ones in one transaction
+    with multi-row INSERTs (`phi3ops.serving.trace_bulk`), the rest (a REST store, traces
+    stored already) through ``start_trace`` and one ``log_spans`` call per experiment. Writing
+    an entry again rewrites its trace.
 
     Raises:
         RefusedEntry: An entry the store will never take (missing or unknown experiment, a
@@ -60,108 +63,45 @@ def write_entries(entries: list[Entry], *, tracking_uri: str | None = None) -> N
     """
     from mlflow.entities import Span
     from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
     from mlflow.tracing.client import TracingClient
 
-    by_experiment: dict[str, list[Span]] = defaultdict(list)
-    infos = []
+    items: list[Item] = []
     try:
         for entry in entries:
             if not str(entry.get("experiment_id") or "").strip():
                 raise RefusedEntry(f"entry {entry.get('id')!r} names no experiment_id")
+            info = None
             if entry.get("model_id") or not _prompts_recorded(entry):
-                infos.append(_trace_info(entry))
-            by_experiment[str(entry["experiment_id"])].append(Span.from_dict(_span_dict(entry)))
+                info = _trace_info(entry)
+            span = Span.from_dict(_span_dict(entry))
+            items.append(Item(trace_id_of(entry), str(entry["experiment_id"]), info, [span]))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, RefusedEntry):
             raise
         raise RefusedEntry(f"a malformed inference record ({type(exc).__name__}: {exc})") from exc
     client = TracingClient(tracking_uri)
     try:
-        _start_traces(client, infos)
-        for experiment_id, spans in by_experiment.items():
-            client.log_spans(experiment_id, spans)
+        if isinstance(client.store, SqlAlchemyStore):
+            items = insert_traces(client.store, items)
+        _write_through_api(client, items)
     except MlflowException as exc:
         if exc.error_code in _REFUSAL_CODES:
             raise RefusedEntry(f"the tracking store refused it: {exc.message}") from exc
         raise
 
 
-def _start_traces(client: Any, infos: list[Any]) -> None:
-    """``start_trace`` for each info: one transaction for all on a SQLAlchemy store."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    rest = infos
-    if infos and isinstance(client.store, SqlAlchemyStore):
-        rest = _insert_trace_infos(client.store, infos)
-    for info in rest:
-        client.start_trace(info)
-
-
-def _insert_trace_infos(store: Any, infos: list[Any]) -> list[Any]:
-    """Insert the trace infos of ``infos`` that are not stored yet, in one transaction, as
-    MLflow's ``SqlAlchemyStore.start_trace`` writes one (tags, the artifact-location tag,
-    metadata marked finalized, the analytics columns, the rollup partitions to rebuild).
-
-    Returns:
-        The infos whose trace exists already: ``start_trace`` merges those, one by one.
+def _write_through_api(client: Any, items: list[Item]) -> None:
+    """MLflow's public API: ``start_trace`` for each item with an info, then one ``log_spans``
+    call per experiment (a REST store, or traces stored already, which this merges into).
     """
-    from mlflow.store.tracking import sqlalchemy_store as sql
-    from mlflow.tracing.constant import TraceMetadataKey
-
-    ids = [info.trace_id for info in infos]
-    partitions: dict[int, list[int]] = defaultdict(list)
-    with store.ManagedSessionMaker(read_only=False) as session:
-        stored_before = {
-            request_id
-            for (request_id,) in session.query(sql.SqlTraceInfo.request_id).filter(
-                sql.SqlTraceInfo.request_id.in_(ids)
-            )
-        }
-        experiments: dict[str, Any] = {}
-        seen = set(stored_before)
-        for info in infos:
-            trace_id, experiment_id = info.trace_id, str(info.experiment_id)
-            if trace_id in seen:
-                continue  # stored already (merged below), or twice in this batch
-            seen.add(trace_id)
-            if experiment_id not in experiments:
-                experiment = store.get_experiment(experiment_id)
-                store._check_experiment_is_active(experiment)
-                experiments[experiment_id] = experiment
-            metadata = dict(info.trace_metadata.items())
-            row = sql.SqlTraceInfo(
-                request_id=trace_id,
-                experiment_id=experiment_id,
-                timestamp_ms=info.request_time,
-                execution_time_ms=info.execution_duration,
-                status=info.state.value,
-                client_request_id=None,
-                request_preview=info.request_preview,
-                response_preview=info.response_preview,
-                **sql.analytics_columns_from_metadata(metadata),
-            )
-            row.tags = [
-                sql.SqlTraceTag(request_id=trace_id, key=key, value=value)
-                for key, value in info.tags.items()
-            ] + [store._get_trace_artifact_location_tag(experiments[experiment_id], trace_id)]
-            for key in sql.PROMOTED_TRACE_METADATA_KEYS:
-                metadata.pop(key, None)
-            metadata[TraceMetadataKey.TRACE_INFO_FINALIZED] = "true"
-            row.request_metadata = [
-                sql.SqlTraceMetadata(request_id=trace_id, key=key, value=value)
-                for key, value in sorted(metadata.items())
-            ]
-            session.add(row)
-            partitions[int(experiment_id)].append(info.request_time)
-        sql.enqueue_rollup_rebuild_partitions(
-            session,
-            [
-                (family, experiment_id, times)
-                for experiment_id, times in partitions.items()
-                for family in (sql.RollupFamily.TRACE_METRIC, sql.RollupFamily.ASSESSMENT)
-            ],
-        )
-    return [info for info in infos if info.trace_id in stored_before]
+    by_experiment: dict[str, list[Any]] = defaultdict(list)
+    for item in items:
+        if item.info is not None:
+            client.start_trace(item.info)
+        by_experiment[item.experiment_id].extend(item.spans)
+    for experiment_id, spans in by_experiment.items():
+        client.log_spans(experiment_id, spans)
 
 
 def _trace_info(entry: Entry) -> Any:
