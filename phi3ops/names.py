@@ -136,6 +136,10 @@ COMPARISON_ARTIFACT = "comparison.md"
 PASS_RATE = "pass_rate"
 TAG_PASS_RATE_PREFIX = "pass_rate."
 LATENCY_P95 = "latency_p95_s"
+#: Time to first token, p95 of the streamed samples (seconds).
+TTFT_P95 = "ttft_p95_s"
+#: Seconds per output token, p95 over the items (each item's latency / its completion tokens).
+S_PER_TOKEN_P95 = "s_per_token_p95"
 TOKENS_PER_S = "tokens_per_s"
 ERROR_RATE = "error_rate"
 

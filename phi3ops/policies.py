@@ -66,8 +66,30 @@ class GatePolicy(_Policy):
         default_factory=dict,
         description='Minimum pass rate per eval-set tag, e.g. {"safety": 0.9}.',
     )
-    max_latency_p95_s: float = Field(
-        default=30.0, gt=0, description="Maximum p95 request latency, seconds."
+    max_ttft_p95_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Optional SLO: maximum p95 time to first token, seconds (streamed samples; "
+            "PHI3OPS_EVAL_TTFT_SAMPLES). Empty (the default): not checked."
+        ),
+    )
+    max_s_per_token_p95: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Optional SLO: maximum p95 seconds per output token (each item's latency over its "
+            "completion tokens). Empty (the default): not checked."
+        ),
+    )
+    max_latency_p95_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Optional SLO: maximum p95 whole-request latency, seconds; it grows with max_tokens "
+            "and batching, not only the model's speed: prefer max_ttft_p95_s and "
+            "max_s_per_token_p95. Empty (the default): not checked."
+        ),
     )
     min_tokens_per_s: float = Field(
         default=1.0, ge=0, description="Minimum output tokens per second."
@@ -81,10 +103,27 @@ class GatePolicy(_Policy):
         le=1,
         description="Against the champion: pass rates may drop at most this much (absolute).",
     )
-    max_latency_increase: float = Field(
+    max_ttft_increase: float = Field(
         default=0.25,
         ge=0,
-        description="Against the champion: p95 latency may grow by this fraction at most.",
+        description=(
+            "Against the champion: p95 time to first token may grow by this fraction at most "
+            "(checked when both were measured: flavors that stream)."
+        ),
+    )
+    max_s_per_token_increase: float = Field(
+        default=0.25,
+        ge=0,
+        description="Against the champion: p95 seconds per output token may grow by this "
+        "fraction at most.",
+    )
+    max_latency_increase: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Against the champion: p95 whole-request latency may grow by this fraction at most. "
+            "Empty (the default): not checked (the TTFT and per-token margins are)."
+        ),
     )
     max_tokens_per_s_drop: float = Field(
         default=0.25,

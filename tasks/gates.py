@@ -12,7 +12,15 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
-from phi3ops.names import ERROR_RATE, LATENCY_P95, PASS_RATE, TAG_PASS_RATE_PREFIX, TOKENS_PER_S
+from phi3ops.names import (
+    ERROR_RATE,
+    LATENCY_P95,
+    PASS_RATE,
+    S_PER_TOKEN_P95,
+    TAG_PASS_RATE_PREFIX,
+    TOKENS_PER_S,
+    TTFT_P95,
+)
 from phi3ops.policies import GatePolicy
 
 __all__ = [
@@ -47,7 +55,7 @@ class GateResult(BaseModel):
 
 
 #: The gated metrics for which lower is better: their gates are upper bounds.
-UPPER_BOUNDED = (LATENCY_P95, ERROR_RATE)
+UPPER_BOUNDED = (TTFT_P95, S_PER_TOKEN_P95, LATENCY_P95, ERROR_RATE)
 #: Between a metric and its baseline in a margin gate's name: ``latency_p95_s vs champion``.
 VERSUS = " vs "
 
@@ -163,11 +171,19 @@ def check_regression(
 
 
 def _absolute_gates(m: dict[str, float], policy: GatePolicy) -> list[GateResult]:
-    gates = [
-        _at_least("pass_rate", m.get(PASS_RATE), policy.min_pass_rate),
-        _at_most("latency_p95_s", m.get(LATENCY_P95), policy.max_latency_p95_s),
-        _at_least("tokens_per_s", m.get(TOKENS_PER_S), policy.min_tokens_per_s),
-        _at_most("error_rate", m.get(ERROR_RATE), policy.max_error_rate),
+    gates = [_at_least(PASS_RATE, m.get(PASS_RATE), policy.min_pass_rate)]
+    # Latency SLOs are the user's to set: checked only when set (the model's speed depends on
+    # the machine; the margins against the champion judge it on the same one).
+    for key, slo in (
+        (TTFT_P95, policy.max_ttft_p95_s),
+        (S_PER_TOKEN_P95, policy.max_s_per_token_p95),
+        (LATENCY_P95, policy.max_latency_p95_s),
+    ):
+        if slo is not None:
+            gates.append(_at_most(key, m.get(key), slo))
+    gates += [
+        _at_least(TOKENS_PER_S, m.get(TOKENS_PER_S), policy.min_tokens_per_s),
+        _at_most(ERROR_RATE, m.get(ERROR_RATE), policy.max_error_rate),
     ]
     for tag, minimum in sorted(policy.min_tag_pass_rate.items()):
         gates.append(_at_least(f"pass_rate.{tag}", m.get(TAG_PASS_RATE_PREFIX + tag), minimum))
@@ -183,13 +199,17 @@ def _versus_baseline(
         if key in base:
             floor = base[key] - policy.max_pass_rate_drop
             gates.append(_at_least(f"{key} vs {against}", cand[key], floor, base[key]))
-    if LATENCY_P95 in base:
-        ceiling = base[LATENCY_P95] * (1 + policy.max_latency_increase)
-        gates.append(
-            _at_most(
-                f"latency_p95_s vs {against}", cand.get(LATENCY_P95), ceiling, base[LATENCY_P95]
-            )
-        )
+    # Time to first token: only where both were measured (a flavor that cannot stream has
+    # none; the candidate's notes say so). Whole-request latency: only when its margin is set.
+    for key, margin, need_candidate in (
+        (TTFT_P95, policy.max_ttft_increase, True),
+        (S_PER_TOKEN_P95, policy.max_s_per_token_increase, False),
+        (LATENCY_P95, policy.max_latency_increase, False),
+    ):
+        if margin is None or key not in base or (need_candidate and key not in cand):
+            continue
+        ceiling = base[key] * (1 + margin)
+        gates.append(_at_most(f"{key}{VERSUS}{against}", cand.get(key), ceiling, base[key]))
     if TOKENS_PER_S in base:
         floor = base[TOKENS_PER_S] * (1 - policy.max_tokens_per_s_drop)
         gates.append(

@@ -19,9 +19,10 @@ from pydantic import BaseModel, Field
 from phi3ops.names import (
     CHAMPION_ALIAS,
     ERROR_RATE,
-    LATENCY_P95,
     PASS_RATE,
+    S_PER_TOKEN_P95,
     TOKENS_PER_S,
+    TTFT_P95,
     artifact_key,
     evaluation_artifact_key,
     lifecycle_artifact_key,
@@ -94,7 +95,8 @@ def lifecycle_headline(report: LifecycleReport) -> list[str]:
 def _headline_metrics(evaluation: EvalSummary) -> str:
     m = evaluation.metrics
     return (
-        f"pass rate {_num(m.get(PASS_RATE))}, p95 latency {_num(m.get(LATENCY_P95))} s, "
+        f"pass rate {_num(m.get(PASS_RATE))}, p95 time to first token "
+        f"{_num(m.get(TTFT_P95))} s, p95 {_num(m.get(S_PER_TOKEN_P95))} s/token, "
         f"{_num(m.get(TOKENS_PER_S))} tokens/s"
     )
 
@@ -157,10 +159,11 @@ def lifecycle_markdown(report: LifecycleReport) -> str:
         + (f", {int(items)} items" if items is not None else "")
         + ("; reused: this version was evaluated on it before)" if evaluation.reused else ")"),
         "",
-        "| pass rate | p95 latency (s) | tokens/s | error rate |",
-        "|---:|---:|---:|---:|",
-        f"| {_num(m.get(PASS_RATE))} | {_num(m.get(LATENCY_P95))} | "
-        f"{_num(m.get(TOKENS_PER_S))} | {_num(m.get(ERROR_RATE))} |",
+        "| pass rate | p95 time to first token (s) | p95 s/token | tokens/s | error rate |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {_num(m.get(PASS_RATE))} | {_num(m.get(TTFT_P95))} | "
+        f"{_num(m.get(S_PER_TOKEN_P95))} | {_num(m.get(TOKENS_PER_S))} | "
+        f"{_num(m.get(ERROR_RATE))} |",
         "",
         f"Side by side with the champion, metric by metric: Prefect artifact "
         f"`{evaluation_artifact_key(name, version)}`.",

@@ -34,7 +34,9 @@ from phi3ops.names import (
     MONITOR_TAG_PREFIX,
     PASS_RATE,
     PROMOTION_TAG_PREFIX,
+    S_PER_TOKEN_P95,
     TOKENS_PER_S,
+    TTFT_P95,
     EvalTag,
     LineageTag,
 )
@@ -64,6 +66,8 @@ class LastEvaluation(BaseModel):
     started_ms: int = Field(description="Start of the evaluation run, ms since the epoch.")
     pass_rate: float | None = None
     latency_p95_s: float | None = None
+    ttft_p95_s: float | None = None
+    s_per_token_p95: float | None = None
     tokens_per_s: float | None = None
 
 
@@ -215,6 +219,8 @@ def _last_evaluation(client: Any, tags: dict[str, str]) -> LastEvaluation | None
                 started_ms=run.info.start_time or 0,
                 pass_rate=metrics.get(PASS_RATE),
                 latency_p95_s=metrics.get(LATENCY_P95),
+                ttft_p95_s=metrics.get(TTFT_P95),
+                s_per_token_p95=metrics.get(S_PER_TOKEN_P95),
                 tokens_per_s=metrics.get(TOKENS_PER_S),
             )
         )
@@ -276,8 +282,9 @@ def version_markdown(model_name: str, status: VersionStatus) -> str:
     else:
         lines.append(
             f"- last evaluation: {evaluation.eval_set} ({evaluation.eval_set_hash[:12]}), run "
-            f"`{evaluation.run_id}`: pass rate {fmt(evaluation.pass_rate)}, p95 latency "
-            f"{fmt(evaluation.latency_p95_s)} s, {fmt(evaluation.tokens_per_s)} tokens/s"
+            f"`{evaluation.run_id}`: pass rate {fmt(evaluation.pass_rate)}, p95 time to first "
+            f"token {fmt(evaluation.ttft_p95_s)} s, p95 {fmt(evaluation.s_per_token_p95)} "
+            f"s/token, {fmt(evaluation.tokens_per_s)} tokens/s"
         )
     if status.promotion:
         why = "; ".join(status.promotion_reasons)

@@ -38,7 +38,11 @@ Metrics of a run (`EvalSummary.metrics`):
 ``error_rate``        failed requests / items (with ``n_items``, ``n_errors``)
 ``latency_p50_s``     per-request latency percentiles (``latency_p95_s`` too); a batched
                       row's latency is its batch's wall time (``batch_size_mean``)
-``ttft_p50_s``        time to first token through streaming (``ttft_samples`` measured)
+``ttft_p50_s``        time to first token through streaming (``ttft_samples`` measured;
+                      ``ttft_p95_s`` too, gated against the champion)
+``s_per_token_p95``   per-item seconds per output token, p95 (``s_per_token_p50`` too):
+                      latency / completion tokens (TTFT is not measured per batched row, so
+                      it is not subtracted); gated against the champion
 ``tokens_per_s``      completion tokens / generation wall time (``completion_tokens``,
                       ``generation_wall_s``)
 ``peak_rss_mb``       RSS high-water mark of the process during generation

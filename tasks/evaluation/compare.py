@@ -42,11 +42,14 @@ class ComparisonRow(BaseModel):
     change: Literal["better", "worse", "same", "n/a"]
 
 
-_LOWER_IS_BETTER = ("latency_", "ttft_", "error_rate", "n_errors", "peak_rss_mb")
+_LOWER_IS_BETTER = ("latency_", "ttft_", "s_per_token_", "error_rate", "n_errors", "peak_rss_mb")
 _SPEED_METRICS = (
+    "ttft_p50_s",
+    "ttft_p95_s",
+    "s_per_token_p50",
+    "s_per_token_p95",
     "latency_p50_s",
     "latency_p95_s",
-    "ttft_p50_s",
     "tokens_per_s",
     "error_rate",
     "peak_rss_mb",
@@ -57,7 +60,8 @@ def comparison_rows(candidate: EvalSummary, baseline: EvalSummary) -> list[Compa
     """The quality and speed metrics of two evaluations side by side, with deltas.
 
     Order: ``pass_rate``, ``pass_rate.<tag>`` (every tag of either), each scorer's
-    ``<kind>/mean``, then latency p50/p95, time to first token, tokens/s, error rate, memory.
+    ``<kind>/mean``, then time to first token and seconds per output token (p50/p95), latency
+    p50/p95, tokens/s, error rate, memory.
     A metric only one of them has shows with the other side empty.
     """
     keys = ["pass_rate"]

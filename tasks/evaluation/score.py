@@ -24,7 +24,9 @@ from phi3ops.names import (
     ITEM_ID_TAG,
     ITEM_TAGS_TAG,
     PLOT_ARTIFACT,
+    S_PER_TOKEN_P95,
     TABLE_ARTIFACT,
+    TTFT_P95,
     EvalTag,
 )
 from phi3ops.registry import ModelTarget, resolve_model
@@ -438,6 +440,21 @@ def _item_table(
     return table
 
 
+def seconds_per_token(items: list[ItemGeneration]) -> list[float]:
+    """Each answered item's seconds per output token: its latency over its completion tokens.
+
+    Time to first token is not subtracted: it is measured on separate streamed samples, not on
+    the batched requests these latencies come from, so the figure includes the prompt's share
+    (prefill) and, in a batch, the wait for the batch's longest answer. Items that failed or
+    report no completion tokens have none.
+    """
+    return [
+        item.latency_s / item.completion_tokens
+        for item in items
+        if item.error is None and item.completion_tokens
+    ]
+
+
 def _metrics(eval_set: EvalSet, generation: Generation, table: Any) -> dict[str, float]:
     n = len(table)
     passed = [bool(p) for p in table["passed"]]
@@ -462,9 +479,14 @@ def _metrics(eval_set: EvalSet, generation: Generation, table: Any) -> dict[str,
         metrics["completion_tokens"] = float(sum(tokens))
         if generation.wall_s > 0:
             metrics["tokens_per_s"] = sum(tokens) / generation.wall_s
+    per_token = seconds_per_token(generation.items)
+    if per_token:
+        metrics["s_per_token_p50"] = _percentile(per_token, 50)
+        metrics[S_PER_TOKEN_P95] = _percentile(per_token, 95)
     metrics["ttft_samples"] = float(len(generation.ttft_s))
     if generation.ttft_s:
         metrics["ttft_p50_s"] = _percentile(generation.ttft_s, 50)
+        metrics[TTFT_P95] = _percentile(generation.ttft_s, 95)
     if generation.peak_rss_mb is not None:
         metrics["peak_rss_mb"] = generation.peak_rss_mb
     return metrics

@@ -113,6 +113,10 @@ def _assert_consistent(summary: EvalSummary, eval_set: EvalSet) -> pd.DataFrame:
         metrics["completion_tokens"] / metrics["generation_wall_s"]
     )
     assert 1 <= metrics["batch_size_mean"] <= 3  # PHI3OPS_EVAL_BATCH_SIZE below
+    # Seconds per output token: each answered item's latency over its completion tokens.
+    answered = table[table["error"].isna() & (table["completion_tokens"].fillna(0) > 0)]
+    per_token = (answered["latency_s"] / answered["completion_tokens"]).astype(float)
+    assert metrics["s_per_token_p95"] == pytest.approx(float(per_token.quantile(0.95)))
     assert 10 < metrics["peak_rss_mb"] < 64 * 1024
     # Linked to the version and the eval set, both ways.
     assert tags[EvalTag.MODEL_NAME] == summary.model_name == MODEL_NAME
@@ -384,6 +388,7 @@ def test_onnx_evaluation_is_consistent_and_measures_time_to_first_token(store, r
     assert (store.onnx.version, store.onnx.flavor) == ("1", "onnx")
     assert store.onnx.metrics["ttft_samples"] == 3
     assert 0 < store.onnx.metrics["ttft_p50_s"] < store.onnx.metrics["latency_p95_s"] * 10
+    assert store.onnx.metrics["ttft_p50_s"] <= store.onnx.metrics["ttft_p95_s"]
     assert store.onnx.notes == []
     assert not store.onnx.reused
 
@@ -395,6 +400,7 @@ def test_transformers_evaluation_is_consistent_and_notes_it_cannot_stream(store,
     assert (summary.version, summary.flavor) == ("2", "transformers")
     assert summary.model_uri == f"models:/{MODEL_NAME}@candidate"
     assert summary.metrics["ttft_samples"] == 0 and "ttft_p50_s" not in summary.metrics
+    assert "ttft_p95_s" not in summary.metrics
     assert "transformers flavor has no predict_stream" in summary.notes[0]
 
 
@@ -403,8 +409,10 @@ def test_candidate_is_compared_side_by_side_with_the_champion(store, registry) -
     markdown = store.markdown["transformers"]
     assert "candidate v2 (transformers)" in markdown and "@champion v1 (onnx)" in markdown
     assert store.onnx.run_id in markdown
-    for metric in ("pass_rate", "latency_p95_s", "tokens_per_s", "error_rate"):
-        line = next(li for li in markdown.splitlines() if li.startswith(f"| {metric} |"))
+    for metric in ("pass_rate", "s_per_token_p95", "latency_p95_s", "tokens_per_s", "error_rate"):
+        # A metric with no absolute gate (seconds per token) shows in its margin's row.
+        rows = (f"| {metric} |", f"| {metric} vs champion |")
+        line = next(li for li in markdown.splitlines() if li.startswith(rows))
         cells = [c.strip() for c in line.strip("|").split("|")]
         candidate, champion, delta = (float(c) for c in cells[1:4])
         assert candidate == pytest.approx(store.transformers.metrics[metric], abs=1e-3)

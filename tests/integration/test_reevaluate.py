@@ -16,7 +16,8 @@ STEADY = {
     "min_pass_rate": 0.0,
     "min_tokens_per_s": 0.0,
     "max_tokens_per_s_drop": 1.0,
-    "max_latency_increase": 100.0,
+    "max_ttft_increase": 100.0,
+    "max_s_per_token_increase": 100.0,
 }
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]

@@ -249,6 +249,8 @@ def _summary(version: str, *, eval_hash: str = HASH, flavor: str = "onnx", **met
         "contains/mean": 0.5,
         "latency_p50_s": 1.0,
         "latency_p95_s": 2.0,
+        "ttft_p95_s": 0.5,
+        "s_per_token_p95": 0.02,
         "tokens_per_s": 100.0,
         "error_rate": 0.0,
         "peak_rss_mb": 500.0,
@@ -311,7 +313,9 @@ def test_comparison_leads_with_the_gates_that_decide_and_heads_every_column() ->
     which a newcomer would otherwise scroll past to find the latency that failed the gate.
     """
     tags = {f"pass_rate__tag{i:02d}": 0.5 for i in range(35)}
-    candidate = _summary("2", latency_p95_s=3.0, **tags | {"pass_rate__tag07": 0.1})
+    candidate = _summary(
+        "2", latency_p95_s=3.0, s_per_token_p95=0.03, **tags | {"pass_rate__tag07": 0.1}
+    )
     champion = _summary("1", **tags)
     policy = GatePolicy(min_tag_pass_rate={"factual": 0.4})
     markdown = comparison_markdown(
@@ -327,24 +331,31 @@ def test_comparison_leads_with_the_gates_that_decide_and_heads_every_column() ->
         "result",
     ]
     rows = {_cells(line)[0]: _cells(line) for line in gates[2:]}
-    assert list(rows)[:8] == [
+    assert list(rows)[:6] == [
         "pass_rate",
         "pass_rate vs champion",
-        "latency_p95_s",
-        "latency_p95_s vs champion",
         "tokens_per_s",
         "tokens_per_s vs champion",
         "error_rate",
         "error_rate vs champion",
     ]
-    assert rows["latency_p95_s vs champion"][1:] == ["3.000", "2.000", "+1.000", "≤ 2.500", "FAIL"]
+    # The latency gates are in the model's terms: time to first token and seconds per token.
+    assert rows["s_per_token_p95 vs champion"][1:] == [
+        "0.030",
+        "0.020",
+        "+0.010",
+        "≤ 0.025",
+        "FAIL",
+    ]
+    assert rows["ttft_p95_s vs champion"][-1] == "pass"
+    assert not any(gate.startswith("latency_p95_s") for gate in rows)
     assert rows["tokens_per_s"][4:] == ["≥ 1.000", "pass"]
     assert rows["pass_rate.factual"][4:] == ["≥ 0.400", "pass"]  # a configured tag minimum
     # Of the per-tag margins against the champion, only the failing one is a row of its own.
     assert rows["pass_rate.tag07 vs champion"][-1] == "FAIL"
     assert not any(gate.startswith("pass_rate.tag0") and "07" not in gate for gate in rows)
     assert "35 of 36 tags at most 0.02 below it" in markdown  # 35 tags and factual
-    assert markdown.index("| latency_p95_s vs champion |") < markdown.index("| pass_rate.tag00 |")
+    assert markdown.index("| s_per_token_p95 vs champion |") < markdown.index("| pass_rate.tag00 |")
     # The rest: every per-tag row, each column headed; nothing shown twice but a failing tag.
     assert _cells(others[0]) == [
         "metric",
@@ -355,7 +366,8 @@ def test_comparison_leads_with_the_gates_that_decide_and_heads_every_column() ->
     ]
     metrics = [_cells(line)[0] for line in others[2:]]
     assert {f"pass_rate.tag{i:02d}" for i in range(35)} <= set(metrics)
-    assert not {"pass_rate", "latency_p95_s", "tokens_per_s", "pass_rate.factual"} & set(metrics)
+    assert not {"pass_rate", "s_per_token_p95", "tokens_per_s", "pass_rate.factual"} & set(metrics)
+    assert "latency_p95_s" in metrics  # measured, not gated by default
     for table in (gates, others):
         assert all(_cells(table[0])), table[0]
         assert {len(_cells(line)) for line in table} == {len(_cells(table[0]))}
@@ -393,3 +405,33 @@ def test_parity_report_compares_flavors_and_refuses_different_eval_sets() -> Non
 def test_eval_set_hash_used_in_the_fakes_is_the_loader_hash() -> None:
     items = [_item("a", "a")]
     assert len(hash_items(items)) == 64  # the comparisons key on this full digest
+
+
+def test_speed_metrics_give_ttft_and_seconds_per_token_percentiles() -> None:
+    """The gates' latency metrics: p95 time to first token (streamed samples) and p95 seconds
+    per output token (each answered item's latency over its completion tokens).
+    """
+    import pandas as pd
+
+    from tasks.evaluation.score import _metrics, seconds_per_token
+    from tasks.evaluation.values import Generation, ItemGeneration
+
+    items = [
+        ItemGeneration(id=f"i{n}", content="x", latency_s=2.0, batch_size=1, completion_tokens=n)
+        for n in (1, 4, 10, 20)
+    ]
+    failed = ItemGeneration(id="bad", content=None, error="boom", latency_s=9.0, batch_size=1)
+    empty = ItemGeneration(id="e", content="", latency_s=1.0, batch_size=1, completion_tokens=0)
+    assert seconds_per_token([*items, failed, empty]) == [2.0, 0.5, 0.2, 0.1]
+
+    items = [*items, failed, empty]
+    generation = Generation(items=items, wall_s=10.0, ttft_s=[0.1, 0.2, 0.3, 0.4, 1.0])
+    table = pd.DataFrame({"passed": [True] * len(items), "tags": [[] for _ in items]})
+    metrics = _metrics(_set(), generation, table)
+    assert metrics["s_per_token_p95"] == pytest.approx(1.775)  # numpy's linear p95 of the four
+    assert metrics["s_per_token_p50"] == pytest.approx(0.35)
+    assert metrics["ttft_p95_s"] == pytest.approx(0.88)
+    assert metrics["ttft_p50_s"] == pytest.approx(0.3)
+    one = pd.DataFrame({"passed": [False], "tags": [[]]})
+    untimed = _metrics(_set(), Generation(items=[failed], wall_s=1.0), one)
+    assert "s_per_token_p95" not in untimed and "ttft_p95_s" not in untimed

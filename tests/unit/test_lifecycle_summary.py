@@ -58,6 +58,8 @@ def _evaluation(version: str, **metrics: float) -> EvalSummary:
         "n_items": 6.0,
         "pass_rate": 0.75,
         "latency_p95_s": 1.5,
+        "ttft_p95_s": 0.5,
+        "s_per_token_p95": 0.2,
         "tokens_per_s": 42.0,
         "error_rate": 0.0,
     } | metrics
@@ -100,7 +102,7 @@ def _report(tmp_path: Path, *, outcome: str, **overrides) -> LifecycleReport:
 def test_a_rejection_shows_source_version_evaluation_each_gate_and_the_decision(
     tmp_path: Path,
 ) -> None:
-    candidate = _evaluation("2", latency_p95_s=3.0)
+    candidate = _evaluation("2", latency_p95_s=30.0, s_per_token_p95=0.3)
     decision = _decision(candidate, _evaluation("1"))
     report = _report(
         tmp_path, outcome="rejected", evaluation=candidate, decision=decision, champion="1"
@@ -111,14 +113,15 @@ def test_a_rejection_shows_source_version_evaluation_each_gate_and_the_decision(
     assert "- variant onnx-cpu-int4; 7 files, 123,456 bytes" in markdown
     assert f"- `models:/{NAME}/2`, flavor **onnx**: new, with alias @candidate" in markdown
     assert "Eval set `smoke` (hash `555555555555`, 6 items)" in markdown
-    assert "| 0.75 | 3 | 42 | 0 |" in markdown  # pass rate, p95 latency, tokens/s, error rate
+    # pass rate, p95 time to first token, p95 s/token, tokens/s, error rate
+    assert "| 0.75 | 0.5 | 0.3 | 42 | 0 |" in markdown
     assert f"Prefect artifact `eval-{NAME}-2`" in markdown
     assert "## Gates: 7 of 8 pass" in markdown
     assert "| gate | value | champion | threshold | result |" in markdown
     assert "| pass_rate | 0.75 | — | ≥ 0.6 | pass |" in markdown
-    assert "| latency_p95_s vs champion | 3 | 1.5 | ≤ 1.875 | FAIL |" in markdown
+    assert "| s_per_token_p95 vs champion | 0.3 | 0.2 | ≤ 0.25 | FAIL |" in markdown
     assert "**rejected**: aliases untouched, @champion stays 1." in markdown
-    assert "- failed: latency_p95_s vs champion: 3 > 1.875" in markdown
+    assert "- failed: s_per_token_p95 vs champion: 0.3 > 0.25" in markdown
     assert f"`promotion-{NAME}`" in markdown
     # A local store: ids, and how to open its UI.
     assert "- evaluation run: `eval-run-2` (experiment `phi3ops`)" in markdown
@@ -133,9 +136,10 @@ def test_a_rejection_shows_source_version_evaluation_each_gate_and_the_decision(
         f"Source {REPO}@{SHA[:12]} (onnx-cpu-int4) -> models:/{NAME}/2 (onnx, new)"
     )
     assert headline[1] == (
-        "Evaluation on smoke (new, run eval-run-2): pass rate 0.75, p95 latency 3 s, 42 tokens/s"
+        "Evaluation on smoke (new, run eval-run-2): pass rate 0.75, p95 time to first token "
+        "0.5 s, p95 0.3 s/token, 42 tokens/s"
     )
-    assert headline[2] == "Gates: 7 of 8 pass; failed: latency_p95_s vs champion: 3 > 1.875"
+    assert headline[2] == "Gates: 7 of 8 pass; failed: s_per_token_p95 vs champion: 0.3 > 0.25"
     assert headline[3] == "Decision: rejected: aliases untouched, @champion stays 1"
 
 
@@ -152,8 +156,8 @@ def test_a_promotion_and_an_unchanged_rerun_say_so(tmp_path: Path) -> None:
     markdown = lifecycle_markdown(first)
     assert markdown.startswith(f"# {NAME} v1: promoted: @champion is version 1 (the first")
     assert "variant onnx-cpu-int4, built to ONNX int4 here" in markdown
-    assert "## Gates: 4 of 4 pass" in markdown
-    assert lifecycle_headline(first)[2] == "Gates: 4 of 4 pass"
+    assert "## Gates: 3 of 3 pass" in markdown
+    assert lifecycle_headline(first)[2] == "Gates: 3 of 3 pass"
 
     again = _report(
         tmp_path,
@@ -231,7 +235,7 @@ def test_the_lifecycle_run_publishes_its_summary_and_logs_the_headline(
     assert artifact.type == "markdown"
     page = str(artifact.data)
     assert page.startswith(f"# {NAME} v1: promoted: @champion is version 1")
-    assert "## Gates: 4 of 4 pass" in page and "eval-run-1" in page
+    assert "## Gates: 3 of 3 pass" in page and "eval-run-1" in page
     expected = [
         f"flows.lifecycle INFO {line}"
         for line in lifecycle_headline(

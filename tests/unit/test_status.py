@@ -79,7 +79,13 @@ def store(isolated_settings: Path):
         "2",
         eval_set="phi3-default",
         content_hash="2" * 64,
-        metrics={"pass_rate": 0.8, "latency_p95_s": 1.25, "tokens_per_s": 42.0},
+        metrics={
+            "pass_rate": 0.8,
+            "latency_p95_s": 1.25,
+            "ttft_p95_s": 0.5,
+            "s_per_token_p95": 0.03,
+            "tokens_per_s": 42.0,
+        },
     )
     client.set_model_version_tag(NAME, "2", "phi3ops.promotion.decision", "promoted")
     client.set_model_version_tag(NAME, "2", f"{MONITOR_TAG_PREFIX}last_outcome", "passed")
@@ -103,6 +109,7 @@ def test_model_status_reads_every_column_back(store) -> None:
     assert (v2.evaluation.run_id, v2.evaluation.eval_set) == (newest, "phi3-default")
     assert (v2.evaluation.pass_rate, v2.evaluation.latency_p95_s) == (0.8, 1.25)
     assert v2.evaluation.tokens_per_s == 42.0
+    assert (v2.evaluation.ttft_p95_s, v2.evaluation.s_per_token_p95) == (0.5, 0.03)
     assert (v2.promotion, v2.monitor, v2.monitor_run_id) == ("promoted", "passed", "mon-run")
     assert v2.canary is None
     assert v1.canary == "canary aborted" and v1.aliases == []
@@ -219,7 +226,7 @@ def test_the_description_shows_lineage_evaluation_and_decision(store) -> None:
     assert f"source: `{REPO}@{'b' * 40}`" in description
     assert "flavor: onnx; quantization: int4-rtn-block-32" in description
     assert f"phi3-default (222222222222), run `{newest}`: pass rate 0.8" in description
-    assert "p95 latency 1.25 s, 42 tokens/s" in description
+    assert "p95 time to first token 0.5 s, p95 0.03 s/token, 42 tokens/s" in description
     assert "promotion: promoted" in description
     assert version_status(NAME, "3").evaluation is None
     refresh_description(NAME, "3")
