@@ -271,7 +271,10 @@ def test_canary_and_shadow_follow_the_traffic_plan(versions, tmp_path) -> None:
     share = 0.3
     late: list[str] = []  # users answered under the canary while it was ending
     plan = TrafficPlan.start("canary", share=share, candidate_version=versions["new"])
-    steady = "steady-user"
+    # The background user is one the plan keeps on the champion: answers are named by the plan
+    # as soon as it is read, before its candidate has loaded, so a steady user drawn for the
+    # candidate would count requests the champion answered while the candidate was loading.
+    steady = next(u for u in (f"steady-{i}" for i in range(100)) if plan.arm_for(u) is Arm.CHAMPION)
     with log_path.open("w") as log, pytest.MonkeyPatch.context() as mp:
         mp.setenv("PHI3OPS_DATA_DIR", versions["data_dir"])
         get_settings.cache_clear()
