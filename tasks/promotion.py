@@ -47,7 +47,6 @@ from phi3ops.names import (
     OWNER_TAG,
     PREVIOUS_ALIAS,
     PROMOTED_EVENT,
-    PROMOTION_TAG_PREFIX,
     REJECTED_EVENT,
     RESTORED_BY_ROLLBACK_TAG,
     ROLLED_BACK_AT_TAG,
@@ -59,7 +58,7 @@ from phi3ops.tracking import configure_tracking, version_url
 from tasks.alias_lock import AliasFence, promotion_lock
 from tasks.events import emit, prefect_is_listening
 from tasks.gates import Decision, Evaluation, GateResult, check_regression, evaluate_gates
-from tasks.status import refresh_description
+from tasks.status import write_decision_tags
 
 __all__ = [
     "AliasState",
@@ -77,6 +76,7 @@ __all__ = [
     "record_decision",
     "rollback",
     "rollback_task",
+    "tag_decision",
 ]
 
 logger = logging.getLogger(__name__)
@@ -366,7 +366,7 @@ def _carry_out_decision(intent: Intent, *, resumed: bool, fence: AliasFence) -> 
         crash_point("promote.after-aliases")
     state = intent.state(resumed=resumed)
     fence.check(f"tag the decision on version {version}")
-    _tag_decision(client, decision, state, triggered_by=intent.triggered_by, at=intent.at)
+    tag_decision(decision, state, triggered_by=intent.triggered_by, at=intent.at)
     crash_point("promote.after-tags")
     fence.check(f"record the decision run of version {version}")
     run_id = _decision_run(intent, decision, state)
@@ -552,23 +552,18 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def _tag_decision(
-    client: Any, decision: Decision, state: AliasState, *, triggered_by: str, at: str
-) -> None:
-    name, version = decision.model_name, decision.version
-    tags = {
+def tag_decision(decision: Decision, state: AliasState, *, triggered_by: str, at: str) -> None:
+    """Tag the version with the decision taken on it (and rewrite its description)."""
+    fields = {
         "decision": state.action,
         "at": at,
         "triggered_by": triggered_by,
         "eval_set_hash": decision.eval_set_hash or "",
         "eval_run_id": decision.candidate_run_id or "",
         "champion_before": decision.champion_version or "",
-        # MLflow caps tag values at 5000 characters.
-        "reasons": json.dumps(decision.reasons)[:4900],
+        "reasons": json.dumps(decision.reasons),
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, PROMOTION_TAG_PREFIX + key, value)
-    refresh_description(name, version)  # the decision on the version's registry page
+    write_decision_tags(decision.model_name, decision.version, fields)  # tags, then description
 
 
 def _now() -> str:

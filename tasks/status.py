@@ -180,7 +180,6 @@ def _version_status(
 ) -> VersionStatus:
     tags: dict[str, str] = dict(mv.tags or {})
     repo, sha = tags.get(LineageTag.SOURCE_REPO), tags.get(LineageTag.COMMIT_SHA)
-    reasons = tags.get(f"{PROMOTION_TAG_PREFIX}reasons")
     return VersionStatus(
         version=str(mv.version),
         aliases=aliases,
@@ -189,7 +188,7 @@ def _version_status(
         quantization=tags.get(LineageTag.QUANTIZATION),
         evaluation=_last_evaluation(client, tags),
         promotion=tags.get(f"{PROMOTION_TAG_PREFIX}decision"),
-        promotion_reasons=_json_list(reasons),
+        promotion_reasons=reasons_of(tags),
         monitor=tags.get(f"{MONITOR_TAG_PREFIX}last_outcome"),
         monitor_run_id=tags.get(f"{MONITOR_TAG_PREFIX}last_run_id"),
         canary=_canary_state(str(mv.version), aliases, tags, plan),
@@ -247,6 +246,11 @@ def _canary_state(
     return None
 
 
+def reasons_of(tags: dict[str, str]) -> list[str]:
+    """The version's promotion reasons, as its ``phi3ops.promotion.reasons`` tag lists them."""
+    return _json_list(tags.get(f"{PROMOTION_TAG_PREFIX}reasons"))
+
+
 def _json_list(value: str | None) -> list[str]:
     try:
         parsed = json.loads(value) if value else []
@@ -292,6 +296,19 @@ def version_markdown(model_name: str, status: VersionStatus) -> str:
     else:
         lines.append("- promotion: not decided yet")
     return "\n".join(lines)
+
+
+def write_decision_tags(model_name: str, version: str | int, fields: dict[str, str]) -> None:
+    """Write the version's promotion decision, one ``phi3ops.promotion.<field>`` tag per field
+    (each cut to fit MLflow's 5,000-character tag values), then its description: the one writer
+    of a decision, whether the gates took it or a canary's verdict on live traffic.
+    """
+    client = registry.client()
+    for field, value in fields.items():
+        client.set_model_version_tag(
+            model_name, str(version), f"{PROMOTION_TAG_PREFIX}{field}", value[:4900]
+        )
+    refresh_description(model_name, version)
 
 
 def refresh_description(model_name: str, version: str | int) -> None:

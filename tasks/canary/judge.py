@@ -17,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from phi3ops import registry
-from phi3ops.names import CANDIDATE_ALIAS, CHAMPION_ALIAS, PROMOTION_TAG_PREFIX
+from phi3ops.names import CANDIDATE_ALIAS, CHAMPION_ALIAS
 from phi3ops.policies import CanaryPolicy, MonitorThresholds
 from phi3ops.serving.records import InferenceRecord
 from phi3ops.traffic import Arm, TrafficPlan, read_plan
@@ -36,7 +36,7 @@ from tasks.canary.compare import (
 from tasks.canary.start import stop_plan
 from tasks.live_records import load_records, unstored_records
 from tasks.monitoring import Check, build_expectations, records_frame, validate
-from tasks.status import refresh_description
+from tasks.status import reasons_of, write_decision_tags
 
 
 def suite_checks(
@@ -240,34 +240,24 @@ def tag_outcome(report: CanaryReport, *, triggered_by: str) -> bool:
     if report.outcome not in ("promoted", "aborted") or not report.candidate_version:
         return False
     name, version = report.model_name, report.candidate_version
-    client = registry.client()
-    key = f"{PROMOTION_TAG_PREFIX}reasons"
     reasons = [
         f"{report.mode or 'canary'} verdict on live traffic: {report.outcome} "
         f"(run {report.run_id or '-'}, plan {report.plan_id or '-'})",
         *report.reasons,
     ]
     if report.outcome == "promoted":  # the promotion flow just tagged its gates' reasons
-        reasons += _json_list(client.get_model_version(name, version).tags.get(key))
-    tags = {
-        "decision": report.outcome,
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "triggered_by": triggered_by[:4900],
-        # MLflow caps tag values at 5000 characters.
-        "reasons": json.dumps(reasons)[:4900],
-    }
-    for tag, value in tags.items():
-        client.set_model_version_tag(name, version, f"{PROMOTION_TAG_PREFIX}{tag}", value)
-    refresh_description(name, version)
+        reasons += reasons_of(registry.client().get_model_version(name, version).tags)
+    write_decision_tags(
+        name,
+        version,
+        {
+            "decision": report.outcome,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "triggered_by": triggered_by,
+            "reasons": json.dumps(reasons),
+        },
+    )
     return True
-
-
-def _json_list(value: str | None) -> list[str]:
-    try:
-        parsed = json.loads(value) if value else []
-    except ValueError:
-        return [value] if value else []
-    return [str(item) for item in parsed] if isinstance(parsed, list) else [str(parsed)]
 
 
 def _judged(sample: ArmSample | None) -> int:

@@ -27,13 +27,13 @@ from phi3ops.names import (
     PROMOTION_TAG_PREFIX,
     LineageTag,
 )
-from phi3ops.registry import alias_version, client, get_version
+from phi3ops.registry import alias_version, get_version
 from phi3ops.sources import Flavor
 from phi3ops.traffic import TrafficMode, TrafficPlan, clear_plan, read_plan, write_plan
 from tasks.alias_lock import promotion_lock
 from tasks.evaluation.resolve import evaluation_tag_key
 from tasks.gates import Decision
-from tasks.promotion import AliasState, _tag_decision
+from tasks.promotion import AliasState, tag_decision
 
 _log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _start_plan(
             action=LIVE_TRAFFIC_DECISION,
         )
         at = datetime.now(UTC).isoformat(timespec="seconds")
-        _tag_decision(client(), decision, state, triggered_by="live traffic", at=at)
+        tag_decision(decision, state, triggered_by="live traffic", at=at)
     else:
         problem, eval_hash = gate_problem(model_name, candidate, champion=champion)
         if problem is not None:
