@@ -8,12 +8,21 @@ the running batch's remaining steps, the batches queued ahead, then the request'
 (its prefill and its ``max_tokens`` steps). `kv_bytes_per_token` and `default_kv_budget` size
 the KV cache a batch needs (onnxruntime-genai's CPU buffer is fp32, sized for batch x
 (longest prompt + most new tokens)).
+
+`refused` builds the ``RESOURCE_EXHAUSTED`` refusal with the predicted wait as a field of its
+own (`RETRY_AFTER_FIELD`, whole seconds): MLflow's scoring server writes an exception's extra
+fields into its JSON error body, so the serving layer reads the number there (or from the
+exception of a stream) and sends it as ``Retry-After``, without parsing the message.
 """
 
+import math
 import os
 import threading
 from collections.abc import Sequence
 from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED
 
 #: Weight of a new measurement in the moving averages.
 _ALPHA = 0.2
@@ -21,6 +30,33 @@ _ALPHA = 0.2
 KV_MEMORY_SHARE = 0.25
 #: Bytes per KV value: onnxruntime-genai keeps the CPU KV cache in fp32.
 _KV_VALUE_BYTES = 4
+#: The field of a refusal (the exception's, and MLflow's JSON error body) with the seconds a
+#: client should wait before it retries.
+RETRY_AFTER_FIELD = "retry_after_s"
+
+
+def refused(message: str, *, retry_after_s: float | None = None) -> MlflowException:
+    """A ``RESOURCE_EXHAUSTED`` (HTTP 429) refusal; with ``retry_after_s``, the predicted wait
+    rounded up to whole seconds (at least 1) rides along as `RETRY_AFTER_FIELD`.
+    """
+    if retry_after_s is None:
+        return MlflowException(message, error_code=RESOURCE_EXHAUSTED)
+    error = MlflowException(message, error_code=RESOURCE_EXHAUSTED)
+    error.json_kwargs[RETRY_AFTER_FIELD] = max(1, math.ceil(retry_after_s))  # in its JSON body
+    return error
+
+
+def retry_after_of(error: Any) -> int | None:
+    """The whole seconds a refusal (an `MlflowException`, or its JSON error body as a dict)
+    asks a client to wait; None when it names none.
+    """
+    fields = getattr(error, "json_kwargs", error)
+    value = fields.get(RETRY_AFTER_FIELD) if isinstance(fields, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    return max(1, math.ceil(value))
 
 
 class _Rates:

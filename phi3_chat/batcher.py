@@ -30,13 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED
 
 from phi3_chat.admission import (
     _Rates,
     batch_kv_bytes,
     fitting_max_tokens,
     predicted_completion_s,
+    refused,
 )
 from phi3_chat.request import _Request, _RowState
 
@@ -176,10 +177,10 @@ class _Batcher:
         """
         with self._lock:
             if self._queued >= self.max_queue:
-                raise MlflowException(
+                raise refused(
                     f"the model's request queue is full ({self.max_queue} requests waiting "
                     "while it generates): retry later",
-                    error_code=RESOURCE_EXHAUSTED,
+                    retry_after_s=self._work_ahead_s(),
                 )
             requests = self._admitted(requests, timeout_s, stream, flexible)
             ticket = _Ticket(requests, timeout_s=timeout_s, stream=stream)
@@ -201,6 +202,15 @@ class _Batcher:
         rows, steps_left = self._running
         return steps_left * (self.rates.step_s(rows) or 0.0)
 
+    def _work_ahead_s(self) -> float | None:
+        """Predicted seconds of work ahead of a new request (holding the lock); None unmeasured."""
+        if self.rates is None or not self.rates.known:
+            return None
+        queued = [_row(job.request) for job in self._waiting]
+        return predicted_completion_s(
+            self.rates, self.running_left_s(), queued, [], self.max_batch_size
+        )
+
     def _admitted(
         self,
         requests: list[_Request],
@@ -212,12 +222,11 @@ class _Batcher:
         for request in requests:
             alone = batch_kv_bytes(self.kv_per_token, [_row(request)])
             if self.kv_budget is not None and alone > self.kv_budget:
-                raise MlflowException(
+                raise refused(
                     f"the request needs {alone / 2**20:.0f} MiB of KV cache (prompt "
                     f"{len(request.input_ids)} + max_tokens {request.max_tokens} tokens), more "
                     f"than the model's budget of {self.kv_budget / 2**20:.0f} MiB: ask for "
-                    "fewer max_tokens or send a shorter prompt",
-                    error_code=RESOURCE_EXHAUSTED,
+                    "fewer max_tokens or send a shorter prompt"
                 )
         rates = self.rates
         if rates is None or not rates.known:
@@ -255,11 +264,11 @@ class _Batcher:
                 if idle <= timeout_s
                 else "ask for fewer max_tokens or send a longer params['timeout_s']"
             )
-            raise MlflowException(
+            raise refused(
                 f"the model would {what} this request in about {when:.1f} s at its measured "
                 f"speed ({ahead:.1f} s of work ahead of it), past its timeout of "
                 f"{timeout_s:g} s: refused before any work; {hint}",
-                error_code=RESOURCE_EXHAUSTED,
+                retry_after_s=ahead if idle <= timeout_s else None,
             )
         return requests
 

@@ -7,6 +7,12 @@ writes JSON answers and server-sent events. Every route of `phi3ops.serving.app`
 ``/invocations`` and the OpenAI-compatible ``/v1`` routes) answers through these, so each
 gets the same guarantees: a record per row whatever happened, ``Retry-After`` on every 429 /
 503, and a freed slot when the client leaves.
+
+``Retry-After`` is the model's own prediction where it made one: admission's refusal carries the
+predicted wait as a field (`phi3_chat.admission.RETRY_AFTER_FIELD`), which arrives here either
+in the exception of a stream (`stream_refusal`), set on the exchange by the route that read
+MLflow's error body (`Exchange.retry_after_s`), or in the JSON body of the 429 itself (a held
+``http.response.start`` waits for its body); otherwise `RETRY_AFTER_S`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from phi3_chat.admission import retry_after_of
 from phi3ops.serving.records import (
     CANCELLED_STATUS,
     SHED_STATUSES,
@@ -27,7 +34,7 @@ from phi3ops.serving.records import (
 from phi3ops.serving.request import Message, ParsedRequest, Receive, Send, parse_json
 
 SSE_CONTENT_TYPE = "text/event-stream"
-#: Seconds a client told to come back (429 / 503) waits first.
+#: Seconds a client told to come back (429 / 503) waits first, when the model predicted nothing.
 RETRY_AFTER_S = 1
 #: The status of a request the server stopped waiting for (``--timeout``).
 TIMEOUT_STATUS = 504
@@ -69,6 +76,8 @@ class Exchange:
         self.timed_out = False  # the server stopped waiting for the answer (recorded as 504)
         self.reason: str | None = None  # the serving layer's own words for a refusal
         self.usage: dict[str, Any] | None = None  # a stream's usage, when not sent
+        self.retry_after_s: int | None = None  # the model's predicted wait, for a 429 / 503
+        self._held: Message | None = None  # a 429 / 503 start, until its body says the wait
         self.parts: list[tuple[float, bytes]] = []  # (seconds since the request came, body)
         self._recorded = False
 
@@ -78,7 +87,8 @@ class Exchange:
 
     async def send(self, message: Message) -> None:
         """Passes ``message`` on; the records are spooled before the answer's last byte.
-        A 429 or 503 gets a ``Retry-After`` header if it has none.
+        A 429 or 503 gets a ``Retry-After`` header if it has none: the model's predicted wait
+        (`retry_after_s`, else the field in the error body), else `RETRY_AFTER_S`.
         """
         if message["type"] == "http.response.start":
             self.status = int(message["status"])
@@ -86,12 +96,14 @@ class Exchange:
             names = {bytes(name).lower() for name, _ in headers}
             content_type = dict(headers).get(b"content-type", b"")
             self.streamed = content_type.split(b";")[0] == SSE_CONTENT_TYPE.encode()
-            if self.status in SHED_STATUSES and b"retry-after" not in names:
-                headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
-                message = {**message, "headers": headers}
             if self.status == TIMEOUT_STATUS and self.reason is None:
                 self.reason = self.timeout_reason()
-        elif message["type"] == "http.response.body" and not message.get("more_body"):
+            if self.status in SHED_STATUSES and b"retry-after" not in names:
+                self._held = message  # sent with its body, which may say how long to wait
+                return
+        elif message["type"] == "http.response.body" and self._held is not None:
+            await self._send_held(message.get("body", b""))
+        if message["type"] == "http.response.body" and not message.get("more_body"):
             self.parts.append((self.elapsed(), message.get("body", b"")))
             self.record()  # spooled before the client has its answer
             self.complete = True
@@ -100,6 +112,17 @@ class Exchange:
         await self._send(message)
         if message["type"] == "http.response.body":  # timed once the client has it
             self.parts.append((self.elapsed(), message.get("body", b"")))
+
+    async def _send_held(self, body: bytes) -> None:
+        """Sends the held 429 / 503 start with its ``Retry-After``."""
+        held, self._held = self._held, None
+        assert held is not None
+        wait = self.retry_after_s
+        if wait is None:
+            answer, _ = parse_json(body)
+            wait = retry_after_of(answer)
+        headers = [*held.get("headers", []), (b"retry-after", str(wait or RETRY_AFTER_S).encode())]
+        await self._send({**held, "headers": headers})
 
     def timeout_reason(self) -> str:
         """The recorded reason of a call the server stopped waiting for."""
@@ -237,6 +260,7 @@ def stream_refusal(kind: str, value: Any, exchange: Exchange) -> tuple[int, str,
     if "predict_stream" in value.message:
         exchange.reason = "this model cannot stream; send the request without stream"
         return 400, "BAD_REQUEST", exchange.reason
+    exchange.retry_after_s = retry_after_of(value)
     return value.get_http_status_code(), value.error_code, value.message
 
 

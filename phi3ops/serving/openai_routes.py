@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from phi3_chat.admission import retry_after_of
 from phi3ops.serving.exchange import (
     TIMEOUT_STATUS,
     Exchange,
@@ -338,6 +339,7 @@ class ChatCompletions:
         if isinstance(body, Mapping):
             code = str(body.get("error_code") or code)
             message = _MLFLOW_PREFIX.sub("", str(body.get("message") or message))
+            exchange.retry_after_s = retry_after_of(dict(body))  # the model's predicted wait
         if answer.status == 200:  # an answer that is not a chat completion
             answer.status, message = 500, "the model answered without a chat completion"
         if answer.status == TIMEOUT_STATUS:
