@@ -161,7 +161,32 @@ class MonitorThresholds(_Policy):
         le=1,
         description="Highest share of answers cut off by max_tokens (finish_reason 'length').",
     )
-    max_latency_p95_s: float = Field(default=30.0, gt=0, description="Latency SLO, p95 seconds.")
+    max_ttft_p95_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Optional SLO: p95 time to first token, seconds (streamed calls record it). Empty "
+            "(the default): not checked; the model's speed is watched against its own "
+            "evaluation (drift-seconds-per-token), as the gates compare it with the champion's."
+        ),
+    )
+    max_s_per_token_p95: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Optional SLO: p95 seconds per output token (each call's latency over its completion "
+            "tokens). Empty (the default): not checked."
+        ),
+    )
+    max_latency_p95_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Optional SLO: p95 whole-call latency, seconds; it grows with max_tokens, queueing "
+            "and the machine, not only the model: prefer max_ttft_p95_s and "
+            "max_s_per_token_p95. Empty (the default): not checked."
+        ),
+    )
     max_error_rate: float = Field(
         default=0.05, ge=0, le=1, description="Highest share of failed requests (0-1)."
     )

@@ -238,13 +238,38 @@ def test_drift_checks_need_a_baseline_and_say_so() -> None:
     )
     expectations, skipped = build_expectations(thresholds, baseline)
     by_name = {e.meta["check"]: e for e in expectations}
-    assert not skipped and len(by_name) == 9
+    assert not skipped and len(by_name) == 8  # no latency SLO unless one is set
     assert (
         by_name["drift-completion-tokens"].min_value,
         by_name["drift-completion-tokens"].max_value,
     ) == (20.0, 80.0)
     assert by_name["drift-seconds-per-token"].max_value == pytest.approx(0.02)
     assert all(e.meta["guards_against"] for e in expectations)
+
+
+def test_latency_slos_are_checked_only_when_set_like_the_gates() -> None:
+    from phi3ops.settings import get_settings
+
+    thresholds = get_settings().monitor
+    assert (
+        thresholds.max_latency_p95_s,
+        thresholds.max_ttft_p95_s,
+        thresholds.max_s_per_token_p95,
+    ) == (None, None, None)
+    names = [e.meta["check"] for e in build_expectations(thresholds, None)[0]]
+    assert not [name for name in names if name.endswith("-slo")]
+    slos = thresholds.with_overrides(
+        {"max_ttft_p95_s": 3, "max_s_per_token_p95": 0.5, "max_latency_p95_s": 120}
+    )
+    by_name = {e.meta["check"]: e for e in build_expectations(slos, None)[0]}
+    assert {
+        name: (by_name[name].column, by_name[name].max_value, by_name[name].mostly)
+        for name in ("ttft-p95-slo", "s-per-token-p95-slo", "latency-p95-slo")
+    } == {
+        "ttft-p95-slo": ("ttft_s", 3, 0.95),
+        "s-per-token-p95-slo": ("seconds_per_token", 0.5, 0.95),
+        "latency-p95-slo": ("latency_s", 120, 0.95),
+    }
 
 
 @pytest.mark.parametrize("token", ["<|end|>", "<|assistant|>", "<|user|>", "<|endoftext|>"])
