@@ -28,6 +28,10 @@ from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED
 _ALPHA = 0.2
 #: Share of the machine's physical memory the KV cache may take by default.
 KV_MEMORY_SHARE = 0.25
+#: Predicted seconds one native prefill call may hold the GIL by default (`prefill_chunks`).
+DEFAULT_PREFILL_SLICE_S = 10.0
+#: Fewest prompt tokens per prefill chunk: smaller chunks cost more than they give back.
+MIN_PREFILL_CHUNK = 16
 #: Bytes per KV value: onnxruntime-genai keeps the CPU KV cache in fp32.
 _KV_VALUE_BYTES = 4
 #: The field of a refusal (the exception's, and MLflow's JSON error body) with the seconds a
@@ -152,6 +156,46 @@ def fitting_max_tokens(
         else:
             high = middle - 1
     return low
+
+
+def prefill_s(rates: _Rates, rows: Sequence[tuple[int, int]]) -> float:
+    """Predicted seconds of one batch's prefill: rows x the longest prompt (padded)."""
+    return (rates.prefill_s_per_token or 0.0) * max(prompt for prompt, _ in rows) * len(rows)
+
+
+def prefill_chunks(input_ids: Any, rates: _Rates, slice_s: float | None) -> list[Any]:
+    """``input_ids`` (rows x width) in the pieces onnxruntime-genai's prefill takes them.
+
+    onnxruntime-genai 0.18 holds the GIL through ``append_tokens`` (measured: a thread of
+    the same process gets no turn while a batch's prompt is appended), so one long prefill
+    starves the server's event loop (``/ping``, SIGTERM). One row's prompt is appended in
+    chunks predicted to take about ``slice_s`` each (at least `MIN_PREFILL_CHUNK` tokens),
+    giving other threads a turn between them; the answer is the same. A batch of several rows
+    cannot be chunked (og appends only once at batch size > 1): the batcher keeps its
+    predicted prefill within ``slice_s`` instead (`prefill_s`).
+    """
+    rows, width = input_ids.shape
+    per_token = rates.prefill_s_per_token
+    if rows != 1 or not slice_s or not per_token:
+        return [input_ids]
+    size = max(MIN_PREFILL_CHUNK, int(slice_s / per_token))
+    return [input_ids[:, start : start + size] for start in range(0, width, size)]
+
+
+def prefill_slice_setting(value: Any) -> float | None:
+    """``model_config['prefill_slice_s']`` checked: seconds > 0, or 0 / None for no bound.
+
+    Raises:
+        MlflowException: ``INVALID_PARAMETER_VALUE`` for anything else.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise MlflowException.invalid_parameter_value(
+            f"model_config['prefill_slice_s'] must be a number of seconds >= 0 (0: no bound), "
+            f"got {value!r}"
+        )
+    return float(value) if value and math.isfinite(value) else None
 
 
 def kv_bytes_per_token(genai_config: dict[str, Any]) -> int:

@@ -37,6 +37,7 @@ from phi3_chat.admission import (
     batch_kv_bytes,
     fitting_max_tokens,
     predicted_completion_s,
+    prefill_s,
     refused,
 )
 from phi3_chat.request import _Request, _RowState
@@ -136,6 +137,7 @@ class _Batcher:
         rates: _Rates | None = None,
         kv_per_token: int = 0,
         kv_budget: int | None = None,
+        prefill_slice_s: float | None = None,
     ) -> None:
         self._steps = steps
         self._fits = fits
@@ -145,6 +147,7 @@ class _Batcher:
         self.rates = rates  # None: no admission by speed
         self.kv_per_token = kv_per_token
         self.kv_budget = kv_budget  # None: no KV budget
+        self.prefill_slice_s = prefill_slice_s  # None: a batch's prefill is not bounded
         self._running: tuple[int, int] | None = None  # (rows, steps left) of the running batch
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -323,6 +326,11 @@ class _Batcher:
             while len(jobs) > 1 and (
                 batch_kv_bytes(self.kv_per_token, [_row(job.request) for job in jobs])
                 > self.kv_budget
+            ):
+                jobs.pop()
+        if self.prefill_slice_s and self.rates is not None:  # og holds the GIL in a prefill
+            while len(jobs) > 1 and (
+                prefill_s(self.rates, [_row(job.request) for job in jobs]) > self.prefill_slice_s
             ):
                 jobs.pop()
         taken = set(map(id, jobs))

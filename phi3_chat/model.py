@@ -32,10 +32,13 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.pyfunc import PythonModel, PythonModelContext  # mypy sees mlflow.pyfunc as a LazyLoader
 
 from phi3_chat.admission import (
+    DEFAULT_PREFILL_SLICE_S,
     _Rates,
     default_kv_budget,
     kv_bytes_per_token,
     machine_memory_bytes,
+    prefill_chunks,
+    prefill_slice_setting,
 )
 from phi3_chat.batcher import (
     DEFAULT_BATCH_WAIT_MS,
@@ -160,6 +163,9 @@ class OnnxChatModel(PythonModel):
             if _is_missing(kv_budget)
             else _as_int(kv_budget, "model_config['kv_budget_bytes']", minimum=kv_per_token)
         )
+        self._prefill_slice_s = prefill_slice_setting(  # og holds the GIL in a prefill
+            config.get("prefill_slice_s", DEFAULT_PREFILL_SLICE_S)
+        )
         admission = config.get("admission", True)
         if not isinstance(admission, bool):
             raise _invalid(f"model_config['admission'] must be true or false, got {admission!r}")
@@ -177,6 +183,7 @@ class OnnxChatModel(PythonModel):
             rates=self._rates if admission else None,
             kv_per_token=kv_per_token,
             kv_budget=kv_budget,
+            prefill_slice_s=self._prefill_slice_s,
         )
         self._prompt_format = config.get("prompt_format", "auto")
         if self._prompt_format not in _PROMPT_FORMATS:
@@ -390,7 +397,8 @@ class OnnxChatModel(PythonModel):
         )
         generator = og.Generator(self._model, params)
         started = time.perf_counter()
-        generator.append_tokens(input_ids)
+        for chunk in prefill_chunks(input_ids, self._rates, self._prefill_slice_s):
+            generator.append_tokens(chunk)  # holds the GIL: other threads run between chunks
         self._rates.observe_prefill(input_ids.size, time.perf_counter() - started)
         states = [
             _RowState(request, _IncrementalDecoder(self._tokenizer), self.eos_token_ids)
