@@ -48,6 +48,7 @@ from phi3ops.serving.app import (
     POLL_ENV,
 )
 from phi3ops.serving.follow import MODEL_URI, check_model_uri, download_model
+from phi3ops.serving.model_copies import COPY_PREFIX, claim, reclaim_orphans
 from phi3ops.serving.model_folder import read_mlmodel
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
@@ -221,7 +222,8 @@ def start_server(
     Served from ``models:/<name>@<alias>``, each worker looks at the alias every ``poll_s``
     seconds (default: ``PHI3OPS_SERVE_POLL_S``; 0: never) and switches to the version it moves
     to (`phi3ops.serving.follow`); every version is downloaded under one folder of
-    ``<data dir>/serving``, which `stop_server` removes.
+    ``<data dir>/serving``, which `stop_server` removes (or, after a ``SIGKILL``, the next
+    `start_server`: `phi3ops.serving.model_copies`).
 
     The server gets a session of its own, so `stop_server` can stop uvicorn's workers with it,
     and, on Linux, a ``SIGTERM`` when the calling thread dies (started from the main thread:
@@ -237,7 +239,9 @@ def start_server(
     check_port_free(host, port)
     parent = get_settings().data_dir / "serving"
     parent.mkdir(parents=True, exist_ok=True)
-    download_dir = Path(tempfile.mkdtemp(prefix="model-", dir=parent))
+    reclaim_orphans(parent)  # copies of killed servers (phi3ops.serving.model_copies)
+    download_dir = Path(tempfile.mkdtemp(prefix=COPY_PREFIX, dir=parent))
+    claim(download_dir)
     try:
         served = registered_version(model_uri) if MODEL_URI.match(model_uri) else None
         pinned = f"models:/{served[0]}/{served[1]}" if served else model_uri
@@ -262,6 +266,7 @@ def start_server(
             preexec_fn=_dies_with_this_thread(),
             **popen_kwargs,
         )
+        claim(download_dir, process.pid)
     except BaseException:
         shutil.rmtree(download_dir, ignore_errors=True)
         raise
