@@ -6,8 +6,11 @@ Heavy modules (MLflow, Prefect, great-expectations) are imported inside each com
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -66,13 +69,30 @@ def serve(
             "PHI3OPS_SERVE_POLL_S, 30).",
         ),
     ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="Require 'Authorization: Bearer <key>' on every route but the probes and "
+            "/metrics (PHI3OPS_SERVE_OPEN_PATHS), the key read from the environment variable "
+            "NAME (default: the Prefect Secret block PHI3OPS_SERVE_API_KEY_SECRET, if set; "
+            "else no key).",
+        ),
+    ] = None,
 ) -> None:
     """Serve a registered model over HTTP: MLflow's POST /invocations and OpenAI's
     POST /v1/chat/completions and GET /v1/models.
     """
     from phi3ops.serving import server  # lazy: MLflow
+    from phi3ops.serving.auth import API_KEY_ENV, resolve_api_key
+    from phi3ops.serving.metrics import MULTIPROC_DIR_ENV
 
     def serve_forever() -> int:
+        # The key reaches the workers in their environment, never on a command line.
+        key = resolve_api_key(
+            env_name=api_key_env, secret_block=get_settings().serve_api_key_secret
+        )
+        extra_env = {API_KEY_ENV: key} if key else {}
         uri = model_uri or server.model_uri_for(
             model_name or get_settings().registered_model_name,
             alias=None if version else (alias or CHAMPION_ALIAS),
@@ -88,25 +108,37 @@ def serve(
             )
             if value is not None
         }
-        process = server.start_server(
-            uri,
-            host=host,
-            port=port,
-            workers=workers,
-            timeout_s=timeout,
-            batching=batching,
-            poll_s=poll_interval,
-        )
-        typer.echo(
-            f"Serving {uri} on http://{host}:{port}/invocations and "
-            f"http://{host}:{port}/v1/chat/completions (Ctrl-C stops)"
-        )
+        metrics_dir = None
+        if workers > 1:  # every worker's counters, added up by whichever answers /metrics
+            parent = get_settings().data_dir / "serving"
+            parent.mkdir(parents=True, exist_ok=True)
+            metrics_dir = Path(tempfile.mkdtemp(prefix="metrics-", dir=parent))
+            extra_env[MULTIPROC_DIR_ENV] = str(metrics_dir)
         try:
-            return process.wait()
-        except KeyboardInterrupt:
-            return 0
+            process = server.start_server(
+                uri,
+                host=host,
+                port=port,
+                workers=workers,
+                timeout_s=timeout,
+                batching=batching,
+                poll_s=poll_interval,
+                extra_env=extra_env,
+            )
+            typer.echo(
+                f"Serving {uri} on http://{host}:{port}/invocations and "
+                f"http://{host}:{port}/v1/chat/completions"
+                f"{' (API key required)' if key else ''} (Ctrl-C stops)"
+            )
+            try:
+                return process.wait()
+            except KeyboardInterrupt:
+                return 0
+            finally:
+                server.stop_server(process)
         finally:
-            server.stop_server(process)
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
 
     code = run_job(serve_forever)
     if code:  # the server stopped on its own: it could not start (its output says why) or died

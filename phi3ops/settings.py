@@ -218,6 +218,30 @@ class Settings(BaseSettings):
             "requests. 0: serve the version the alias pointed at on start, and never check."
         ),
     )
+    serve_api_key_secret: str | None = Field(
+        default=None,
+        description=(
+            "Name of a Prefect Secret block holding the API key `phi3ops serve` requires "
+            "(`Authorization: Bearer <key>`); used when --api-key-env is not given. Unset: no "
+            "key, unless --api-key-env names one."
+        ),
+    )
+    serve_open_paths: list[Literal["/ping", "/health", "/ready", "/metrics"]] = Field(
+        default=["/ping", "/health", "/ready", "/metrics"],
+        description=(
+            "Routes answered without the API key when the server requires one (a JSON list); "
+            "every other route needs it. [] puts the probes and /metrics behind the key too."
+        ),
+    )
+    serve_drain_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "Seconds `phi3ops serve` keeps serving after SIGTERM while GET /ready answers 503, "
+            "so a load balancer takes it out of rotation before it stops listening; then it "
+            "drains the requests in flight. A second SIGTERM stops waiting."
+        ),
+    )
     monitor_window_minutes: int = Field(
         default=60, ge=1, description="How far back the monitor reads inference traces."
     )

@@ -344,6 +344,18 @@ def completion_from_events(
     return completion, ttft
 
 
+def answer_usage(body: Any, rows: int) -> tuple[int, int]:
+    """(prompt tokens, completion tokens) of an answer of ``rows`` rows, added up over the
+    rows whose answer carries OpenAI's ``usage`` (either flavor, either route).
+    """
+    prompt = completion = 0
+    for answer in _answers(body, rows):
+        _, _, usage = _answer_fields(answer)
+        prompt += _int(usage.get("prompt_tokens")) or 0
+        completion += _int(usage.get("completion_tokens")) or 0
+    return prompt, completion
+
+
 def _answers(body: Any, n: int) -> list[Any]:
     if isinstance(body, dict) and "predictions" in body:
         predictions = body["predictions"]

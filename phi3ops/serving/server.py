@@ -271,7 +271,8 @@ def start_server(
         shutil.rmtree(download_dir, ignore_errors=True)
         raise
     process.download_dir = download_dir  # type: ignore[attr-defined]  # removed by stop_server
-    process.drain_s = timeout + DRAIN_MARGIN_S  # type: ignore[attr-defined]  # for stop_server
+    # for stop_server: the drain, after serving on for the drain delay (operations.py)
+    process.drain_s = timeout + DRAIN_MARGIN_S + get_settings().serve_drain_delay_s  # type: ignore[attr-defined]
     return process
 
 
