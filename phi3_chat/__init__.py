@@ -33,6 +33,11 @@ The modules, one concern each:
   generated (also the serving layer's validator, for both flavors).
 * `phi3_chat.request`: sampling, a validated request, incremental decoding and a row's state.
 * `phi3_chat.batcher`: concurrent calls share one onnxruntime-genai batch.
+* `phi3_chat.steps`: one batch, step by step (grammar, per-row sampling, logprobs).
+* `phi3_chat.guidance`: ``response_format`` checked and turned into a grammar.
+* `phi3_chat.tools`: tools rendered into the prompt, the answer's grammar, its calls read back.
+* `phi3_chat.sampler`: each row samples on its own (``seed``); the model's own logprobs.
+* `phi3_chat.answers`: a finished row as a ``chat.completion``, a running one as its chunks.
 * `phi3_chat.model`: the pyfunc, `OnnxChatModel`.
 * `phi3_chat.models_from_code`: the entry MLflow logs as ``python_model``.
 

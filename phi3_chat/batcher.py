@@ -2,9 +2,10 @@
 
 ``predict`` and ``predict_stream`` calls from many threads (MLflow's scoring server, phi3ops'
 server and evaluation all call from thread pools) queue their validated rows with the model's
-batcher; one engine thread runs waiting rows with equal sampling (greedy rows always match) as
-one onnxruntime-genai batch, waiting ``batch_wait_ms`` for company, and hands every call its own
-answers or stream pieces; a greedy answer is token for token the one the request gets alone.
+batcher; one engine thread runs waiting rows with the same grammar (or none; sampling and seeds
+may differ: each row samples on its own, `phi3_chat.sampler`) as one onnxruntime-genai batch,
+waiting ``batch_wait_ms`` for company, and hands every call its own answers or stream pieces;
+a greedy answer is token for token the one the request gets alone.
 Overload is refused, not queued without end: with ``max_queue`` calls waiting, another gets
 ``RESOURCE_EXHAUSTED`` (HTTP 429) at once; a call past its timeout (``params['timeout_s']``,
 else ``model_config['request_timeout_s']``) is cancelled with ``DEADLINE_EXCEEDED`` (HTTP 504);
@@ -67,8 +68,9 @@ def _deadline_exceeded(timeout_s: float) -> MlflowException:
 class _Ticket:
     """One predict or predict_stream call, from the caller's side, while the engine serves it.
 
-    The engine puts ``("text", piece)`` (streams only), ``("row", position, state)`` once a row
-    is finished, or ``("error", exception)`` on `events`; the caller takes them with `next`.
+    The engine puts ``("text", piece, state)`` (streams only), ``("row", position, state)``
+    once a row is finished, or ``("error", exception)`` on `events`; the caller takes them with
+    `next`.
     """
 
     def __init__(self, requests: list[_Request], *, timeout_s: float, stream: bool) -> None:
@@ -117,13 +119,13 @@ class _Batcher:
     """The one owner of the state concurrent calls share: a bounded queue and an engine thread.
 
     Callers `submit` their validated rows and wait on the `_Ticket` they get. The engine thread
-    takes the oldest waiting row and every waiting row with the same sampling (greedy rows
-    always match), up to ``max_batch_size``, waiting up to ``wait_s`` (after the oldest arrived
-    or the engine got free) for more to come, and runs them as one onnxruntime-genai batch to
-    its end (static batching: rows that arrive meanwhile wait for the next batch). A row whose
-    caller is gone (a closed stream, a passed deadline) is cancelled: it stops taking tokens
-    and the batch ends as soon as no live row is left. The thread starts with the first
-    request and ends after ``_ENGINE_IDLE_S`` with nothing to do.
+    takes the oldest waiting row and every waiting row with the same grammar (or none; a grammar
+    that ends only when the model stops runs alone), up to ``max_batch_size``, waiting up to
+    ``wait_s`` (after the oldest arrived or the engine got free) for more to come, and runs them
+    as one onnxruntime-genai batch to its end (static batching: rows that arrive meanwhile wait
+    for the next batch). A row whose caller is gone (a closed stream, a passed deadline) is
+    cancelled: it stops taking tokens and the batch ends as soon as no live row is left. The
+    thread starts with the first request and ends after ``_ENGINE_IDLE_S`` with nothing to do.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class _Batcher:
         self.kv_budget = kv_budget  # None: no KV budget
         self.prefill_slice_s = prefill_slice_s  # None: a batch's prefill is not bounded
         self._running: tuple[int, int] | None = None  # (rows, steps left) of the running batch
+        self._last_batch_size = 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[_Job] = deque()
@@ -298,6 +301,28 @@ class _Batcher:
                 self._thread = None
             raise
 
+    def _company(self, first: _Job) -> list[_Job]:
+        """The waiting rows that may share ``first``'s batch (holding the lock): every row with
+        its grammar (rows without one all match, whatever their sampling or seed: each samples
+        on its own); a grammar that ends only when the model stops runs alone.
+        """
+        group = first.request.group
+        if group is not None and group.alone:
+            return [first]
+        return [job for job in self._waiting if job.request.group == group]
+
+    def load_stats(self) -> dict[str, int]:
+        """``queue_depth`` (requests waiting), ``running_rows`` (rows of the batch decoding
+        now) and ``last_batch_size`` (rows of the latest batch started); cheap, thread-safe.
+        """
+        with self._lock:
+            running = self._running[0] if self._running is not None else 0
+            return {
+                "queue_depth": self._queued,
+                "running_rows": running,
+                "last_batch_size": self._last_batch_size,
+            }
+
     def _next_jobs(self) -> list[_Job] | None:
         """The next batch (holding the lock), or None after ``_ENGINE_IDLE_S`` with no work.
 
@@ -316,7 +341,7 @@ class _Batcher:
                 self._wake.wait(idle_until - now)
                 continue
             first = self._waiting[0]
-            jobs = [job for job in self._waiting if job.request.sampling == first.request.sampling]
+            jobs = self._company(first)
             window = max(first.arrived, free_since) + self.wait_s - now
             if len(jobs) >= self.max_batch_size or window <= 0:
                 break
@@ -348,6 +373,7 @@ class _Batcher:
             steps = max(job.request.max_tokens for job in group)
             with self._lock:
                 self._running = (len(group), steps)
+                self._last_batch_size = len(group)
             try:
                 for states in self._steps([job.request for job in group]):
                     steps -= 1
@@ -364,7 +390,7 @@ class _Batcher:
                         if job.ticket.stream:
                             piece = state.take_stream_text()
                             if piece:
-                                job.ticket.events.put(("text", piece))
+                                job.ticket.events.put(("text", piece, state))
                         if state.done:
                             job.ticket.events.put(("row", job.position, state))
                             delivered.add(index)

@@ -3,8 +3,11 @@
 Each input row is one request, in one of two shapes:
 
 * chat, as in MLflow's ``llm/v1/chat``: ``messages`` (a list of ``{role, content}``) with
-  optional ``temperature``, ``max_tokens``, ``top_p``, ``top_k``, ``stop``, ``n`` (only 1) and
-  ``stream`` (ignored by ``predict``). The answer is a ``chat.completion`` dict.
+  optional ``temperature``, ``max_tokens``, ``top_p``, ``top_k``, ``stop``, ``n`` (only 1),
+  ``stream`` (ignored by ``predict``), ``response_format`` (structured outputs:
+  `phi3_chat.guidance`), ``tools`` / ``tool_choice`` / ``parallel_tool_calls``
+  (`phi3_chat.tools`), ``seed`` and ``logprobs`` / ``top_logprobs`` (`phi3_chat.sampler`). The
+  answer is a ``chat.completion`` dict (`phi3_chat.answers`).
 * prompt, as in the original Phi-3 MLflow sample (``{"prompt": "..."}``), with the same
   optional generation fields. The answer is the generated string. A prompt that already holds
   the model's chat markers (that sample's callers wrote ``<|user|>...<|end|><|assistant|>``
@@ -12,13 +15,12 @@ Each input row is one request, in one of two shapes:
   (``model_config["prompt_format"]``: ``auto``, the default, or always ``chat`` / ``raw``).
 
 How requests are checked is `phi3_chat.validate`'s business; how concurrent calls share
-batches, `phi3_chat.batcher`'s; what the model folder may hold, `phi3_chat.folder`'s.
+batches, `phi3_chat.batcher`'s; how one batch steps, `phi3_chat.steps`'; what the model folder
+may hold, `phi3_chat.folder`'s.
 """
 
 import json
 import os
-import time
-import uuid
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -37,9 +39,9 @@ from phi3_chat.admission import (
     default_kv_budget,
     kv_bytes_per_token,
     machine_memory_bytes,
-    prefill_chunks,
     prefill_slice_setting,
 )
+from phi3_chat.answers import StreamWriter, chat_answer
 from phi3_chat.batcher import (
     DEFAULT_BATCH_WAIT_MS,
     DEFAULT_MAX_BATCH_SIZE,
@@ -48,9 +50,11 @@ from phi3_chat.batcher import (
     _Ticket,
 )
 from phi3_chat.folder import model_folder_problems, usable_context
-from phi3_chat.request import _IncrementalDecoder, _Request, _RowState, _Sampling
+from phi3_chat.request import _Request, _RowState, _Sampling
+from phi3_chat.steps import GrammarCache, batch_steps, guidance_problem
 from phi3_chat.validate import (
     _GENERATION_FIELDS,
+    FEATURE_FIELDS,
     _as_int,
     _as_milliseconds,
     _as_timeout,
@@ -85,10 +89,17 @@ class OnnxChatModel(PythonModel):
     ``load_context`` loads the ONNX model and its tokenizer once and creates the `_Batcher`,
     the one owner of what concurrent calls share: ``predict`` and ``predict_stream`` calls from
     any number of threads (MLflow's scoring server, phi3ops' server, evaluation) validate their
-    rows in their own thread, then queue them; one engine thread runs waiting rows with equal
-    sampling as one onnxruntime-genai batch and hands each call its own rows or stream pieces.
+    rows in their own thread, then queue them; one engine thread runs waiting rows with the same
+    grammar (or none) as one onnxruntime-genai batch and hands each call its own rows or stream
+    pieces.
     A greedy answer is token for token the one the request gets alone.
+
+    ``chat_features`` names the request fields beyond MLflow's chat columns it honours
+    (`phi3_chat.validate.FEATURE_FIELDS`); the serving layer refuses the others, and every
+    one of them for a model without this attribute.
     """
+
+    chat_features: frozenset[str] = frozenset(FEATURE_FIELDS)
 
     def load_context(self, context: PythonModelContext) -> None:
         """Loads the ONNX model, tokenizer and generation defaults.
@@ -105,7 +116,9 @@ class OnnxChatModel(PythonModel):
                 refuse at once what the measured speed cannot finish in time; a tiny warm-up
                 at load seeds the rates) and ``kv_budget_bytes`` (the KV cache a batch may
                 take; default: the full batch at full context, at most a quarter of the
-                machine's memory).
+                machine's memory), ``structured_outputs`` (default true: check at load that
+                onnxruntime-genai really constrains decoding, and fail loudly when it does not;
+                false serves without ``response_format`` and ``tools``, refused with a 400).
 
         Raises:
             MlflowException: The artifact is missing, holds a file or ``genai_config.json``
@@ -191,6 +204,31 @@ class OnnxChatModel(PythonModel):
                 f"model_config['prompt_format'] must be one of {', '.join(_PROMPT_FORMATS)}, "
                 f"got {self._prompt_format!r}"
             )
+        self._grammars = GrammarCache(self._model)
+        # Fed to rows that finished their constrained value while their batch goes on.
+        self._filler_token_id = int(self._tokenizer.encode("x")[-1])
+        structured = config.get("structured_outputs", True)
+        if not isinstance(structured, bool):
+            raise _invalid(
+                f"model_config['structured_outputs'] must be true or false, got {structured!r}"
+            )
+        if structured:
+            problem = guidance_problem(self._constrained_answer)
+            if problem is not None:
+                raise MlflowException(
+                    f"onnxruntime-genai {og.__version__} here does not constrain decoding "
+                    f"({problem}), so response_format and tools cannot be honoured. Install a "
+                    "build with guidance (the CPU wheel of onnxruntime-genai 0.18 has it), or "
+                    "log the model with model_config={'structured_outputs': False} to serve "
+                    "it without them."
+                )
+        else:
+            self.chat_features = self.chat_features - {
+                "response_format",
+                "tools",
+                "tool_choice",
+                "parallel_tool_calls",
+            }
         # What opens a user turn in this model's own template (e.g. "<|user|>"): a prompt that
         # already holds it was formatted by the caller.
         rendered = self._render([{"role": "user", "content": _SENTINEL}])
@@ -319,9 +357,22 @@ class OnnxChatModel(PythonModel):
     ) -> _Request:
         own, messages = validated_row(row, where)
         settings = {**self._defaults, **shared, **own}
+        for name in FEATURE_FIELDS:
+            if name in row and name not in self.chat_features:
+                raise _invalid(
+                    f"{where}{name} is not supported: this model was loaded without structured "
+                    "outputs (model_config['structured_outputs'] is false)"
+                )
+        tools = settings.get("tools")
+        guidance = tools.guidance() if tools is not None else settings.get("guidance")
+        if guidance is not None:
+            problem = self._grammars.problem(guidance)
+            if problem is not None:
+                what = "tools" if tools is not None else "response_format"
+                raise _invalid(f"{where}{what}: the grammar cannot be built: {problem}")
         if messages is not None:
             shape, field_name = "chat", "messages"
-            text = self._render(messages)
+            text = self._render(tools.render(messages) if tools is not None else messages)
         else:
             shape, field_name = "prompt", "prompt"
             prompt = row["prompt"]
@@ -352,6 +403,7 @@ class OnnxChatModel(PythonModel):
             temperature=temperature if temperature > 0 else 0.0,
             top_p=settings.get("top_p", 1.0) if temperature > 0 else 1.0,
             top_k=settings.get("top_k", 0) if temperature > 0 else 0,
+            seed=settings.get("seed"),
         )
         return _Request(
             index=index,
@@ -360,9 +412,12 @@ class OnnxChatModel(PythonModel):
             max_tokens=max_tokens,
             stop=settings.get("stop", ()),
             sampling=sampling,
+            guidance=guidance,
+            logprobs=settings.get("logprobs"),
+            tools=tools,
         )
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
+    def _render(self, messages: list[dict[str, Any]]) -> str:
         # The model's own chat template (tokenizer_config.json), never a hand-written one.
         return self._tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
 
@@ -382,77 +437,57 @@ class OnnxChatModel(PythonModel):
         return width + max(request.max_tokens for request in batch) <= self.context_length
 
     def _steps(self, batch: list[_Request]) -> Iterator[list[_RowState]]:
-        """Generates a batch of requests with equal sampling; yields the rows after each token."""
-        width = max(len(request.input_ids) for request in batch)
-        # og 0.18 pads on the right with pad_token_id and masks those positions itself
-        # (left padding changes the answers); batch_size must equal the number of rows.
-        input_ids = np.full((len(batch), width), self._pad_token_id, dtype=np.int32)
-        for row, request in enumerate(batch):
-            input_ids[row, : len(request.input_ids)] = request.input_ids
-        params = og.GeneratorParams(self._model)
-        params.set_search_options(
-            batch_size=len(batch),
-            max_length=width + max(request.max_tokens for request in batch),
-            **batch[0].sampling.search_options(),
+        """Generates a batch of requests (one grammar, or none); yields the rows after each
+        token (`phi3_chat.steps.batch_steps`).
+        """
+        return batch_steps(
+            self._model,
+            self._tokenizer,
+            batch,
+            pad_token_id=self._pad_token_id,
+            eos_token_ids=self.eos_token_ids,
+            filler_token_id=self._filler_token_id,
+            rates=self._rates,
+            prefill_slice_s=self._prefill_slice_s,
         )
+
+    def _constrained_answer(self, kind: str, data: str) -> str:
+        """A short answer to "Hi" under a grammar: the engine check at load."""
+        params = og.GeneratorParams(self._model)
+        prompt = self._render([{"role": "user", "content": "Hi"}])
+        ids = np.asarray(self._tokenizer.encode(prompt), dtype=np.int32)
+        params.set_search_options(batch_size=1, max_length=len(ids) + 4, do_sample=False)
+        params.set_guidance(kind, data)
         generator = og.Generator(self._model, params)
-        started = time.perf_counter()
-        for chunk in prefill_chunks(input_ids, self._rates, self._prefill_slice_s):
-            generator.append_tokens(chunk)  # holds the GIL: other threads run between chunks
-        self._rates.observe_prefill(input_ids.size, time.perf_counter() - started)
-        states = [
-            _RowState(request, _IncrementalDecoder(self._tokenizer), self.eos_token_ids)
-            for request in batch
-        ]
-        while not generator.is_done() and not all(state.done for state in states):
-            started = time.perf_counter()
+        generator.append_tokens(ids[None, :])
+        tokens: list[int] = []
+        while not generator.is_done():
             generator.generate_next_token()
-            self._rates.observe_step(len(batch), time.perf_counter() - started)
-            for state, token in zip(states, generator.get_next_tokens(), strict=True):
-                if not state.done:
-                    state.add(int(token))
-            yield states
-        for state in states:
-            state.end()
-        yield states
+            token = int(generator.get_next_tokens()[0])
+            if token in self.eos_token_ids:
+                break
+            tokens.append(token)
+        return str(self._tokenizer.decode(np.asarray(tokens, dtype=np.int32)))
+
+    def load_stats(self) -> dict[str, int]:
+        """What the batcher holds now: ``queue_depth`` (requests waiting), ``running_rows``
+        (rows of the batch decoding now) and ``last_batch_size``. Cheap and thread-safe.
+        """
+        return self._batcher.load_stats()
 
     # --- output -----------------------------------------------------------------------------
 
     def _answer(self, state: _RowState) -> dict[str, Any] | str:
         if state.request.shape == "prompt":
             return state.text
-        prompt_tokens = len(state.request.input_ids)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": state.text},
-                    "finish_reason": state.finish_reason,
-                }
-            ],
-            "usage": _usage(prompt_tokens, state.completion_tokens),
-        }
+        return chat_answer(state, model_name=self.model_name, tokenizer=self._tokenizer)
 
     def _stream(self, request: _Request, ticket: _Ticket) -> Iterator[dict[str, Any] | str]:
         chat = request.shape == "chat"
-        chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
-            return {
-                "id": chunk_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": self.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-            }
-
+        writer = StreamWriter(request, model_name=self.model_name, tokenizer=self._tokenizer)
         try:
             if chat:
-                yield chunk({"role": "assistant", "content": ""})
+                yield writer.first()
             while True:
                 event = ticket.next()
                 if event[0] == "error":
@@ -460,18 +495,11 @@ class OnnxChatModel(PythonModel):
                 if event[0] == "row":
                     state = event[2]
                     break
-                yield chunk({"content": event[1]}) if chat else event[1]
+                if chat:
+                    yield from writer.text(event[1], event[2] if len(event) > 2 else None)
+                else:
+                    yield event[1]
             if chat:
-                last = chunk({}, state.finish_reason)
-                last["usage"] = _usage(len(request.input_ids), state.completion_tokens)
-                yield last
+                yield from writer.last(state)
         finally:  # a consumer that stops early (GeneratorExit) frees the row's batch slot
             self._batcher.cancel(ticket)
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }

@@ -8,28 +8,35 @@ from typing import Any
 import numpy as np
 import onnxruntime_genai as og
 
+from phi3_chat.guidance import EndTracker, Guidance
+from phi3_chat.sampler import RowSampler
+
 _REPLACEMENT_CHAR = "\ufffd"
 
 
 @dataclass(frozen=True)
 class _Sampling:
-    """How the next token is picked; rows with equal sampling can share one generator."""
+    """How the next token is picked. Every row samples on its own (`phi3_chat.sampler`), so
+    rows with any sampling share batches; ``seed`` makes a row's samples repeat.
+    """
 
     do_sample: bool
     temperature: float
     top_p: float
     top_k: int
+    seed: int | None = None
 
     def search_options(self) -> dict[str, Any]:
+        # The generator is always greedy: sampled rows write their own noisy logits.
+        return {"do_sample": False}
+
+    def sampler(self) -> RowSampler | None:
+        """This row's own sampler; None for a greedy row."""
         if not self.do_sample:
-            return {"do_sample": False}
-        # top_k 0 turns the top-k filter off; without it genai_config's default would apply.
-        return {
-            "do_sample": True,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-        }
+            return None
+        return RowSampler.of(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed
+        )
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,14 @@ class _Request:
     max_tokens: int
     stop: tuple[str, ...]
     sampling: _Sampling
+    guidance: Guidance | None = None  # the grammar its answer follows (rows share it to batch)
+    logprobs: int | None = None  # None: no logprobs; else how many top_logprobs per token
+    tools: Any = None  # the request's tool set (`phi3_chat.tools.ToolSet`), if it has one
+
+    @property
+    def group(self) -> Guidance | None:
+        """What rows must share to run in one batch: their grammar (None: free text)."""
+        return self.guidance
 
 
 class _IncrementalDecoder:
@@ -121,10 +136,18 @@ class _RowState:
     completion_tokens: int = 0
     finish_reason: str | None = None
     streamed: int = 0  # characters of text already handed to a stream
+    #: Per generated token, when logprobs were asked for: (token, logprob, [(token, logprob)]).
+    token_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    sampler: RowSampler | None = None
     _longest_stop: int = field(init=False, default=0)
+    _end: EndTracker | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self._longest_stop = max((len(stop) for stop in self.request.stop), default=0)
+        if self.sampler is None:
+            self.sampler = self.request.sampling.sampler()
+        if self.request.guidance is not None:
+            self._end = self.request.guidance.tracker()
 
     @property
     def done(self) -> bool:
@@ -135,7 +158,13 @@ class _RowState:
         if token in self.eos_token_ids:
             self._finish("stop")
         else:
+            before = len(self.text)
             self._append(self.decoder.push(token))
+            if self._end is not None and not self.done:
+                end = self._end.feed(self.text[before:])
+                if end is not None:  # the value is whole: what the token added past it goes
+                    self.text = self.text[:end]
+                    self.finish_reason = "stop"
             if self.completion_tokens >= self.request.max_tokens:
                 self._finish("length")
 

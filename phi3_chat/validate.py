@@ -19,11 +19,38 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-__all__ = ["ALLOWED_ROLES", "MAX_CHARS", "MAX_MESSAGES", "validated_params", "validated_row"]
+from phi3_chat.guidance import response_format_guidance
+from phi3_chat.tools import validated_tool_fields
 
-#: Roles the Phi-3 chat template renders; any other role would be dropped silently by it.
-ALLOWED_ROLES = ("system", "user", "assistant")
+__all__ = [
+    "ALLOWED_ROLES",
+    "FEATURE_FIELDS",
+    "MAX_CHARS",
+    "MAX_MESSAGES",
+    "MAX_TOP_LOGPROBS",
+    "validated_params",
+    "validated_row",
+]
+
+#: Roles a request may send: the ones the Phi-3 chat template renders, ``developer`` (what
+#: current OpenAI clients send for ``system``; taken as ``system``) and ``tool`` (a tool's
+#: result, rendered into a user turn by `phi3_chat.tools`).
+ALLOWED_ROLES = ("system", "developer", "user", "assistant", "tool")
+_ROLE_AS = {"developer": "system"}
 _GENERATION_FIELDS = ("temperature", "max_tokens", "top_p", "top_k", "stop")
+#: Row fields beyond MLflow's chat columns: structured outputs, tools, seed, logprobs. A model
+#: says which it honours (``OnnxChatModel.chat_features``); the serving layer refuses the rest.
+FEATURE_FIELDS = (
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+)
+#: Most alternatives per token ``top_logprobs`` may ask for.
+MAX_TOP_LOGPROBS = 5
 #: Most messages one request may hold, checked before any template is rendered or token made.
 #: Each message takes at least four tokens of Phi-3's template (role marker, newline, content,
 #: ``<|end|>``), so more than 1,024 cannot fit a 4k context; chats do not run to thousands of
@@ -129,7 +156,7 @@ def _validated_setting(name: str, value: Any, label: str) -> Any:
     return _as_stop(value, label)
 
 
-def _validated_messages(value: Any, where: str) -> list[dict[str, str]]:
+def _validated_messages(value: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(value, str | Mapping) or not isinstance(value, Sequence | np.ndarray):
         raise _invalid(f"{where}messages must be a list of {{role, content}} objects")
     if len(value) == 0:
@@ -147,14 +174,29 @@ def _validated_messages(value: Any, where: str) -> list[dict[str, str]]:
         role, content = message.get("role"), message.get("content")
         if role not in ALLOWED_ROLES:
             raise _invalid(f"{label}.role must be one of {', '.join(ALLOWED_ROLES)}, got {role!r}")
+        calls = message.get("tool_calls")
+        if _is_missing(calls) or (isinstance(calls, Sized) and len(calls) == 0):
+            calls = None
+        if role == "assistant" and calls is not None and _is_missing(content):
+            content = ""  # an assistant turn that only called tools
         if _is_missing(content) or not isinstance(content, str):
             raise _invalid(f"{label}.content must be a string, got {content!r}")
-        if not content.strip():
+        if not content.strip() and calls is None:
             raise _invalid(f"{label}.content is empty: send the text of the message")
         chars += len(content)
         if chars > MAX_CHARS:
             raise _invalid(_too_long(f"{where}messages"))
-        messages.append({"role": role, "content": content})
+        kept: dict[str, Any] = {"role": _ROLE_AS.get(role, role), "content": content}
+        if calls is not None:
+            if role != "assistant":
+                raise _invalid(f"{label}.tool_calls: only assistant messages carry tool calls")
+            kept["tool_calls"] = calls
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise _invalid(f"{label}.tool_call_id must name the call this result answers")
+            kept["tool_call_id"] = call_id
+        messages.append(kept)
     return messages
 
 
@@ -186,9 +228,14 @@ def validated_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def validated_row(
     row: Mapping[str, Any], where: str = ""
-) -> tuple[dict[str, Any], list[dict[str, str]] | None]:
+) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
     """One request row's own generation settings and its messages (None for a prompt row),
-    checked in this order: messages or prompt, ``n``, ``stream``, the settings, the messages.
+    checked in this order: messages or prompt, ``n``, ``stream``, the settings, the features
+    (`FEATURE_FIELDS`), the messages.
+
+    The settings also hold what the features ask for: ``guidance`` (the grammar of
+    ``response_format``, `phi3_chat.guidance`), ``seed``, ``logprobs`` (how many
+    ``top_logprobs``, when ``logprobs`` is true) and ``tools`` (`phi3_chat.tools.ToolSet`).
 
     Also the serving layer's check of either flavor's requests: one validator for both.
 
@@ -219,8 +266,62 @@ def validated_row(
         for name in _GENERATION_FIELDS
         if name in row
     }
+    settings.update(_validated_features(row, where))
     messages = _validated_messages(row["messages"], where) if has_messages else None
+    if messages is not None:
+        tools = settings.get("tools")
+        if tools is not None:
+            tools.check_history(messages, where)
+        elif any(message["role"] == "tool" or "tool_calls" in message for message in messages):
+            raise _invalid(
+                f"{where}messages hold tool calls or tool results, but the request has no tools: "
+                "send the tools the conversation used"
+            )
+    elif any(name in settings for name in ("guidance", "tools")):
+        raise _invalid(f"{where}prompt: response_format and tools need a chat request (messages)")
     return settings, messages
+
+
+def _validated_features(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """What the row's `FEATURE_FIELDS` ask for (see `validated_row`)."""
+    out: dict[str, Any] = {}
+    if "seed" in row:
+        seed = row["seed"]
+        # Whole floats pass: pandas turns an int column with a missing value into float64.
+        whole = not isinstance(seed, bool | np.bool_) and (
+            isinstance(seed, numbers.Integral)
+            or (isinstance(seed, numbers.Real) and math.isfinite(seed) and float(seed).is_integer())
+        )
+        if not whole or not -(2**63) <= int(seed) < 2**63:
+            raise _invalid(f"{where}seed must be a 64-bit integer, got {seed!r}")
+        out["seed"] = int(seed)
+    wants = row.get("logprobs", False)
+    if not isinstance(wants, bool | np.bool_):
+        raise _invalid(f"{where}logprobs must be true or false, got {wants!r}")
+    if "top_logprobs" in row:
+        top = _as_int(row["top_logprobs"], f"{where}top_logprobs", minimum=0)
+        if top > MAX_TOP_LOGPROBS:
+            raise _invalid(
+                f"{where}top_logprobs must be at most {MAX_TOP_LOGPROBS}, "
+                f"got {row['top_logprobs']!r}"
+            )
+        if not wants:
+            raise _invalid(f"{where}top_logprobs needs logprobs: true")
+    if wants:
+        out["logprobs"] = int(row.get("top_logprobs", 0))
+    if "response_format" in row:
+        guidance = response_format_guidance(row["response_format"], where)
+        if guidance is not None:
+            out["guidance"] = guidance
+    tools = validated_tool_fields(row, where)
+    if tools is not None:
+        if "guidance" in out and tools.calls_possible:
+            raise _invalid(
+                f"{where}response_format: a JSON answer and tool calls exclude each other; send "
+                'tool_choice: "none" or no response_format'
+            )
+        out["tools"] = tools
+    return out
 
 
 def _rows(model_input: Any) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from phi3_chat.folder import usable_context
+from phi3ops.serving.validate import transformers_problem
 
 
 class TransformersContextLimit:
@@ -40,6 +41,9 @@ class TransformersContextLimit:
         messages = request.get("messages") if isinstance(request, dict) else None
         if not isinstance(messages, list):
             return None  # not a chat request: MLflow's schema check answers it
+        refused = transformers_problem(request)  # what MLflow's transformers pyfunc cannot do
+        if refused:
+            return refused
         for i, message in enumerate(messages):
             # MLflow's transformers predict fails with a 500 on these; they are the caller's.
             if not isinstance(message, dict) or not isinstance(message.get("content"), str):

@@ -36,7 +36,7 @@ from phi3ops.serving.exchange import (
     stream_refusal,
 )
 from phi3ops.serving.request import ASGIApp, Message, ParsedRequest, Receive, Scope, Send
-from phi3ops.serving.validate import quiet_reason
+from phi3ops.serving.validate import FEATURE_FIELDS, feature_problem, model_features, quiet_reason
 
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
 MODELS_PATH = "/v1/models"
@@ -44,13 +44,8 @@ MODELS_PATH = "/v1/models"
 Problem = tuple[int, str, str] | None
 #: Request fields that change the answer in ways this server cannot honour (value: what is fine).
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "functions": ([],),
+    "functions": ([],),  # OpenAI's deprecated form of tools: send tools
     "function_call": ("none",),
-    "response_format": ({"type": "text"},),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
     "logit_bias": ({},),
     "presence_penalty": (0,),
     "frequency_penalty": (0,),
@@ -65,14 +60,25 @@ _ERROR_TYPES = {
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
-_FIELDS = ("messages", "max_tokens", "temperature", "top_p", "stop", "n", "stream", "model")
+#: Request fields an error's ``param`` may name (the field its message starts with).
+_FIELDS = frozenset(
+    {
+        "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+        "stop", "n", "stream", "stream_options", "model", "user", "prompt",
+        *FEATURE_FIELDS, *_UNSUPPORTED,
+    }
+)  # fmt: skip
+#: ``param`` of a 400 about the body as a whole (not JSON, not an object, too deep...).
+BODY_PARAM = "body"
 _PARAM = re.compile(r"^(?:request\[\d+\]\.)?(?:params\[')?([a-z_]+)")
 _MLFLOW_PREFIX = re.compile(r"^Failed to predict data .*?\nError: ", re.DOTALL)
 _LOCAL_PATH = re.compile(r"^(?:[/~\\]|\.{1,2}[/\\]|[A-Za-z]:[/\\]|file:)")
 
 
 class RequestProblem(Exception):
-    """A chat completion request the server refuses before any model sees it."""
+    """A chat completion request the server refuses before any model sees it; its message
+    starts with the field it is about (the error's ``param``).
+    """
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -147,7 +153,8 @@ def is_local_path(value: str) -> bool:
 
 
 def error_body(status: int, message: str, *, code: str | None = None) -> dict[str, Any]:
-    """An error in OpenAI's shape; ``param`` is the request field the message starts with.
+    """An error in OpenAI's shape; ``param`` is the request field the message starts with, and
+    every 400 has one: `BODY_PARAM` when the message is about the body as a whole.
 
     Args:
         status: The HTTP status.
@@ -159,6 +166,8 @@ def error_body(status: int, message: str, *, code: str | None = None) -> dict[st
     """
     match = _PARAM.match(message)
     param = match.group(1) if match and match.group(1) in _FIELDS else None
+    if param is None and status == 400:
+        param = BODY_PARAM
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     if status == TIMEOUT_STATUS:
         kind = "timeout"
@@ -176,8 +185,9 @@ def chat_row(payload: Any, served: ServedModel) -> tuple[dict[str, Any], bool, b
     """The chat row a chat completion request asks for, as both flavors take it.
 
     ``max_completion_tokens`` becomes ``max_tokens``, a single ``stop`` string a list, text
-    content parts one string; ``seed`` and ``user`` are checked and dropped (sampling here
-    takes no seed). The fields the model reads are left for the shared validator.
+    content parts one string, the ``developer`` role ``system``; ``user`` is checked and
+    dropped. Structured outputs, tools, ``seed`` and logprobs (`FEATURE_FIELDS`) go to the
+    model, which checks them with the shared validator, as it does every field it reads.
 
     Args:
         payload: The parsed request body.
@@ -204,10 +214,12 @@ def chat_row(payload: Any, served: ServedModel) -> tuple[dict[str, Any], bool, b
     for name, fine in _UNSUPPORTED.items():
         if name in body and body[name] not in fine:
             raise _bad(f"{name} is not supported by this server; send the request without it")
-    for name, kind in (("seed", int), ("user", str)):
-        if name in body and (isinstance(body[name], bool) or not isinstance(body[name], kind)):
-            raise _bad(f"{name} must be {'an integer' if kind is int else 'a string'}")
+    if "user" in body and not isinstance(body["user"], str):
+        raise _bad("user must be a string")
     row: dict[str, Any] = {"messages": _messages(body["messages"])}
+    for name in FEATURE_FIELDS:
+        if name in body:
+            row[name] = body[name]
     if "max_completion_tokens" in body:
         if "max_tokens" in body and body["max_tokens"] != body["max_completion_tokens"]:
             raise _bad("max_tokens and max_completion_tokens differ; send one of them")
@@ -231,7 +243,8 @@ def chat_row(payload: Any, served: ServedModel) -> tuple[dict[str, Any], bool, b
 
 def _messages(messages: Any) -> Any:
     """``messages`` with text content parts joined into one string (others left for the
-    validator to refuse) and only role and content kept.
+    validator to refuse), ``developer`` as ``system``, and only role, content, tool calls and
+    the tool call a result answers kept.
     """
     if not isinstance(messages, list):
         return messages
@@ -245,7 +258,13 @@ def _messages(messages: Any) -> Any:
             isinstance(part, Mapping) and part.get("type") == "text" for part in content
         ):
             content = "".join(str(part.get("text", "")) for part in content)
-        kept = {"role": message.get("role"), "content": content}
+        role = message.get("role")
+        kept = {
+            "role": "system" if role == "developer" else role,
+            "content": content,
+            "tool_calls": message.get("tool_calls"),
+            "tool_call_id": message.get("tool_call_id"),
+        }
         out.append({key: value for key, value in kept.items() if key in message})
     return out
 
@@ -302,6 +321,12 @@ class ChatCompletions:
         except RequestProblem as exc:
             await self.refuse(exchange, exc.status, exc.code, exc.message)
             return
+        features = model_features(self.model)
+        refused = feature_problem(row, features)
+        if refused:
+            await self.refuse(exchange, 400, "INVALID_PARAMETER_VALUE", refused)
+            return
+        row = {k: v for k, v in row.items() if k not in FEATURE_FIELDS or k in features}
         problem = self.problem(row, [row])
         if problem:
             await self.refuse(exchange, *problem)

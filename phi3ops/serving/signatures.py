@@ -44,6 +44,7 @@ from typing import Any
 from mlflow.models import ModelSignature
 from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA
 from mlflow.types.schema import (
+    AnyType,
     Array,
     ColSpec,
     DataType,
@@ -59,6 +60,7 @@ import phi3_chat
 __all__ = [
     "CHAT_COLUMNS",
     "CHAT_INPUT_EXAMPLE",
+    "FEATURE_COLUMNS",
     "MODEL_DIR_ARTIFACT",
     "MODEL_ENTRY_FILE",
     "MODEL_PACKAGE_DIR",
@@ -80,8 +82,20 @@ MODEL_ENTRY_FILE = MODEL_PACKAGE_DIR / "models_from_code.py"
 MODEL_DIR_ARTIFACT = "model_dir"
 #: The ``llm/v1/chat`` columns the model supports, in MLflow's order.
 CHAT_COLUMNS = ("messages", "temperature", "max_tokens", "stop", "n", "stream", "top_p", "top_k")
-# Message fields kept from the chat schema: tool calls are not supported, `name` is ignored.
-_MESSAGE_FIELDS = ("role", "content", "name")
+# Message fields kept from the chat schema (`name` is ignored; tool calls and results feed the
+# tools template, `phi3_chat.tools`).
+_MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")
+#: Request fields beyond the chat columns (structured outputs, tools, seed, logprobs): any JSON,
+#: checked by the model's own validator (`phi3_chat.validate.FEATURE_FIELDS`).
+FEATURE_COLUMNS = (
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+)
 #: Distributions the served model imports (og needs onnxruntime); pinned at logging time.
 REQUIREMENT_DISTRIBUTIONS = ("mlflow", "onnxruntime-genai", "onnxruntime", "numpy", "pandas")
 
@@ -104,6 +118,7 @@ def _chat_column(name: str) -> ColSpec:
 def _input_schema() -> Schema:
     columns: list[ColSpec | TensorSpec] = [_chat_column(name) for name in CHAT_COLUMNS]
     columns.insert(1, ColSpec(DataType.string, "prompt", required=False))
+    columns.extend(ColSpec(AnyType(), name, required=False) for name in FEATURE_COLUMNS)
     return Schema(columns)
 
 

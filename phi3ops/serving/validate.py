@@ -17,7 +17,27 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from phi3_chat.validate import validated_params, validated_row
+from phi3_chat.validate import FEATURE_FIELDS, validated_params, validated_row
+
+__all__ = [
+    "FEATURE_FIELDS",
+    "chat_problem",
+    "feature_problem",
+    "model_features",
+    "quiet_reason",
+    "transformers_problem",
+]
+
+# A feature field sent with one of these values asks nothing of the model (or, for seed, asks
+# nothing a greedy answer does not already give): any model takes it.
+_HARMLESS: dict[str, tuple[Any, ...]] = {
+    "response_format": ({"type": "text"},),
+    "tools": ([], None),
+    "tool_choice": ("none", "auto", None),
+    "parallel_tool_calls": (True, False, None),
+    "logprobs": (False, None),
+    "top_logprobs": (0, None),
+}
 
 
 def chat_problem(payload: Any, rows: list[Any]) -> str | None:
@@ -43,6 +63,68 @@ def chat_problem(payload: Any, rows: list[Any]) -> str | None:
                 validated_row(row, f"request[{index}]." if where_prefix else "")
     except MlflowException as exc:
         return exc.message
+    return None
+
+
+def model_features(model: Any) -> frozenset[str]:
+    """The request fields beyond MLflow's chat columns that ``model`` (a loaded pyfunc)
+    honours: its python model's ``chat_features`` (the ONNX flavor's `OnnxChatModel`); none
+    for MLflow's transformers flavor or an ONNX model logged before them.
+    """
+    try:
+        inner = model.unwrap_python_model()
+    except Exception:  # not a custom python model (the transformers flavor)
+        return frozenset()
+    features = getattr(inner, "chat_features", None)
+    if isinstance(features, set | frozenset | tuple | list):
+        return frozenset(str(name) for name in features)
+    return frozenset()
+
+
+def feature_problem(row: Mapping[str, Any], features: frozenset[str]) -> str | None:
+    """Why a model honouring only ``features`` must refuse ``row``, or None: a feature field
+    (`FEATURE_FIELDS`) it does not honour, sent with a value that asks something of it. A
+    ``seed`` asks something only of a sampled answer (``temperature`` above 0).
+
+    Returns:
+        A message starting with the field's name (the OpenAI error's ``param``).
+    """
+    for name in FEATURE_FIELDS:
+        if name not in row or name in features:
+            continue
+        value = row[name]
+        if name == "seed":
+            temperature = row.get("temperature")
+            if temperature is None or (isinstance(temperature, int | float) and temperature <= 0):
+                continue
+        elif value in _HARMLESS.get(name, ()):
+            continue
+        return (
+            f"{name} is not supported by the model version served here (the transformers flavor, "
+            "or an ONNX model packaged before structured outputs, tools, seed and logprobs): "
+            "send the request without it, or serve a version packaged with the ONNX flavor now"
+        )
+    return None
+
+
+def transformers_problem(row: Mapping[str, Any]) -> str | None:
+    """Why MLflow's transformers flavor must refuse ``row`` (a chat row of either route), or
+    None: a feature it cannot honour (`feature_problem`), or a role its chat template would
+    drop without a word (``developer``: the OpenAI route sends it as ``system``; ``tool``).
+    """
+    problem = feature_problem(row, frozenset())
+    if problem:
+        return problem
+    messages = row.get("messages")
+    for position, message in enumerate(messages if isinstance(messages, list) else []):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        if role in ("developer", "tool") or (
+            isinstance(message, Mapping) and message.get("tool_calls")
+        ):
+            return (
+                f"messages[{position}].role {role!r} is not supported by the transformers "
+                "flavor: send system for developer; tool calls and results need the ONNX flavor"
+            )
     return None
 
 

@@ -80,6 +80,12 @@ class _GatedGenerator:
     def get_next_tokens(self) -> Any:
         return self._generator.get_next_tokens()
 
+    def get_logits(self) -> Any:
+        return self._generator.get_logits()
+
+    def set_logits(self, logits: Any) -> None:
+        self._generator.set_logits(logits)
+
     def generate_next_token(self) -> None:
         self._owner.stepping.set()
         assert self._owner.gate.wait(60), "the test never opened the gate"
@@ -185,7 +191,7 @@ def test_concurrent_greedy_calls_share_a_batch_and_answer_as_alone(load, generat
     assert max(generators.batch_sizes) > 1, generators.batch_sizes
 
 
-def test_sampled_calls_join_only_calls_with_equal_sampling(load, generators) -> None:
+def test_calls_with_any_sampling_and_seed_share_one_batch(load, generators) -> None:
     model = load(batch_wait_ms=0)
     generators.gate.clear()
     blocker, _ = in_thread(lambda: model.predict(None, chat(PROMPTS[0], max_tokens=2)))
@@ -195,8 +201,8 @@ def test_sampled_calls_join_only_calls_with_equal_sampling(load, generators) -> 
         {"temperature": 0.7},
         {"temperature": 0.9, "top_p": 0.5},
         {"temperature": 0.0},
-        {"temperature": 0.7},
-        {"temperature": 0.9, "top_p": 0.5},
+        {"temperature": 0.7, "seed": 3},
+        {"temperature": 0.9, "top_p": 0.5, "top_k": 4, "seed": 4},
         {"temperature": 0.0},
     ]
     running = [
@@ -211,16 +217,23 @@ def test_sampled_calls_join_only_calls_with_equal_sampling(load, generators) -> 
         assert outcome["result"][0]["usage"]["completion_tokens"] == 3
     blocker.join(timeout=60)
 
-    batches = sorted(
-        (
-            int(o["batch_size"]),
-            bool(o["do_sample"]),
-            round(o["temperature"], 2),
-            round(o["top_p"], 2),
-        )
-        for o in generators.options[1:]
-    )
-    assert batches == [(2, False, 1.0, 1.0), (2, True, 0.7, 1.0), (2, True, 0.9, 0.5)]
+    # Each row samples on its own, so one greedy generator runs them all.
+    assert [(int(o["batch_size"]), bool(o["do_sample"])) for o in generators.options[1:]] == [
+        (6, False)
+    ]
+
+
+def test_a_seed_repeats_its_answer_alone_or_beside_other_rows(load, generators) -> None:
+    model = load(batch_wait_ms=0)
+    seeded = chat(PROMPTS[1], max_tokens=8, temperature=1.0, seed=11)
+    (alone,) = model.predict(None, seeded)
+    (again,) = model.predict(None, seeded)
+    others = [chat(PROMPTS[n], max_tokens=8, temperature=1.0) for n in range(3)]
+    batched = model.predict(None, [*others, seeded])
+    assert generators.batch_sizes == [1, 1, 4]
+    assert content_of(alone) == content_of(again) == content_of(batched[-1])
+    unseeded = {content_of(model.predict(None, {**seeded, "seed": None})[0]) for _ in range(3)}
+    assert len(unseeded) > 1  # without a seed, fresh noise each time
 
 
 # --- overload: a bounded queue, deadlines, consumers that leave ----------------------------

@@ -99,7 +99,9 @@ def served(model) -> types.SimpleNamespace:
     """The names of ``phi3_chat.model`` as the loaded model sees them: the copy logged with it,
     which need not be the one ``sys.modules`` names (see `phi3_chat.models_from_code`).
     """
-    return types.SimpleNamespace(**type(model).load_context.__globals__)
+    names = dict(type(model).load_context.__globals__)
+    # The request module's names too (the decoder), from the same logged copy.
+    return types.SimpleNamespace(**{**names["_RowState"].add.__globals__, **names})
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +170,13 @@ def test_logged_model_metadata_signature_and_requirements(logged, tiny_phi3) -> 
         "stream",
         "top_p",
         "top_k",
+        "response_format",  # structured outputs, tools, seed and logprobs: any JSON
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "seed",
+        "logprobs",
+        "top_logprobs",
     ]
     assert not any(column.required for column in inputs.inputs)
     assert loaded.metadata.get_output_schema() is None
@@ -369,14 +378,14 @@ def test_rows_of_one_call_are_batched_and_equal_one_row_answers(pyfunc, generato
     assert [a["usage"]["completion_tokens"] for a in batched] == [6, 14, 9]
 
 
-def test_rows_with_different_sampling_go_to_separate_generators(pyfunc, generators) -> None:
+def test_rows_with_different_sampling_share_one_generator(pyfunc, generators) -> None:
     rows = [
         chat(QUESTIONS[0], temperature=0.0, max_tokens=8),
         chat(QUESTIONS[1], temperature=0.8, max_tokens=8),
         chat(QUESTIONS[2], temperature=0.0, max_tokens=8),
     ]
     answers = pyfunc.predict(rows)
-    assert sorted(generators) == [1, 2]
+    assert generators == [3]  # each row samples on its own: one greedy generator
     assert len(answers) == 3
     assert content_of(answers[0]) == content_of(pyfunc.predict(rows[0])[0])
     assert content_of(answers[2]) == content_of(pyfunc.predict(rows[2])[0])
@@ -400,7 +409,7 @@ def test_max_batch_size_splits_large_calls(served, generators, tiny_phi3) -> Non
             model_config={"max_batch_size": 2},
         )
     )
-    assert generators == [1]  # the warm-up that measures the model's rates
+    assert generators == [1, 1]  # the warm-up (the model's rates), the guidance check
     del generators[:]
     answers = small.predict(None, [chat(q, max_tokens=4) for q in QUESTIONS[:3]])
     assert generators == [2, 1]
@@ -566,7 +575,7 @@ BAD_REQUESTS = [
     pytest.param({"messages": []}, "messages is empty", id="messages-empty"),
     pytest.param({"messages": "hi"}, "messages", id="messages-string"),
     pytest.param(
-        {"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", id="role-unknown"
+        {"messages": [{"role": "function", "content": "x"}]}, "messages[0].role", id="role-unknown"
     ),
     pytest.param(
         {"messages": [{"role": "user", "content": ""}]}, "messages[0].content", id="content-empty"

@@ -578,7 +578,8 @@ def test_the_openai_client_gets_a_completion_a_stream_and_our_errors(server, pac
         ({"messages": []}, "messages is empty: send at least one message"),
         (
             {"messages": [{"role": "wizard", "content": "hi"}]},
-            "messages[0].role must be one of system, user, assistant, got 'wizard'",
+            "messages[0].role must be one of system, developer, user, assistant, tool, "
+            "got 'wizard'",
         ),
         ({**CHAT, "n": 2}, "n=2 is not supported: one choice per request"),
         ({**CHAT, "top_p": 1.5}, "top_p must be a number in (0, 1], got 1.5"),

@@ -199,6 +199,7 @@ def test_a_chat_completion_request_becomes_the_row_both_flavors_take() -> None:
         "max_tokens": 7,
         "stop": ["END"],
         "stream": True,
+        "seed": 3,  # the model's: it checks it and samples with it
     }
     assert (stream, usage) == (True, True)
 
@@ -208,10 +209,11 @@ def test_a_chat_completion_request_becomes_the_row_both_flavors_take() -> None:
     [
         ({"messages": HELLO, "model": "gpt-4o"}, 404, "serves 'phi3-mini/3'"),
         ({"model": "phi3-mini/3"}, 400, "messages is required"),
-        ({"messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools is not supported"),
+        ({"messages": HELLO, "functions": [{"name": "f"}]}, 400, "functions is not supported"),
+        ({"messages": HELLO, "logit_bias": {"1": 2}}, 400, "logit_bias is not supported"),
         ({"messages": HELLO, "stream_options": {"include_usage": True}}, 400, "only allowed"),
         ({"messages": HELLO, "max_tokens": 4, "max_completion_tokens": 5}, 400, "differ"),
-        ({"messages": HELLO, "seed": "x"}, 400, "seed must be an integer"),
+        ({"messages": HELLO, "user": 3}, 400, "user must be a string"),
         ([HELLO], 400, "JSON object"),
     ],
 )
@@ -308,7 +310,7 @@ def test_a_refusal_is_a_400_in_openais_shape_recorded_without_the_request(record
     error = json.loads(body)["error"]
     assert status == 400 and not app.bodies  # no model saw it
     assert error["message"] == (
-        "messages[0].role must be one of system, user, assistant, got 'wizard'"
+        "messages[0].role must be one of system, developer, user, assistant, tool, got 'wizard'"
     )
     assert (error["param"], error["code"]) == ("messages", "invalid_parameter_value")
     # /invocations refuses it the same way, in MLflow's shape
@@ -318,7 +320,7 @@ def test_a_refusal_is_a_400_in_openais_shape_recorded_without_the_request(record
     assert [r["outcome"] for r in store.records] == ["refused", "refused"]
     assert all(
         r["error"] == "HTTP 400 INVALID_PARAMETER_VALUE: messages[0].role must be one of system, "
-        "user, assistant"
+        "developer, user, assistant, tool"
         for r in store.records
     )
     assert "SECRET" not in json.dumps(store.entries) and "wizard" not in json.dumps(store.entries)
