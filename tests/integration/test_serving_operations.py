@@ -267,3 +267,23 @@ def test_ready_is_503_while_draining_and_the_server_still_answers(onnx_uri, tmp_
     finally:
         stop_server(process, timeout=60)  # a second SIGTERM: stop now
     assert process.returncode is not None
+
+
+def test_a_key_variable_that_is_not_set_stops_serve_with_one_line(tmp_path) -> None:
+    env = {**os.environ, "PHI3OPS_DATA_DIR": str(tmp_path / "data")}
+    env.pop("MY_UNSET_KEY", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "cli", "serve", "--model-uri", "models:/phi3-onnx/1"]
+    result = subprocess.run(
+        [*command, "--port", str(_free_port()), "--api-key-env", "MY_UNSET_KEY"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "MY_UNSET_KEY is not set" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data" / "serving").exists()  # nothing was downloaded
