@@ -154,10 +154,17 @@ def create_app() -> OperationsApp:
     """The served app: `OperationsApp` (probes, metrics, the API key handed over in
     ``PHI3OPS_SERVE_API_KEY``), loading `serving_app` in the background once uvicorn starts.
     """
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
     settings = get_settings()
     key = take_api_key()
     guard = ApiKeyGuard(key, open_paths=settings.serve_open_paths) if key else None
-    return OperationsApp(serving_app, guard=guard, drain_delay_s=settings.serve_drain_delay_s)
+    return OperationsApp(
+        serving_app,
+        guard=guard,
+        drain_delay_s=settings.serve_drain_delay_s,
+        load_wait_s=float(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()),
+    )
 
 
 def serving_app(metrics: ServingMetrics | None = None) -> ServingMiddleware:

@@ -11,8 +11,10 @@ it builds in a thread once uvicorn has started (`build`), and answers by itself:
 - ``GET /metrics``: Prometheus' text format (`phi3ops.serving.metrics`);
 - ``GET /ping`` while the model loads: 503 (MLflow's scoring server, which answers it once the
   model is loaded, has no model yet); once it is loaded, MLflow's own answer;
-- any other request while loading: 503 with ``Retry-After`` (OpenAI's error shape on ``/v1``,
-  MLflow's elsewhere); and, with an API key, a 401 to a request without it
+- any other request while loading: it waits for the model (at most the request timeout), then
+  503 with ``Retry-After`` (OpenAI's error shape on ``/v1``, MLflow's elsewhere). With several
+  workers on one port, a request may reach a worker still loading while another serves: it is
+  answered late, not refused. With an API key, a request without it gets a 401
   (`phi3ops.serving.auth`).
 
 Draining: on ``SIGTERM`` the server reports ``draining`` (``/ready`` 503) at once; uvicorn then
@@ -25,6 +27,7 @@ failure code (3), as a model failing in the factory did.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -48,6 +51,8 @@ METRICS_PATH = "/metrics"
 PING_PATH = "/ping"
 #: uvicorn's exit code for an app that failed to start (its supervisor then stops too).
 STARTUP_FAILURE = 3
+#: Seconds between looks at a model still loading, for a request waiting for it.
+_LOAD_POLL_S = 0.05
 
 
 @dataclass
@@ -69,6 +74,8 @@ class OperationsApp:
             answers 503.
         exit_on_failure: End the process when ``build`` fails (the server); False leaves the
             app answering 503 (tests).
+        load_wait_s: Seconds a request other than a probe waits for a model still loading
+            before its 503 (the request timeout: what it would wait for a worker to accept it).
     """
 
     def __init__(
@@ -78,11 +85,13 @@ class OperationsApp:
         guard: ApiKeyGuard | None = None,
         drain_delay_s: float = 0.0,
         exit_on_failure: bool = True,
+        load_wait_s: float = 0.0,
     ) -> None:
         self._build = build
         self.guard = guard
         self.drain_delay_s = drain_delay_s
         self.exit_on_failure = exit_on_failure
+        self.load_wait_s = load_wait_s
         self.lifecycle = Lifecycle()
         self.inner: ServingMiddleware | None = None
         self.loaded = threading.Event()  # set once the load ended, loaded or failed
@@ -143,10 +152,24 @@ class OperationsApp:
             await send({"type": "http.response.body", "body": data})
             return
         inner = self.inner
+        if inner is None and path != PING_PATH:
+            inner = await self._wait_for_model()
         if inner is None:
             await self._not_loaded(send, path)
             return
         await inner(scope, receive, send)
+
+    async def _wait_for_model(self) -> ServingMiddleware | None:
+        """The serving app once loaded, waiting for it at most ``load_wait_s`` (a request that
+        reaches a worker still loading, beside one that serves, waits instead of failing).
+        """
+        waited = 0.0
+        while self.inner is None and self.lifecycle.state == "loading":
+            if waited >= self.load_wait_s:
+                break
+            await asyncio.sleep(_LOAD_POLL_S)
+            waited += _LOAD_POLL_S
+        return self.inner
 
     async def _not_loaded(self, send: Send, path: str) -> None:
         """503 with ``Retry-After`` while there is no model (OpenAI's shape on ``/v1``)."""

@@ -163,6 +163,28 @@ def test_probes_while_the_model_loads_then_serves_then_drains() -> None:
     assert call(app, "/v1/chat/completions", HELLO)[0] == 200  # still served meanwhile
 
 
+def test_a_request_reaching_a_worker_still_loading_waits_for_its_model() -> None:
+    release = threading.Event()
+
+    def build(metrics: ServingMetrics) -> ServingMiddleware:
+        release.wait(30)
+        return serving(metrics)
+
+    app = OperationsApp(build, load_wait_s=60)
+    app.start()
+    answers: list[int] = []
+    waiting = threading.Thread(
+        target=lambda: answers.append(call(app, "/v1/chat/completions", HELLO)[0])
+    )
+    waiting.start()
+    assert call(app, "/ready", method="GET")[0] == 503  # probes do not wait
+    assert call(app, "/ping", method="GET")[0] == 503
+    assert answers == []  # the model is not loaded: the request is still waiting for it
+    release.set()
+    waiting.join(30)
+    assert answers == [200]
+
+
 def test_a_model_that_fails_to_load_is_not_ready_and_says_so() -> None:
     def build(metrics: ServingMetrics) -> ServingMiddleware:
         raise OSError("model.onnx is missing")
