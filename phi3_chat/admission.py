@@ -9,6 +9,13 @@ the running batch's remaining steps, the batches queued ahead, then the request'
 the KV cache a batch needs (onnxruntime-genai's CPU buffer is fp32, sized for batch x
 (longest prompt + most new tokens)).
 
+`KVBudget` is that memory as one process's budget: every batcher holding it reserves its
+batch's KV bytes before the batch starts and gives them back when it ends, and a batch waits
+while the others' batches leave too little. `shared_kv_budget` hands every model loaded in a
+process with the same budget (in bytes) the same `KVBudget`, so the champion and a candidate
+served beside it (`phi3ops.serving.follow`) admit rows against one budget: resident memory
+stays within that budget plus both models' weights.
+
 `refused` builds the ``RESOURCE_EXHAUSTED`` refusal with the predicted wait as a field of its
 own (`RETRY_AFTER_FIELD`, whole seconds): MLflow's scoring server writes an exception's extra
 fields into its JSON error body, so the serving layer reads the number there (or from the
@@ -18,6 +25,7 @@ exception of a stream) and sends it as ``Retry-After``, without parsing the mess
 import math
 import os
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -236,3 +244,73 @@ def default_kv_budget(
     if memory_bytes is None:
         return full
     return max(min(full, int(memory_bytes * KV_MEMORY_SHARE)), per_token * context_length)
+
+
+class KVBudget:
+    """The KV cache bytes the batches of every model holding it may take together (thread-safe).
+
+    A batcher reserves its next batch's bytes (`try_reserve`) and releases them when the batch
+    ends (`release`); the batchers watching the budget (`watch`: their condition) are woken
+    after each release, so a batch held back by another model's starts as soon as it fits.
+    """
+
+    def __init__(self, total: int) -> None:
+        if total <= 0:
+            raise ValueError(f"a KV budget needs a positive number of bytes, got {total}")
+        self.total = total
+        self._lock = threading.Lock()
+        self._reserved = 0
+        self._watchers: weakref.WeakSet[threading.Condition] = weakref.WeakSet()
+
+    @property
+    def reserved(self) -> int:
+        """Bytes the batches running now hold."""
+        with self._lock:
+            return self._reserved
+
+    def available(self) -> int:
+        """Bytes a new batch may take now."""
+        with self._lock:
+            return self.total - self._reserved
+
+    def try_reserve(self, nbytes: int) -> bool:
+        """Takes ``nbytes`` if they fit what is left; whether it did."""
+        with self._lock:
+            if self._reserved + nbytes > self.total:
+                return False
+            self._reserved += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        """Gives back what `try_reserve` took, then wakes the watching batchers. Call it
+        without holding a batcher's lock (waking one takes its lock).
+        """
+        with self._lock:
+            self._reserved = max(0, self._reserved - nbytes)
+            watchers = list(self._watchers)
+        for condition in watchers:
+            with condition:
+                condition.notify_all()
+
+    def watch(self, condition: threading.Condition) -> None:
+        """Wakes ``condition`` after every release (held weakly: a dropped model stops)."""
+        with self._lock:
+            self._watchers.add(condition)
+
+
+# One budget per byte count in this process, for as long as a loaded model holds it.
+_SHARED_LOCK = threading.Lock()
+_SHARED: weakref.WeakValueDictionary[int, KVBudget] = weakref.WeakValueDictionary()
+
+
+def shared_kv_budget(total: int) -> KVBudget:
+    """This process's `KVBudget` of ``total`` bytes: the same object for every model loaded
+    with that budget (both arms of a server, whose budgets come from one setting or the same
+    default), a new one when no loaded model holds it any more.
+    """
+    with _SHARED_LOCK:
+        budget = _SHARED.get(total)
+        if budget is None:
+            budget = KVBudget(total)
+            _SHARED[total] = budget
+        return budget

@@ -17,7 +17,9 @@ the rates the model measured) falls past its timeout is refused at once with
 ``RESOURCE_EXHAUSTED`` naming when to retry and what would fit, instead of working until a 504;
 a stream needs only its first token within its timeout. Rows whose ``max_tokens`` nobody set get
 the most that fits. A batch's KV cache (rows x (longest prompt + most new tokens)) stays within
-``kv_budget_bytes``: rows past it wait for the next batch; a row alone past it is refused.
+``kv_budget_bytes``: rows past it wait for the next batch; a row alone past it is refused. The
+budget may be shared (`phi3_chat.admission.KVBudget`): each batch reserves its bytes before it
+starts and gives them back when it ends, and waits while other models' batches hold too much.
 """
 
 import dataclasses
@@ -34,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED
 
 from phi3_chat.admission import (
+    KVBudget,
     _Rates,
     batch_kv_bytes,
     fitting_max_tokens,
@@ -54,6 +57,9 @@ DEFAULT_BATCH_WAIT_MS = 5.0
 # The engine thread ends after this long with nothing to do (a new request starts another), so
 # a model that is no longer used holds no thread.
 _ENGINE_IDLE_S = 5.0
+# A batch held back by another model's KV reservation is woken by its release; this is the
+# backstop.
+_KV_RECHECK_S = 1.0
 
 
 def _deadline_exceeded(timeout_s: float) -> MlflowException:
@@ -138,7 +144,7 @@ class _Batcher:
         wait_s: float,
         rates: _Rates | None = None,
         kv_per_token: int = 0,
-        kv_budget: int | None = None,
+        kv_budget: int | KVBudget | None = None,
         prefill_slice_s: float | None = None,
     ) -> None:
         self._steps = steps
@@ -148,12 +154,17 @@ class _Batcher:
         self.wait_s = wait_s
         self.rates = rates  # None: no admission by speed
         self.kv_per_token = kv_per_token
-        self.kv_budget = kv_budget  # None: no KV budget
+        # None: no KV budget; a KVBudget may be shared with other models' batchers
+        self.kv_shared = KVBudget(kv_budget) if isinstance(kv_budget, int) else kv_budget
+        self.kv_budget = None if self.kv_shared is None else self.kv_shared.total
+        self._kv_reserved = 0  # bytes the running batch holds of the budget
         self.prefill_slice_s = prefill_slice_s  # None: a batch's prefill is not bounded
         self._running: tuple[int, int] | None = None  # (rows, steps left) of the running batch
         self._last_batch_size = 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        if self.kv_shared is not None:
+            self.kv_shared.watch(self._wake)  # another batcher's release wakes this one
         self._waiting: deque[_Job] = deque()
         self._queued = 0  # tickets with rows still waiting
         self._thread: threading.Thread | None = None
@@ -295,7 +306,10 @@ class _Batcher:
                     if jobs is None:  # under the lock: a request queued later starts a thread
                         self._thread = None
                         return
-                self._run(jobs)
+                try:
+                    self._run(jobs)
+                finally:
+                    self._release_kv()
         except BaseException:  # unforeseen: let the next request start a new engine thread
             with self._lock:
                 self._thread = None
@@ -344,20 +358,12 @@ class _Batcher:
             jobs = self._company(first)
             window = max(first.arrived, free_since) + self.wait_s - now
             if len(jobs) >= self.max_batch_size or window <= 0:
-                break
+                jobs = self._within_budgets(jobs[: self.max_batch_size])
+                if jobs:
+                    break
+                self._wake.wait(_KV_RECHECK_S)  # other models' batches hold the KV budget
+                continue
             self._wake.wait(window)
-        jobs = jobs[: self.max_batch_size]
-        if self.kv_budget is not None:  # rows past the KV budget wait for the next batch
-            while len(jobs) > 1 and (
-                batch_kv_bytes(self.kv_per_token, [_row(job.request) for job in jobs])
-                > self.kv_budget
-            ):
-                jobs.pop()
-        if self.prefill_slice_s and self.rates is not None:  # og holds the GIL in a prefill
-            while len(jobs) > 1 and (
-                prefill_s(self.rates, [_row(job.request) for job in jobs]) > self.prefill_slice_s
-            ):
-                jobs.pop()
         taken = set(map(id, jobs))
         self._waiting = deque(job for job in self._waiting if id(job) not in taken)
         for job in jobs:
@@ -365,6 +371,38 @@ class _Batcher:
             if job.ticket.unstarted == 0:
                 self._queued -= 1
         return jobs
+
+    def _within_budgets(self, jobs: list[_Job]) -> list[_Job]:
+        """``jobs`` cut to what the KV budget has left (rows past it wait for the next batch)
+        and to the prefill slice, their KV reserved (holding the lock); empty while other
+        models' batches leave too little of a shared budget for even the first row.
+        """
+        kv = self.kv_shared
+        if kv is not None:
+            available = kv.available()
+            while len(jobs) > 1 and self._kv_bytes(jobs) > available:
+                jobs.pop()
+        if self.prefill_slice_s and self.rates is not None:  # og holds the GIL in a prefill
+            while len(jobs) > 1 and (
+                prefill_s(self.rates, [_row(job.request) for job in jobs]) > self.prefill_slice_s
+            ):
+                jobs.pop()
+        if kv is not None:
+            need = self._kv_bytes(jobs)
+            if not kv.try_reserve(need):
+                return []
+            self._kv_reserved = need
+        return jobs
+
+    def _kv_bytes(self, jobs: list[_Job]) -> int:
+        return batch_kv_bytes(self.kv_per_token, [_row(job.request) for job in jobs])
+
+    def _release_kv(self) -> None:
+        """Gives the running batch's KV bytes back to the budget (not holding the lock)."""
+        with self._lock:
+            reserved, self._kv_reserved = self._kv_reserved, 0
+        if reserved and self.kv_shared is not None:
+            self.kv_shared.release(reserved)
 
     def _run(self, jobs: list[_Job]) -> None:
         fits = self._fits([job.request for job in jobs])

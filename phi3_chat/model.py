@@ -40,6 +40,7 @@ from phi3_chat.admission import (
     kv_bytes_per_token,
     machine_memory_bytes,
     prefill_slice_setting,
+    shared_kv_budget,
 )
 from phi3_chat.answers import StreamWriter, chat_answer
 from phi3_chat.batcher import (
@@ -114,9 +115,11 @@ class OnnxChatModel(PythonModel):
                 to join its batch, default 5) and ``request_timeout_s`` (default
                 ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, 60), ``admission`` (default true:
                 refuse at once what the measured speed cannot finish in time; a tiny warm-up
-                at load seeds the rates) and ``kv_budget_bytes`` (the KV cache a batch may
+                at load seeds the rates) and ``kv_budget_bytes`` (the KV cache batches may
                 take; default: the full batch at full context, at most a quarter of the
-                machine's memory), ``structured_outputs`` (default true: check at load that
+                machine's memory; one budget for every model of the process that comes to
+                the same bytes, `phi3_chat.admission.shared_kv_budget`: both arms of a
+                server), ``structured_outputs`` (default true: check at load that
                 onnxruntime-genai really constrains decoding, and fail loudly when it does not;
                 false serves without ``response_format`` and ``tools``, refused with a 400).
 
@@ -195,7 +198,7 @@ class OnnxChatModel(PythonModel):
             / 1000,
             rates=self._rates if admission else None,
             kv_per_token=kv_per_token,
-            kv_budget=kv_budget,
+            kv_budget=shared_kv_budget(kv_budget),  # shared with the other arm's model
             prefill_slice_s=self._prefill_slice_s,
         )
         self._prompt_format = config.get("prompt_format", "auto")
