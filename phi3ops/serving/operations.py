@@ -20,9 +20,9 @@ it builds in a thread once uvicorn has started (`build`), and answers by itself:
 Draining: on ``SIGTERM`` the server reports ``draining`` (``/ready`` 503) at once; uvicorn then
 stops accepting connections and lets the requests in flight finish. With
 ``PHI3OPS_SERVE_DRAIN_DELAY_S`` > 0 the server keeps serving for that many seconds first, so a
-load balancer polling ``/ready`` takes it out of rotation before it stops listening (a second
-``SIGTERM`` stops waiting). A model that fails to load ends the worker with uvicorn's startup
-failure code (3), as a model failing in the factory did.
+load balancer polling ``/ready`` takes it out of rotation before it stops listening
+(``SIGINT`` stops waiting; another ``SIGTERM`` does not). A model that fails to load ends the
+worker with uvicorn's startup failure code (3), as a model failing in the factory did.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ class OperationsApp:
             inner = self._build(self.metrics)
             inner.start()
         except BaseException as exc:
-            self.lifecycle = Lifecycle("failed", f"the model failed to load: {type(exc).__name__}")
+            self._become("failed", f"the model failed to load: {type(exc).__name__}")
             self.loaded.set()
             _log.exception("The model failed to load; the server stops")
             if self.exit_on_failure:
@@ -244,18 +244,25 @@ class OperationsApp:
             return
         self.inner = inner
         if self.lifecycle.state == "loading":  # not draining meanwhile
-            self.lifecycle = Lifecycle("ready", "")
+            self._become("ready", "")
         self.loaded.set()
 
     def drain(self, reason: str = "the server is draining") -> None:
         """From now on ``/ready`` answers 503 (requests are still served until uvicorn stops)."""
         if self.lifecycle.state != "failed":
-            self.lifecycle = Lifecycle("draining", reason)
+            self._become("draining", reason)
+
+    def _become(self, state: str, reason: str) -> None:
+        self.lifecycle = Lifecycle(state, reason)
+        # Set now, not when scraped: with several workers, every worker's own value counts.
+        self.metrics.ready.set(1 if state == "ready" else 0)
 
     def _watch_sigterm(self) -> None:
         """Marks the server draining on ``SIGTERM`` before uvicorn's own handler stops it,
-        ``drain_delay_s`` later (at once on a second ``SIGTERM``). Only the main thread can
-        handle signals: elsewhere (an app run by a test client) nothing is watched.
+        ``drain_delay_s`` later. Another ``SIGTERM`` meanwhile does not cut the delay short
+        (with several workers, uvicorn's supervisor passes on the one the whole group got);
+        ``SIGINT`` does (uvicorn's own handler, untouched). Only the main thread can handle
+        signals: elsewhere (an app run by a test client) nothing is watched.
         """
         if threading.current_thread() is not threading.main_thread():
             return
@@ -264,22 +271,19 @@ class OperationsApp:
             return
 
         def on_sigterm(signum: int, frame: Any) -> None:
-            first = self.lifecycle.state != "draining"
-            self.drain("the server received SIGTERM and is draining")
-            if first and self.drain_delay_s > 0:
-                _log.info(
-                    "SIGTERM: /ready answers 503; serving %g s more before stopping",
-                    self.drain_delay_s,
-                )
-                self._drain_timer = threading.Timer(
-                    self.drain_delay_s, previous, args=(signum, frame)
-                )
-                self._drain_timer.daemon = True
-                self._drain_timer.start()
-                return
             if self._drain_timer is not None:
-                self._drain_timer.cancel()
-            previous(signum, frame)
+                return  # already draining for the delay: the timer stops the server
+            self.drain("the server received SIGTERM and is draining")
+            if self.drain_delay_s <= 0:
+                previous(signum, frame)
+                return
+            _log.warning(
+                "SIGTERM: /ready answers 503; serving %g s more before stopping (SIGINT stops now)",
+                self.drain_delay_s,
+            )
+            self._drain_timer = threading.Timer(self.drain_delay_s, previous, args=(signum, None))
+            self._drain_timer.daemon = True
+            self._drain_timer.start()
 
         signal.signal(signal.SIGTERM, on_sigterm)
 

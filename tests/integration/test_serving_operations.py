@@ -56,7 +56,9 @@ def onnx_uri(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[tu
     get_settings.cache_clear()
 
 
-def _start(onnx_uri: tuple[str, str], log: Path, **env: str) -> tuple[subprocess.Popen, str]:
+def _start(
+    onnx_uri: tuple[str, str], log: Path, *, workers: int = 1, **env: str
+) -> tuple[subprocess.Popen, str]:
     from phi3ops.settings import get_settings
 
     uri, data_dir = onnx_uri
@@ -67,7 +69,12 @@ def _start(onnx_uri: tuple[str, str], log: Path, **env: str) -> tuple[subprocess
         get_settings.cache_clear()
         with log.open("w") as out:
             process = start_server(
-                uri, port=port, extra_env=env, stdout=out, stderr=subprocess.STDOUT
+                uri,
+                port=port,
+                workers=workers,
+                extra_env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
     get_settings.cache_clear()
     return process, f"http://127.0.0.1:{port}"
@@ -243,30 +250,46 @@ def _session(pid: int) -> list[int]:
     return found
 
 
-def test_ready_is_503_while_draining_and_the_server_still_answers(onnx_uri, tmp_path) -> None:
-    process, url = _start(onnx_uri, tmp_path / "drain.log", PHI3OPS_SERVE_DRAIN_DELAY_S="300")
+def test_two_workers_add_up_their_metrics_and_drain_together(onnx_uri, tmp_path) -> None:
+    env = {"PHI3OPS_SERVE_DRAIN_DELAY_S": "300", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    process, url = _start(onnx_uri, tmp_path / "drain.log", workers=2, **env)
     try:
         wait_until_ready(process, url, timeout=240)
-        assert httpx.get(f"{url}/ready", timeout=10).status_code == 200
-        process.send_signal(signal.SIGTERM)  # uvicorn itself, as a supervisor stops it
+        served = {
+            "route": "/v1/chat/completions",
+            "status": "200",
+            "outcome": "served",
+            "arm": "champion",
+            "version": "1",
+            "shadow": "false",
+        }
+        for _ in range(4):  # new connections: either worker may answer each
+            assert _chat(url).object == "chat.completion"
+        # Whichever worker answers the scrape, it counts both workers' requests.
+        assert _value(_samples(url), "phi3ops_requests_total", **served) == 4
+
+        os.killpg(process.pid, signal.SIGTERM)  # as stop_server (or a pod deletion) does
+        # Both workers got it (and uvicorn's supervisor passed it on again): both drain.
         deadline = time.monotonic() + 30
-        ready = httpx.get(f"{url}/ready", timeout=10)
-        while ready.status_code == 200 and time.monotonic() < deadline:
+        while _value(_samples(url), "phi3ops_ready") > 0 and time.monotonic() < deadline:
             time.sleep(0.2)
-            ready = httpx.get(f"{url}/ready", timeout=10)
-        assert ready.status_code == 503
-        assert ready.json()["status"] == "draining"
-        health = httpx.get(f"{url}/health", timeout=10)
-        assert health.status_code == 200 and health.json()["state"] == "draining"
-        # Still serving during the delay: the load balancer has time to notice.
-        completion = _openai(url).chat.completions.create(
-            model="phi3-onnx/1", messages=HELLO, max_tokens=4
-        )
-        assert completion.object == "chat.completion"
         assert _value(_samples(url), "phi3ops_ready") == 0
+        for _ in range(4):
+            ready = httpx.get(f"{url}/ready", timeout=10)
+            assert ready.status_code == 503 and ready.json()["status"] == "draining"
+            health = httpx.get(f"{url}/health", timeout=10)
+            assert health.status_code == 200 and health.json()["state"] == "draining"
+        # Still serving during the delay: the load balancer has time to notice.
+        assert _chat(url).object == "chat.completion"
+        assert _value(_samples(url), "phi3ops_requests_total", **served) == 5
+        os.killpg(process.pid, signal.SIGINT)  # stop waiting
+        assert process.wait(timeout=120) is not None
     finally:
-        stop_server(process, timeout=60)  # a second SIGTERM: stop now
-    assert process.returncode is not None
+        stop_server(process, timeout=60)
+
+
+def _chat(url: str) -> Any:
+    return _openai(url).chat.completions.create(model="phi3-onnx/1", messages=HELLO, max_tokens=4)
 
 
 def test_a_key_variable_that_is_not_set_stops_serve_with_one_line(tmp_path) -> None:

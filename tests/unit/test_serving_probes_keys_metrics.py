@@ -327,7 +327,7 @@ WORKER = """
 import sys
 from phi3ops.serving.metrics import ServingMetrics
 from phi3ops.serving.operations import OperationsApp
-from tests.unit.test_serving_operations import Batcher
+from tests.unit.test_serving_probes_keys_metrics import Batcher
 
 metrics = ServingMetrics(models=lambda: [("champion", "3", Batcher(int(sys.argv[1])))])
 for _ in range(int(sys.argv[1])):
