@@ -51,6 +51,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.constrained import constrained_section
+
 PROMPTS = [
     "Explain what a registry alias is in one sentence.",
     "List three colours.",
@@ -354,6 +356,7 @@ SECTIONS = {
     "load": "Serving under load: the HTTP server, clients on loopback",
     "arms": "Serving two arms: champion and candidate side by side",
     "records": "Inference records: the writer vs the server under load",
+    "constrained": "Constrained decoding: structured outputs vs free text, and batches",
     "orchestration": "Orchestration: the lifecycle flow vs plain Python",
 }
 
@@ -395,11 +398,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sections: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="phi3ops-bench-") as tmp:
-        packaged = (
-            _package(Path(tmp), args.preset)
-            if {"serving", "concurrency", "load", "arms", "records"} & set(chosen)
-            else {}
-        )
+        wanted = {"serving", "concurrency", "load", "arms", "records", "constrained"}
+        packaged = _package(Path(tmp), args.preset) if wanted & set(chosen) else {}
         params = getattr(packaged.get("recipe"), "num_parameters", None)
         if "serving" in chosen:
             rows = _serving(packaged, args)
@@ -441,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             sections["records"] = _section(
                 "records", f"preset `{args.preset}`, {params:,} parameters; {setup}", rows
             )
+        if "constrained" in chosen:  # bench.constrained
+            sections["constrained"] = constrained_section(packaged, args, PROMPTS, _section)
         if "orchestration" in chosen:
             rows = _orchestration(
                 Path(tmp), eval_set=args.lifecycle_eval_set, rounds=args.lifecycle_rounds
