@@ -99,11 +99,13 @@ def constrained_section(
     )
     kinds = ("greedy", "seeded", "one schema", "two schemas")
     batches = {kind: _rows_of(kind, prompts, tokens) for kind in kinds}
-    for rows in batches.values():
-        model.predict(None, rows)  # warm: grammars compiled, rates measured
-    eight = _alternating(
-        {kind: (lambda rows=rows: _timed(model, rows)) for kind, rows in batches.items()}, rounds
-    )
+    for batch in batches.values():
+        model.predict(None, batch)  # warm: grammars compiled, rates measured
+
+    def timed(kind: str) -> Callable[[], tuple[int, float]]:
+        return lambda: _timed(model, batches[kind])
+
+    eight = _alternating({kind: timed(kind) for kind in kinds}, rounds)
     rows: list[Row] = [
         (
             "1 request: JSON schema vs free text (tokens/s)",
