@@ -133,11 +133,10 @@ def test_metrics_parse_and_count_requests_tokens_and_stream_latency(served) -> N
             before, f"phi3ops_{kind}_tokens_total", **tokens
         )
         assert moved == used > 0
-    # The batcher's gauges, when the model reports them (OnnxChatModel.load_stats).
-    from phi3_chat.model import OnnxChatModel
-
-    if hasattr(OnnxChatModel, "load_stats"):
-        assert ("phi3ops_queue_depth", *sorted(tokens.items())) in after
+    # The batcher's gauges, from the served OnnxChatModel's load_stats().
+    assert _value(after, "phi3ops_last_batch_size", **tokens) >= 1
+    assert ("phi3ops_queue_depth", *sorted(tokens.items())) in after
+    assert ("phi3ops_running_rows", *sorted(tokens.items())) in after
 
     chunks = client.chat.completions.create(
         model="phi3-onnx/1", messages=HELLO, max_tokens=8, temperature=0, stream=True
