@@ -130,15 +130,38 @@ def predicted_completion_s(
     queued: Sequence[tuple[int, int]],
     new: Sequence[tuple[int, int]],
     max_batch_size: int,
+    *,
+    prefill_slice_s: float | None = None,
 ) -> float:
     """When the ``new`` rows would be done: the running batch's remaining time, the queued
-    rows' batches (in order, ``max_batch_size`` at a time) and the batches holding ``new``.
+    rows' batches (in order, ``max_batch_size`` at a time, and with ``prefill_slice_s`` no
+    more rows than the batcher lets share a prefill) and the batches holding ``new``.
     """
-    rows = [*queued, *new]
     total = running_left_s
-    for start in range(0, len(rows), max_batch_size):
-        total += batch_s(rates, rows[start : start + max_batch_size])
+    for batch in _batches([*queued, *new], max_batch_size, rates, prefill_slice_s):
+        total += batch_s(rates, batch)
     return total
+
+
+def _batches(
+    rows: list[tuple[int, int]],
+    max_batch_size: int,
+    rates: _Rates,
+    prefill_slice_s: float | None,
+) -> list[list[tuple[int, int]]]:
+    """``rows`` in the batches the batcher would run them in (in order; a row alone always)."""
+    batches: list[list[tuple[int, int]]] = []
+    for row in rows:
+        last = batches[-1] if batches else None
+        if (
+            last is not None
+            and len(last) < max_batch_size
+            and not (prefill_slice_s and prefill_s(rates, [*last, row]) > prefill_slice_s)
+        ):
+            last.append(row)
+        else:
+            batches.append([row])
+    return batches
 
 
 def fitting_max_tokens(
@@ -149,6 +172,8 @@ def fitting_max_tokens(
     cap: int,
     max_batch_size: int,
     deadline_s: float,
+    *,
+    prefill_slice_s: float | None = None,
 ) -> int:
     """The most new tokens (at most ``cap``) one row may ask for and finish within
     ``deadline_s``; 0 when not even one fits.
@@ -157,7 +182,12 @@ def fitting_max_tokens(
     while low < high:  # the completion grows with max_tokens: bisect
         middle = (low + high + 1) // 2
         when = predicted_completion_s(
-            rates, running_left_s, queued, [(prompt_tokens, middle)], max_batch_size
+            rates,
+            running_left_s,
+            queued,
+            [(prompt_tokens, middle)],
+            max_batch_size,
+            prefill_slice_s=prefill_slice_s,
         )
         if when <= deadline_s:
             low = middle

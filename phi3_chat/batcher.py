@@ -225,7 +225,12 @@ class _Batcher:
             return None
         queued = [_row(job.request) for job in self._waiting]
         return predicted_completion_s(
-            self.rates, self.running_left_s(), queued, [], self.max_batch_size
+            self.rates,
+            self.running_left_s(),
+            queued,
+            [],
+            self.max_batch_size,
+            prefill_slice_s=self.prefill_slice_s,
         )
 
     def _admitted(
@@ -262,6 +267,7 @@ class _Batcher:
                         request.max_tokens,
                         self.max_batch_size,
                         timeout_s,
+                        prefill_slice_s=self.prefill_slice_s,
                     )
                     request = dataclasses.replace(request, max_tokens=max(1, most))
                 fitted.append(request)
@@ -271,10 +277,13 @@ class _Batcher:
         rows = [_row(request) for request in requests]
         if stream:  # a stream must start in time; once it streams it runs to its end
             rows = [(prompt, 1) for prompt, _ in rows]
-        when = predicted_completion_s(rates, running, queued, rows, self.max_batch_size)
+        slicing = {"prefill_slice_s": self.prefill_slice_s}  # batches split as _next_jobs does
+        when = predicted_completion_s(rates, running, queued, rows, self.max_batch_size, **slicing)
         if when > timeout_s:
-            ahead = predicted_completion_s(rates, running, queued, [], self.max_batch_size)
-            idle = predicted_completion_s(rates, 0.0, [], rows, self.max_batch_size)
+            ahead = predicted_completion_s(
+                rates, running, queued, [], self.max_batch_size, **slicing
+            )
+            idle = predicted_completion_s(rates, 0.0, [], rows, self.max_batch_size, **slicing)
             what = "start streaming" if stream else "finish"
             hint = (
                 f"retry in about {math.ceil(ahead)} s"

@@ -105,3 +105,20 @@ def test_the_default_budget_is_the_full_batch_capped_by_a_share_of_memory() -> N
     assert default_kv_budget(MINI, 4096, 8, 24 * 2**30) == 6 * 2**30  # a quarter
     # Never less than one row at full context.
     assert default_kv_budget(MINI, 4096, 8, 2**30) == per_token * 4096
+
+
+def test_batches_split_by_the_prefill_slice_are_predicted_as_the_batcher_runs_them() -> None:
+    measured = rates(prefill=0.01, steps={1: 0.1, 2: 0.15})
+    queued = [(100, 10)] * 4
+    # One batch of 5: prefill 0.01 x 100 x 5, then 10 steps at 5 rows (0.15 x 5 / 2 each).
+    alone = predicted_completion_s(measured, 0.0, queued, [(100, 10)], max_batch_size=8)
+    assert alone == pytest.approx(5.0 + 10 * 0.375)
+    # A 2 s prefill slice lets two such rows share a batch: [2, 2, 1].
+    sliced = predicted_completion_s(
+        measured, 0.0, queued, [(100, 10)], max_batch_size=8, prefill_slice_s=2.0
+    )
+    assert sliced == pytest.approx(5.0 + 10 * 0.15 * 2 + 10 * 0.1)
+    # A row longer than the slice still runs (alone).
+    assert predicted_completion_s(
+        measured, 0.0, [], [(1000, 1)], max_batch_size=8, prefill_slice_s=2.0
+    ) == pytest.approx(10.0 + 0.1)
