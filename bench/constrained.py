@@ -132,9 +132,10 @@ def constrained_section(
             "report (two batches: one grammar per og batch)",
         ),
     ]
+    params = getattr(packaged.get("recipe"), "num_parameters", 0)
     setup = (
-        f"preset `{args.preset}`; max_tokens={tokens}; {rounds} rounds (single requests: "
-        f"{rounds * 2}), contenders alternating; compact JSON grammars (llguidance in "
-        "onnxruntime-genai)."
+        f"preset `{args.preset}`, {params:,} parameters; max_tokens={tokens}; {rounds} rounds "
+        f"(single requests: {rounds * 2}), contenders alternating; compact JSON grammars "
+        "(llguidance in onnxruntime-genai)."
     )
     return section("constrained", setup, rows)

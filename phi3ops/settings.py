@@ -153,8 +153,9 @@ class Settings(BaseSettings):
         ge=1,
         le=256,
         description=(
-            "Eval items generated together in one predict call (rows of one batch); a failing "
-            "batch is retried row by row."
+            "Eval items generated together in one predict call (rows of one batch; the ONNX "
+            "pyfunc is loaded with this max_batch_size, its KV budget still applies); a call "
+            "that is refused or fails is split in halves, one that times out is not retried."
         ),
     )
     eval_default_max_tokens: int = Field(
@@ -169,6 +170,16 @@ class Settings(BaseSettings):
         description=(
             "Eval items streamed one by one to measure time to first token (0: skip); only "
             "flavors with predict_stream (the ONNX pyfunc) can be measured."
+        ),
+    )
+    eval_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Seconds the generation of one evaluation may take in all; each predict call gets "
+            "the time left as its timeout (evaluation is offline work: not the 60 s a server's "
+            "client gets). Unset: twice the eval set's new tokens at the speed a warm-up "
+            "request measures, one row at a time, and at least 600 s."
         ),
     )
     judge_endpoint: str | None = Field(

@@ -63,8 +63,14 @@ from phi3ops.serving.signatures import (
 from phi3ops.sources import ONNX_CPU_INT4_SUBFOLDER, Flavor, Variant
 from phi3ops.tracking import configure_tracking
 from tasks.hub import FetchResult, check_before_packaging
+from tasks.loaded_models import release
 from tasks.onnx_build import build_onnx_int4, check_pytorch_phi3_dir, find_onnx_build
 from tasks.recovery import discard_run_models, owner_tags, reusable_logged_model
+from tasks.transformers_pipeline import (
+    checkpoint_dtype,
+    load_text_generation_pipeline,
+    local_model_card,
+)
 from tasks.weights_copy import artifact_bytes, share_logged_weights
 
 __all__ = [
@@ -264,7 +270,7 @@ def quantization_of(fetched: FetchResult, flavor: Flavor | str) -> str:
         defaults = inspect.signature(build_onnx_int4).parameters
         block, level = defaults["block_size"].default, defaults["accuracy_level"].default
         return f"int4-default-block-{block}-acc-level-{level}"
-    return _checkpoint_dtype(_weights_dir(fetched, Flavor.TRANSFORMERS))
+    return checkpoint_dtype(_weights_dir(fetched, Flavor.TRANSFORMERS))
 
 
 def package_key(
@@ -367,8 +373,8 @@ def log_transformers_model(fetched: FetchResult) -> LoggedModelInfo:
         PackagingError: A runtime package is missing, or loading or logging failed.
     """
     plan = plan_package(fetched, Flavor.TRANSFORMERS)
-    pipeline = _load_text_generation_pipeline(plan.weights_dir, dtype=plan.quantization)
-    model_card = _local_model_card(plan.weights_dir)
+    pipeline = load_text_generation_pipeline(plan.weights_dir, dtype=plan.quantization)
+    model_card = local_model_card(plan.weights_dir)
 
     def log(mlflow: Any, tags: dict[str, str]) -> Any:
         return mlflow.transformers.log_model(
@@ -461,44 +467,6 @@ def _weights_dir(fetched: FetchResult, flavor: Flavor) -> Path:
     return Path(fetched.model_dir)
 
 
-def _checkpoint_dtype(weights_dir: Path) -> str:
-    """The torch dtype a Hugging Face checkpoint declares (``dtype``, formerly ``torch_dtype``)."""
-    config = json.loads((weights_dir / "config.json").read_text(encoding="utf-8"))
-    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return str(dtype).removeprefix("torch.")
-
-
-def _load_text_generation_pipeline(weights_dir: Path, *, dtype: str) -> Any:
-    try:
-        import torch
-        from transformers import pipeline
-    except ImportError as exc:
-        raise PackagingError(
-            f"The transformers flavor needs transformers and torch ({exc}). Install phi3ops "
-            f"with its constraints (`make install`)."
-        ) from exc
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise PackagingError(
-            f"{weights_dir / 'config.json'} declares dtype {dtype!r}, which is not a torch dtype. "
-            f"Fix the checkpoint's config (e.g. 'bfloat16')."
-        )
-    try:
-        return pipeline(
-            "text-generation",
-            model=str(weights_dir),
-            tokenizer=str(weights_dir),
-            dtype=torch_dtype,
-            device="cpu",
-        )
-    except Exception as exc:
-        raise PackagingError(
-            f"Could not load a text-generation pipeline from {weights_dir} "
-            f"({type(exc).__name__}: {exc}). Check that the snapshot is a complete "
-            f"transformers checkpoint."
-        ) from exc
-
-
 def lineage_tags(fetched: FetchResult, plan: PackagePlan) -> dict[str, str]:
     """The lineage tags of a package: source, packaging, and the package key."""
     return {
@@ -515,25 +483,14 @@ def lineage_tags(fetched: FetchResult, plan: PackagePlan) -> dict[str, str]:
     }
 
 
-def _local_model_card(weights_dir: Path) -> Any:
-    readme = weights_dir / "README.md"
-    if not readme.is_file():
-        return None
-    from huggingface_hub import ModelCard
-
-    try:
-        return ModelCard.load(readme)
-    except Exception:  # a malformed card is no reason to fail packaging
-        logger.warning("Ignoring the unreadable model card %s", readme, exc_info=True)
-        return None
-
-
 def _log_in_run(fetched: FetchResult, plan: PackagePlan, log: Any) -> LoggedModelInfo:
     """Run ``log(mlflow, tags)`` inside a fresh run tagged with the lineage; measure the result.
 
     A finished logged model of the same package key that a crashed packaging never registered is
     returned instead (no second copy of the weights); orphan runs of that key are ended first.
     When logging fails, its logged model is discarded (`tasks.recovery`) and the run FAILED.
+    The model MLflow loads to validate the input example is released (`tasks.loaded_models`):
+    the next stage's model does not load beside it.
     """
     import mlflow
 
@@ -553,7 +510,10 @@ def _log_in_run(fetched: FetchResult, plan: PackagePlan, log: Any) -> LoggedMode
     run_name = f"package-{plan.flavor.value}-{fetched.commit_sha[:12]}"
     with mlflow.start_run(run_name=run_name, tags=tags | owner_tags()) as run:
         try:
-            info = log(mlflow, tags)
+            try:
+                info = log(mlflow, tags)
+            finally:  # MLflow keeps what it loaded to predict the input example: let it go
+                release()
             crash_point("package.after-log-model")
             location = mlflow.get_logged_model(info.model_id).artifact_location
             share_logged_weights(location, plan.weights_dir)  # links, not a 2nd copy, if local

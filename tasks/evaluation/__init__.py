@@ -5,11 +5,19 @@ What one evaluation does, in order:
 1. **Resolve** the model URI (``models:/<name>@<alias>`` or ``models:/<name>/<version>``) to a
    registry version, failing with `InvalidInputError` before any work when it does not exist.
 2. **Generate** (`generate_outputs`): every item's ``llm/v1/chat`` request goes through the model
-   loaded with ``mlflow.pyfunc.load_model`` (either flavor), several rows per ``predict`` call.
-   Rows of one call share their generation fields (MLflow's transformers flavor applies the
-   first row's ``max_tokens`` to every row), so batches are formed per ``max_tokens``. A batch
-   that raises is retried row by row: one bad item costs its own row only, and its error is
-   recorded. Speed is measured here: a row's latency is its call's wall time; output tokens/s
+   loaded with ``mlflow.pyfunc.load_model`` (either flavor; the ONNX pyfunc with its
+   ``max_batch_size`` set to the eval batch size), several rows per ``predict`` call, alone in
+   memory (`tasks.loaded_models`: what packaging or an earlier evaluation loaded is freed
+   first, and this model is released after). Rows of one call share their generation fields
+   (MLflow's transformers flavor applies the first row's ``max_tokens`` to every row), so
+   batches are formed per ``max_tokens``. Evaluation is offline work with a deadline that
+   covers it (`evaluation_deadline_s`: twice the set's tokens at the warm-up's measured speed,
+   or ``PHI3OPS_EVAL_TIMEOUT_S``); each call gets the time left as its ``timeout_s``, so the
+   pyfunc's admission does not refuse it and its 60 s request timeout does not cut it. A call
+   that is refused or raises is split in halves (a refusal costs no work; one bad item sinks
+   only the calls holding it); one that times out is not retried; an item that still fails is
+   recorded once with its error and kind (``refused``, ``timed_out``, ``failed``). Speed is
+   measured here: a row's latency is its call's wall time; output tokens/s
    is all completion tokens over the wall time of all calls; peak memory is the process's RSS
    high-water mark during generation; time to first token streams a few items one by one
    through ``predict_stream`` (the ONNX pyfunc streams; MLflow's transformers pyfunc does not,
@@ -35,7 +43,8 @@ Metrics of a run (`EvalSummary.metrics`):
 ``pass_rate``         items whose every expectation passed / items (failed requests fail)
 ``pass_rate.<tag>``   the same over the items carrying the tag
 ``<kind>/mean``       scorer pass rate over the items having that expectation kind
-``error_rate``        failed requests / items (with ``n_items``, ``n_errors``)
+``error_rate``        failed requests / items (with ``n_items``, ``n_errors``; of those,
+                      ``n_refused`` and ``n_timed_out``: zero when the deadline covers the work)
 ``latency_p50_s``     per-request latency percentiles (``latency_p95_s`` too); a batched
                       row's latency is its batch's wall time (``batch_size_mean``)
 ``ttft_p50_s``        time to first token through streaming (``ttft_samples`` measured;
@@ -44,7 +53,7 @@ Metrics of a run (`EvalSummary.metrics`):
                       latency / completion tokens (TTFT is not measured per batched row, so
                       it is not subtracted); gated against the champion
 ``tokens_per_s``      completion tokens / generation wall time (``completion_tokens``,
-                      ``generation_wall_s``)
+                      ``generation_wall_s``, and the deadline it had, ``generation_deadline_s``)
 ``peak_rss_mb``       RSS high-water mark of the process during generation
 ====================  ===============================================================
 
@@ -62,7 +71,14 @@ from tasks.evaluation.compare import (
     publish_comparison,
     publish_comparison_task,
 )
-from tasks.evaluation.generate import completion_text, generate_outputs, generate_task, plan_batches
+from tasks.evaluation.generate import (
+    completion_text,
+    evaluation_line,
+    generate_for,
+    generate_outputs,
+    generate_task,
+    plan_batches,
+)
 from tasks.evaluation.resolve import (
     evaluation_tag_key,
     find_champion_evaluation,
@@ -93,12 +109,14 @@ __all__ = [
     "comparison_rows",
     "completion_text",
     "evaluate_model",
+    "evaluation_line",
     "evaluation_tag_key",
     "expectation_scorers",
     "find_champion_evaluation",
     "find_champion_evaluation_task",
     "find_evaluation",
     "find_evaluation_task",
+    "generate_for",
     "generate_outputs",
     "generate_task",
     "judge_scorers",

@@ -17,12 +17,23 @@ from phi3ops.names import CHAMPION_ALIAS, EVALUATION_TAG_PREFIX, EvalTag
 from phi3ops.registry import ModelTarget, resolve_model
 from phi3ops.tracking import configure_tracking
 from tasks.evaluation.values import HASH_PREFIX_LENGTH, ChampionLookup, EvalSummary
+from tasks.loaded_models import forget_models_from_code, settle
 
 # --- the model --------------------------------------------------------------------------------
 
 
-def load_model(target: ModelTarget) -> Any:
-    """The version's pyfunc, loaded once (its flavor's own loader).
+def load_model(target: ModelTarget, *, batch_size: int | None = None) -> Any:
+    """The version's pyfunc, loaded once (its flavor's own loader), alone in memory.
+
+    Models that earlier stages released (`tasks.loaded_models`) are freed first, and MLflow's
+    reference to what it loaded is dropped after: the caller holds the only one.
+
+    Args:
+        target: The version.
+        batch_size: Rows the model's batcher may run as one batch (its ``max_batch_size``),
+            for a model whose logged ``model_config`` has that key (the ONNX pyfunc): an eval
+            call's rows then run as one onnxruntime-genai batch, within the model's KV budget.
+            None: as logged.
 
     Raises:
         EvaluationError: MLflow could not load it.
@@ -30,13 +41,27 @@ def load_model(target: ModelTarget) -> Any:
     import mlflow
 
     configure_tracking()
+    settle()
     try:
-        return mlflow.pyfunc.load_model(target.version_uri)
+        overrides = _batch_overrides(target.version_uri, batch_size)
+        return mlflow.pyfunc.load_model(target.version_uri, model_config=overrides)
     except Exception as exc:
         raise EvaluationError(
             f"Could not load {target.version_uri} ({target.flavor} flavor) for evaluation "
             f"({type(exc).__name__}: {exc}). Check that its pip requirements are installed here."
         ) from exc
+    finally:
+        forget_models_from_code()
+
+
+def _batch_overrides(model_uri: str, batch_size: int | None) -> dict[str, Any] | None:
+    """``{"max_batch_size": batch_size}`` when the logged model_config has the key."""
+    if batch_size is None:
+        return None
+    from mlflow.models import Model
+
+    config = Model.load(model_uri).flavors.get("python_function", {}).get("model_config") or {}
+    return {"max_batch_size": batch_size} if "max_batch_size" in config else None
 
 
 # --- finding evaluations ----------------------------------------------------------------------

@@ -33,15 +33,14 @@ from phi3ops.registry import ModelTarget, resolve_model
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
 from tasks.evaluation.compare import comparison_markdown
-from tasks.evaluation.generate import generate_outputs
+from tasks.evaluation.generate import generate_for
 from tasks.evaluation.resolve import (
     evaluation_tag_key,
     find_champion_evaluation,
     find_evaluation,
-    load_model,
     summary_from_run,
 )
-from tasks.evaluation.values import EvalSummary, Generation, ItemGeneration
+from tasks.evaluation.values import REFUSED, TIMED_OUT, EvalSummary, Generation, ItemGeneration
 from tasks.recovery import end_orphan_runs, owner_tags
 from tasks.status import refresh_description
 
@@ -467,6 +466,8 @@ def _metrics(eval_set: EvalSet, generation: Generation, table: Any) -> dict[str,
         metrics[f"pass_rate.{tag}"] = _mean(with_tag)
     errors = sum(record.error is not None for record in generation.items)
     metrics["n_errors"] = float(errors)
+    for kind in (REFUSED, TIMED_OUT):  # zero when the deadline covers the work
+        metrics[f"n_{kind}"] = float(sum(r.failure == kind for r in generation.items))
     metrics["error_rate"] = errors / n if n else 0.0
     latencies = [record.latency_s for record in generation.items]
     if latencies:
@@ -475,6 +476,8 @@ def _metrics(eval_set: EvalSet, generation: Generation, table: Any) -> dict[str,
         metrics["batch_size_mean"] = _mean([record.batch_size for record in generation.items])
     tokens = [r.completion_tokens for r in generation.items if r.completion_tokens is not None]
     metrics["generation_wall_s"] = generation.wall_s
+    if generation.deadline_s is not None:
+        metrics["generation_deadline_s"] = generation.deadline_s
     if tokens:
         metrics["completion_tokens"] = float(sum(tokens))
         if generation.wall_s > 0:
@@ -560,7 +563,7 @@ def evaluate_model(
         existing = find_evaluation(target.model_name, target.version, loaded.content_hash)
         if existing is not None:
             return existing
-    generation = generate_outputs(load_model(target), loaded)
+    generation = generate_for(target, loaded)
     summary = score_generation(target, loaded, generation, params=run_evaluation_parameters())
     champion = find_champion_evaluation(
         target.model_name, loaded.content_hash, candidate_version=target.version

@@ -32,8 +32,8 @@ from phi3ops.evalset import EvalSet
 from phi3ops.names import RUN_TYPE_TAG, TAG_PREFIX, EvalTag
 from phi3ops.settings import get_settings
 from phi3ops.tracking import configure_tracking
-from tasks.evaluation.generate import generate_outputs, plan_batches
-from tasks.evaluation.resolve import ModelTarget, load_model
+from tasks.evaluation.generate import generate_for, plan_batches
+from tasks.evaluation.resolve import ModelTarget
 from tasks.evaluation.values import Generation
 
 __all__ = [
@@ -166,8 +166,8 @@ def generate_shard(
     Returns:
         The MLflow run holding the shard's `Generation` (``generation.json``).
     """
-    generation = generate_outputs(
-        load_model(target),
+    generation = generate_for(
+        target,
         shard_of(eval_set, item_ids),
         batch_size=batch_size,
         default_max_tokens=default_max_tokens,

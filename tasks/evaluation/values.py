@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 #: Eval set hashes are shown, and tag model versions, by their first characters.
 HASH_PREFIX_LENGTH = 12
+
+#: Why an item has no answer: the model refused its call before any work (HTTP 429), the call
+#: ran past its timeout or the evaluation's deadline (HTTP 504), or anything else failed.
+Failure = Literal["refused", "timed_out", "failed"]
+REFUSED: Failure = "refused"
+TIMED_OUT: Failure = "timed_out"
+FAILED: Failure = "failed"
+FAILURES: tuple[Failure, ...] = (REFUSED, TIMED_OUT, FAILED)
 
 
 class ItemGeneration(BaseModel):
@@ -14,6 +24,7 @@ class ItemGeneration(BaseModel):
     id: str
     content: str | None  # None when the request failed
     error: str | None = None
+    failure: Failure | None = None  # set with error
     latency_s: float  # wall time of the predict call the row was part of
     batch_size: int  # rows in that call
     prompt_tokens: int | None = None
@@ -28,6 +39,7 @@ class Generation(BaseModel):
     wall_s: float  # all predict calls, back to back
     ttft_s: list[float] = Field(default_factory=list)
     peak_rss_mb: float | None = None
+    deadline_s: float | None = None  # what the whole generation was allowed
     notes: list[str] = Field(default_factory=list)
 
 

@@ -5,7 +5,7 @@ Two parts:
 
 * a canned pyfunc (no model at all) whose answers are known to satisfy the smoke set, so the
   scorer wiring is proven to pass good outputs, and whose poisoned item shows a failing batch
-  retried row by row;
+  split in halves until it stands alone;
 * one module-scoped store where both flavors of the tiny Phi-3 are packaged once (version 1
   onnx, version 2 transformers, @candidate -> 2) and evaluated on ``evals/smoke.jsonl``, in the
   order a user would go:
@@ -107,6 +107,9 @@ def _assert_consistent(summary: EvalSummary, eval_set: EvalSet) -> pd.DataFrame:
     # Speed and errors.
     assert metrics["n_items"] == len(eval_set.items)
     assert metrics["error_rate"] == pytest.approx(table["error"].notna().mean())
+    # the deadline covers the work: nothing refused or cut (the tiny model answers everything)
+    assert metrics["n_refused"] == metrics["n_timed_out"] == 0
+    assert metrics["generation_deadline_s"] >= 600 > metrics["generation_wall_s"]
     assert 0 < metrics["latency_p50_s"] <= metrics["latency_p95_s"] < 60
     assert metrics["completion_tokens"] == table["completion_tokens"].sum() > 0
     assert metrics["tokens_per_s"] == pytest.approx(
@@ -192,7 +195,7 @@ class CannedChat(mlflow.pyfunc.PythonModel):
         return answers
 
 
-def test_scorers_pass_known_good_outputs_and_a_failing_batch_is_retried_row_by_row(
+def test_scorers_pass_known_good_outputs_and_a_failing_call_is_split_in_halves(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import mlflow
@@ -201,7 +204,7 @@ def test_scorers_pass_known_good_outputs_and_a_failing_batch_is_retried_row_by_r
     from phi3ops.settings import get_settings
     from phi3ops.tracking import configure_tracking
 
-    # The four 48-token items share one call: the poisoned one sinks it, then each is retried.
+    # The two 32-token items share one call: the poisoned one sinks it, then it is halved.
     monkeypatch.setenv("PHI3OPS_EVAL_BATCH_SIZE", "4")
     get_settings.cache_clear()
     configure_tracking()
@@ -218,11 +221,12 @@ def test_scorers_pass_known_good_outputs_and_a_failing_batch_is_retried_row_by_r
     poisoned = table.loc["add-17-25"]
     assert poisoned["output"] is None and "ValueError: this model cannot add" in poisoned["error"]
     assert poisoned["regex"] is False and poisoned["regex_rationale"].startswith("no output:")
-    # The batch holding the poisoned item was retried row by row: the others still answered.
+    # The call holding the poisoned item was split in halves: its partner still answered, and
+    # the other calls were untouched.
     good = table.drop(index="add-17-25")
     assert good["error"].isna().all() and good["passed"].all()
-    retried = ["capital-france", "recall-name", "refuse-pipe-bomb", "add-17-25"]
-    assert set(table.loc[retried, "batch_size"]) == {1}
+    assert set(table.loc[["capital-france", "add-17-25"], "batch_size"]) == {1}
+    assert set(table.loc[["json-person", "refuse-pipe-bomb"], "batch_size"]) == {2}
     for kind, ids in _kinds_of(smoke).items():
         for item_id in ids:
             if item_id != "add-17-25":
@@ -230,6 +234,7 @@ def test_scorers_pass_known_good_outputs_and_a_failing_batch_is_retried_row_by_r
     metrics = summary.metrics
     assert metrics["pass_rate"] == pytest.approx(5 / 6)
     assert metrics["error_rate"] == pytest.approx(1 / 6)
+    assert (metrics["n_errors"], metrics["n_refused"], metrics["n_timed_out"]) == (1, 0, 0)
     assert metrics["pass_rate.arithmetic"] == 0.0 and metrics["pass_rate.geography"] == 1.0
     assert metrics["regex/mean"] == pytest.approx(2 / 3)  # json-person, refusal pass; add fails
     assert metrics["contains/mean"] == 1.0 and metrics["valid_json/mean"] == 1.0

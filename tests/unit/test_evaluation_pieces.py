@@ -8,12 +8,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED
 
 from phi3ops.errors import InvalidInputError
 from phi3ops.evalset import EvalItem, EvalSet, hash_items
 from phi3ops.names import evaluation_artifact_key
 from phi3ops.policies import GatePolicy
 from phi3ops.registry import resolve_model
+from phi3ops.serving.signatures import ONNX_CHAT_SIGNATURE
 from tasks.evaluation import (
     ChampionLookup,
     EvalSummary,
@@ -25,6 +29,12 @@ from tasks.evaluation import (
     judge_scorers,
     parity_report,
     plan_batches,
+)
+from tasks.evaluation.generate import (
+    MIN_DEADLINE_S,
+    evaluation_deadline_s,
+    failure_of,
+    generation_line,
 )
 
 HASH = "a" * 64
@@ -109,7 +119,7 @@ def test_batches_group_equal_generation_fields_and_respect_the_size() -> None:
         plan_batches(items, default_max_tokens=8, batch_size=0)
 
 
-def test_generation_batches_and_retries_a_failing_batch_row_by_row() -> None:
+def test_a_failing_call_is_split_in_halves_not_retried_row_by_row() -> None:
     items = [_item(i, p) for i, p in [("a", "hi"), ("b", "poison me"), ("c", "yo"), ("d", "ok")]]
     model = FakeModel()
     result = generate_outputs(
@@ -117,14 +127,86 @@ def test_generation_batches_and_retries_a_failing_batch_row_by_row() -> None:
     )
     by_id = {r.id: r for r in result.items}
     assert [r.id for r in result.items] == ["a", "b", "c", "d"]
-    # warm-up (1 row), the failing batch of 3, its 3 retries, then the last batch of 1
-    assert model.calls == [1, 3, 1, 1, 1, 1]
+    # warm-up (1 row), the failing call of 3, its halves [a, b] (fails again) and [c], then
+    # [a] and [b] alone, then the last batch of 1
+    assert model.calls == [1, 3, 2, 1, 1, 1, 1]
     assert by_id["b"].content is None and "ValueError: poisoned batch" in by_id["b"].error
+    assert by_id["b"].failure == "failed"
     assert by_id["a"].content == "HI" and by_id["a"].error is None and by_id["a"].batch_size == 1
+    assert by_id["c"].batch_size == 1 and by_id["c"].failure is None
     assert by_id["d"].batch_size == 1 and by_id["d"].completion_tokens == 4
     assert len(result.ttft_s) == 2 and all(t >= 0 for t in result.ttft_s)
     assert result.wall_s > 0 and result.peak_rss_mb and result.peak_rss_mb > 0
+    assert result.deadline_s == MIN_DEADLINE_S  # a fake model is fast: the least deadline
     assert result.notes == []
+
+
+class Admitting(FakeModel):
+    """The ONNX pyfunc's contract: ``params['timeout_s']`` in its signature, refusals before
+    any work (RESOURCE_EXHAUSTED) and cancellations past the timeout (DEADLINE_EXCEEDED).
+    """
+
+    def __init__(self, *, most_rows: int, slow: str = "") -> None:
+        super().__init__()
+        self.most_rows, self.slow = most_rows, slow
+        self.timeouts: list[float] = []
+        self.metadata = Model(signature=ONNX_CHAT_SIGNATURE)
+
+    def predict(self, rows: list[dict[str, Any]], params: dict[str, Any] | None = None) -> Any:
+        self.timeouts.append(params["timeout_s"])
+        if len(rows) > self.most_rows:
+            self.calls.append(len(rows))
+            raise MlflowException("would not finish in time", error_code=RESOURCE_EXHAUSTED)
+        if any(self.slow and self.slow in row["messages"][-1]["content"] for row in rows):
+            self.calls.append(len(rows))
+            raise MlflowException("cancelled past its timeout", error_code=DEADLINE_EXCEEDED)
+        return super().predict(rows)
+
+
+def test_calls_get_the_evaluations_deadline_and_failures_are_counted_once() -> None:
+    items = [_item(f"i{n}", "slow" if n == 5 else f"p{n}") for n in range(8)]
+    model = Admitting(most_rows=2, slow="slow")
+    result = generate_outputs(
+        model, _set(*items), batch_size=4, default_max_tokens=4, ttft_samples=0, timeout_s=900
+    )
+    # every call carries the time left to the evaluation's own deadline, not a 60 s default
+    assert result.deadline_s == 900
+    assert all(0 < timeout <= 900 for timeout in model.timeouts)
+    assert model.timeouts[1] > 800
+    # refused calls of 4 are split in halves (a refusal costs no work); the call holding the
+    # item that timed out is not retried: its two rows are errors, each counted once
+    assert model.calls == [1, 4, 2, 2, 4, 2, 2]
+    failures = {r.id: r.failure for r in result.items if r.failure}
+    assert failures == {"i4": "timed_out", "i5": "timed_out"}
+    assert all(r.content == r.id.replace("i", "P") for r in result.items if not r.failure)
+    line = generation_line("fake", result)
+    assert "8 items of fake" in line and "0 refused, 2 timed out, 0 failed" in line
+
+
+def test_a_row_refused_alone_is_refused_and_a_passed_deadline_sends_nothing() -> None:
+    items = [_item("a", "a"), _item("b", "b")]
+    refused = generate_outputs(
+        Admitting(most_rows=0), _set(*items), batch_size=2, ttft_samples=0, timeout_s=900
+    )
+    assert [r.failure for r in refused.items] == ["refused", "refused"]
+    assert all("would not finish in time" in (r.error or "") for r in refused.items)
+    model = Admitting(most_rows=8)
+    late = generate_outputs(model, _set(*items), batch_size=2, ttft_samples=0, timeout_s=1e-9)
+    assert model.calls == [1]  # the warm-up only: past the deadline nothing is sent
+    assert [r.failure for r in late.items] == ["timed_out", "timed_out"]
+    assert "deadline had passed" in (late.items[0].error or "")
+
+
+def test_the_deadline_covers_the_work_at_the_measured_speed() -> None:
+    requests = [{"max_tokens": 100}, {"max_tokens": 300}]
+    # 400 tokens at 2 s each, twice over: one row at a time, no batching gain assumed
+    assert evaluation_deadline_s(requests, 2.0, timeout_s=None) == 2 * 400 * 2.0
+    assert evaluation_deadline_s(requests, 0.001, timeout_s=None) == MIN_DEADLINE_S
+    assert evaluation_deadline_s(requests, None, timeout_s=None) == 2 * 400 * 2.0  # unmeasured
+    assert evaluation_deadline_s(requests, 2.0, timeout_s=30) == 30
+    assert failure_of(MlflowException("x", error_code=RESOURCE_EXHAUSTED)) == "refused"
+    assert failure_of(MlflowException("x", error_code=DEADLINE_EXCEEDED)) == "timed_out"
+    assert failure_of(ValueError("x")) == "failed"
 
 
 def test_generation_takes_every_answer_shape_and_notes_a_model_that_cannot_stream() -> None:

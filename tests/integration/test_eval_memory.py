@@ -1,0 +1,78 @@
+"""One model in memory at a time across packaging and evaluation, on the tiny Phi-3.
+
+Packaging loads the model it logs (MLflow predicts the input example), and MLflow keeps that
+object in a module global; the ONNX pyfunc's batcher thread and the model refer to each other.
+Without releasing, the evaluation's model loaded beside the packaging's (measured on the bench
+preset: 780 MB peak instead of 610 MB). Here: packaging drops MLflow's reference, the next load
+waits until the released model is freed, and the evaluation releases its own model when done.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import pytest
+
+from phi3ops.evalset import open_eval_set
+from phi3ops.registry import resolve_model
+from phi3ops.sources import ONNX_REPO_ID, Variant
+from tasks.evaluation.generate import generate_for
+from tasks.evaluation.resolve import load_model
+from tasks.hub import fetch_snapshot
+from tasks.loaded_models import released_alive, settle
+from tasks.packaging import log_onnx_model
+from tasks.registry import register_version
+
+
+def _loaded_onnx_models() -> int:
+    """OnnxChatModel objects in memory that hold a loaded onnxruntime-genai model."""
+    gc.collect()
+    return sum(
+        type(obj).__name__ == "OnnxChatModel" and hasattr(obj, "_model") for obj in gc.get_objects()
+    )
+
+
+def _batcher_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "onnx-chat-batcher"}
+
+
+def test_packaging_and_evaluation_leave_no_model_behind(hub_with_tiny_phi3) -> None:
+    from mlflow.models import model as mlflow_model
+
+    settle()  # whatever an earlier test released is gone before counting
+    before = _loaded_onnx_models()
+    threads_before = _batcher_threads()
+    fetched = fetch_snapshot(
+        ONNX_REPO_ID, variant=Variant.ONNX_CPU_INT4, endpoint=hub_with_tiny_phi3.url
+    )
+    logged = log_onnx_model(fetched)
+
+    # MLflow loaded the model to predict the input example; packaging let go of it
+    assert mlflow_model.__mlflow_model__ is None
+    packaged = [weakref.ref(model) for model in released_alive()]
+    assert packaged, "packaging released the model MLflow loaded"
+    target = resolve_model(register_version(logged, fetched, model_name="mem").model_uri)
+
+    model = load_model(target)  # waits for the packaging's model to be freed, then loads
+    assert all(ref() is None for ref in packaged)  # its batcher thread ended, the cycle freed
+    assert mlflow_model.__mlflow_model__ is None  # the caller holds the only reference
+    assert _loaded_onnx_models() == before + 1
+    del model
+
+    generation = generate_for(target, open_eval_set("smoke"), ttft_samples=1)
+    assert not [item.error for item in generation.items if item.error]
+    evaluated = [weakref.ref(model) for model in released_alive()]
+    assert evaluated, "the evaluation released its model"
+    assert settle() == 0
+    assert all(ref() is None for ref in evaluated)
+    assert _loaded_onnx_models() == before
+    assert _batcher_threads() <= threads_before
+
+
+@pytest.fixture(autouse=True)
+def _tracking(isolated_settings) -> None:
+    from phi3ops.tracking import configure_tracking
+
+    configure_tracking()
