@@ -38,12 +38,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from phi3ops.serving.records import (
-    CANCELLED_STATUS,
-    answer_usage,
-    completion_from_events,
-    outcome_of,
-)
+from phi3ops.serving.records import CANCELLED_STATUS, answer_usage, outcome_of
 from phi3ops.serving.request import parse_json
 
 _log = logging.getLogger(__name__)
@@ -211,12 +206,10 @@ class ServingMetrics:
         if exchange.request is not None and exchange.request.rows:
             rows = len(exchange.request.rows)
         if exchange.streamed:
-            answer, ttft = completion_from_events(exchange.parts)
-            if answer is not None and not answer.get("usage") and exchange.usage:
-                answer["usage"] = exchange.usage
-            if ttft is not None:
-                self.ttft.labels(arm, version).observe(ttft)
-            times = content_times(exchange.parts)
+            times, usage = stream_facts(exchange.parts)
+            answer = {"usage": usage or exchange.usage or {}}
+            if times:
+                self.ttft.labels(arm, version).observe(times[0])
             histogram = self.inter_token.labels(arm, version)
             for before, after in itertools.pairwise(times):
                 histogram.observe(after - before)
@@ -286,9 +279,12 @@ def _load_stats(model: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def content_times(events: list[tuple[float, bytes]]) -> list[float]:
-    """The seconds at which each server-sent event with answer text was sent."""
+def stream_facts(events: list[tuple[float, bytes]]) -> tuple[list[float], dict[str, Any]]:
+    """Of a stream's server-sent events, each with the second it was sent: the seconds at which
+    each event with answer text (or a tool call's) was sent, and the stream's last ``usage``.
+    """
     times: list[float] = []
+    usage: dict[str, Any] = {}
     buffer = b""
     for sent, data in events:
         buffer += data
@@ -301,7 +297,11 @@ def content_times(events: list[tuple[float, bytes]]) -> list[float]:
                 chunk = json.loads(payload)
             except ValueError:
                 continue
-            choices = chunk.get("choices") if isinstance(chunk, dict) else None
+            if not isinstance(chunk, dict):
+                continue
+            if isinstance(chunk.get("usage"), dict):
+                usage = chunk["usage"]
+            choices = chunk.get("choices")
             if not isinstance(choices, list):
                 continue
             if any(
@@ -311,4 +311,4 @@ def content_times(events: list[tuple[float, bytes]]) -> list[float]:
                 for c in choices
             ):
                 times.append(sent)
-    return times
+    return times, usage
