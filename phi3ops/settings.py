@@ -250,7 +250,7 @@ class Settings(BaseSettings):
         description=(
             "Seconds `phi3ops serve` keeps serving after SIGTERM while GET /ready answers 503, "
             "so a load balancer takes it out of rotation before it stops listening; then it "
-            "drains the requests in flight. A second SIGTERM stops waiting."
+            "drains the requests in flight. SIGINT stops waiting; another SIGTERM does not."
         ),
     )
     monitor_window_minutes: int = Field(
