@@ -231,6 +231,9 @@ def test_an_api_key_from_the_cli_is_required_and_never_shown(onnx_uri, tmp_path)
         cli.send_signal(signal.SIGTERM)
         assert cli.wait(timeout=90) == 0
     assert KEY not in log.read_text()  # nor in what the server logged
+    stored = [Path(data_dir) / "mlflow.db", *Path(data_dir).glob("serving/spool/**/*")]
+    for path in (p for p in stored if p.is_file()):
+        assert KEY.encode() not in path.read_bytes(), path  # nor in the records it stored
 
 
 def _session(pid: int) -> list[int]:
