@@ -12,17 +12,32 @@ A build says which of its four steps it is in, at INFO through this module's log
 terminal and in the Prefect run's logs): checking the checkpoint, reading its config and
 tokenizer, converting and quantizing to int4 (the long one: minutes for Phi-3-mini), checking
 the build and moving it into place.
+
+Memory: the builder hands the int4 quantizer its whole graph as one in-memory ONNX proto with
+every weight in fp32 (``onnx_ir.to_proto``), while the bf16 weights are still held: at
+Phi-3-mini's size 14.5 GB on top of 7.6 GB, more than a 24 GB machine has. `_fp32_on_disk`
+makes that intermediate model an external-data file in the build's scratch folder instead (the
+weights written one at a time, then memory-mapped one MatMul at a time by the quantizer), and
+the bf16 tensors are released once written: at Phi-3-mini's size the build peaks at 10.5 GB
+(while the intermediate is written) and takes under 2 minutes of its own on 2 cores, where the
+in-memory intermediate passed 15 GB and was still rising. The files built are the same bytes.
+`_stamp_wheel_commit` keeps those bytes the same from one commit of this project to the next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -49,6 +64,11 @@ _EXECUTION_PROVIDERS = frozenset({"cpu", "cuda", "dml", "webgpu", "NvTensorRtRtx
 _BLOCK_SIZES = frozenset({16, 32, 64, 128, 256})
 _ACCURACY_LEVELS = frozenset({0, 1, 2, 3, 4})
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+#: Name of the fp32 intermediate model's weights in the build's scratch folder.
+FP32_INTERMEDIATE_DATA = "fp32-intermediate.onnx.data"
+#: Initializers at least this large go to the on-disk intermediate; smaller ones (norms,
+#: shapes, constants) stay in the proto, where the quantizer's other readers expect them.
+_ON_DISK_MIN_BYTES = 1024
 
 
 def find_onnx_build(model_dir: Path) -> Path | None:
@@ -143,6 +163,7 @@ def build_onnx_int4(
             block_size=block_size,
             accuracy_level=accuracy_level,
             cache_dir=cache_dir if cache_dir is not None else staging / "cache",
+            scratch_dir=staging / "fp32-intermediate",
             filename=filename,
         )
         _step(4, f"checking the build and moving it into {output_dir}")
@@ -272,9 +293,12 @@ def _run_builder(
     block_size: int,
     accuracy_level: int,
     cache_dir: Path,
+    scratch_dir: Path,
     filename: str,
 ) -> None:
-    """Run onnxruntime-genai's builder; any failure becomes an OnnxBuildError."""
+    """Run onnxruntime-genai's builder, its fp32 intermediate model on disk in ``scratch_dir``
+    (`_fp32_on_disk`); any failure becomes an OnnxBuildError.
+    """
     try:
         # Heavy (torch, transformers) and it appends its own folder to sys.path: import late.
         from onnxruntime_genai.models.builder import create_model, parse_extra_options
@@ -293,6 +317,7 @@ def _run_builder(
         "hf_token=false",
     ]
     try:
+        base = _builder_base_module(create_model)
         _step(2, f"reading the config and tokenizer of {pytorch_dir}")
         # parse_extra_options also loads the config and tokenizer that create_model needs.
         options = parse_extra_options(
@@ -309,15 +334,16 @@ def _run_builder(
             f"converting to ONNX and quantizing to int4 ({execution_provider}, "
             f"block_size={block_size}, accuracy_level={accuracy_level}); the long step",
         )
-        create_model(
-            None,
-            str(pytorch_dir),
-            str(model_dir),
-            "int4",
-            execution_provider,
-            str(cache_dir),
-            **options,
-        )
+        with _stamp_wheel_commit(base), _fp32_on_disk(base, scratch_dir):
+            create_model(
+                None,
+                str(pytorch_dir),
+                str(model_dir),
+                "int4",
+                execution_provider,
+                str(cache_dir),
+                **options,
+            )
     except Exception as exc:
         raise OnnxBuildError(
             f"the onnxruntime-genai builder failed to convert {pytorch_dir} to int4 "
@@ -325,6 +351,137 @@ def _run_builder(
             f"{type(exc).__name__}: {exc}. Check that the folder is a complete, uncorrupted "
             "Phi-3 checkpoint."
         ) from exc
+
+
+def _builder_base_module(create_model: Callable[..., Any]) -> types.ModuleType | None:
+    """The builder's ``builders.base`` module (imported under that name: the builder puts its
+    own folder on ``sys.path``), whose ``Model.to_nbits`` makes the fp32 intermediate proto.
+
+    None when ``create_model`` is not the installed builder's (a stand-in with no source
+    file): there is no intermediate model to move to disk then.
+    """
+    source = getattr(sys.modules.get(getattr(create_model, "__module__", "")), "__file__", None)
+    if source is None or "onnxruntime_genai" not in Path(source).parts:
+        return None
+    for name, module in list(sys.modules.items()):
+        model_class = getattr(module, "Model", None)
+        if name.endswith("builders.base") and hasattr(model_class, "to_nbits"):
+            if not callable(getattr(getattr(module, "ir", None), "to_proto", None)):
+                break
+            return module
+    raise OnnxBuildError(
+        "the installed onnxruntime-genai builder has no builders.base module with Model.to_nbits "
+        "and onnx_ir.to_proto, which phi3ops patches to keep the build's memory bounded. "
+        "Install onnxruntime-genai==0.18.0 (the version phi3ops pins)."
+    )
+
+
+@contextlib.contextmanager
+def _stamp_wheel_commit(base: types.ModuleType | None) -> Iterator[None]:
+    """While the builder runs, it stamps the model's ``producer_version`` with the installed
+    wheel's commit (``onnxruntime_genai.__commit__``).
+
+    Its own ``get_genai_commit`` runs ``git rev-parse HEAD`` five folders above its source
+    file first: inside a virtual environment in a git checkout (``.venv`` here) that is the
+    checkout's commit, so every commit of the project changed the bytes of the same build.
+    """
+    if base is None:
+        yield
+        return
+    import onnxruntime_genai
+
+    model_class = base.Model
+    commit = getattr(onnxruntime_genai, "__commit__", None) or None
+    saved = model_class.__dict__.get("get_genai_commit")
+    model_class.get_genai_commit = classmethod(lambda cls: commit)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del model_class.get_genai_commit
+        else:
+            model_class.get_genai_commit = saved
+
+
+class _OnnxIrWithProtoOnDisk(types.ModuleType):
+    """``onnx_ir`` as the builder's base module sees it, but for ``to_proto`` (see
+    `_fp32_on_disk`); every other name is the real module's.
+    """
+
+    def __init__(self, real: types.ModuleType, to_proto: Callable[[Any], Any]) -> None:
+        super().__init__(real.__name__, real.__doc__)
+        self._real = real
+        self.to_proto = to_proto
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@contextlib.contextmanager
+def _fp32_on_disk(base: types.ModuleType | None, scratch: Path) -> Iterator[None]:
+    """While the builder runs, its ``ir.to_proto(model)`` writes the model's weights to
+    ``scratch / FP32_INTERMEDIATE_DATA`` and returns a proto that refers to them there.
+
+    The weights are written one by one (the builder's lazy fp32 casts of the bf16 tensors run
+    then, one at a time) and the model keeps the on-disk tensors in their place, so the bf16
+    tensors can be freed. The proto's external-data locations are absolute paths, which the
+    int4 quantizer (``ir.from_proto(tensor).numpy()``, a memory map) reads wherever the
+    process runs; the builder's final save reads the tensors it did not quantize from the same
+    file. ``scratch`` must outlive the builder's save; the caller removes it.
+    """
+    if base is None:
+        yield
+        return
+    import onnx_ir
+    from onnx_ir import external_data
+
+    real = base.ir
+
+    def to_proto(model: Any) -> Any:
+        if not isinstance(model, onnx_ir.Model):
+            return onnx_ir.to_proto(model)
+        scratch.mkdir(parents=True, exist_ok=True)
+        data_path = scratch / FP32_INTERMEDIATE_DATA
+        # A second call (a second quantizer pass) would overwrite tensors the first one refers
+        # to: give each call its own file.
+        n = 1
+        while data_path.exists():
+            n += 1
+            data_path = scratch / f"{n}-{FP32_INTERMEDIATE_DATA}"
+        external_data.unload_from_model(
+            model, str(scratch), data_path.name, size_threshold_bytes=_ON_DISK_MIN_BYTES
+        )
+        proto = onnx_ir.to_proto(model)
+        _absolute_external_locations(proto, scratch)
+        return proto
+
+    base.ir = _OnnxIrWithProtoOnDisk(real, to_proto)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        base.ir = real  # type: ignore[attr-defined]
+
+
+def _absolute_external_locations(model_proto: Any, base_dir: Path) -> None:
+    """Point every external-data initializer of ``model_proto`` (subgraphs too) at
+    ``base_dir / location``, so readers find it whatever their working folder.
+    """
+    from onnx import TensorProto
+
+    graphs = [model_proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        for tensor in graph.initializer:
+            if tensor.data_location != TensorProto.EXTERNAL:
+                continue
+            for entry in tensor.external_data:
+                if entry.key == "location" and not os.path.isabs(entry.value):
+                    entry.value = str(base_dir / entry.value)
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    graphs.append(attribute.g)
+                graphs.extend(attribute.graphs)
 
 
 @task(name="build-onnx-int4", retries=0, cache_policy=NO_CACHE)
