@@ -45,6 +45,7 @@ from pathlib import Path
 from offline.tiny_phi3.build import build_tiny_phi3, is_complete
 from offline.tiny_phi3.recipe import (
     BENCH,
+    MINI,
     ONNX_CPU_INT4_FILENAME,
     PRESETS,
     TINY,
@@ -58,6 +59,7 @@ from phi3ops.sources import ONNX_CPU_INT4_SUBFOLDER, ONNX_REPO_ID, PYTORCH_REPO_
 
 __all__ = [
     "BENCH",
+    "MINI",
     "ONNX_CPU_INT4_FILENAME",
     "ONNX_CPU_INT4_SUBFOLDER",
     "ONNX_REPO_ID",
@@ -88,7 +90,8 @@ def ensure_tiny_phi3(cache_root: Path, recipe: TinyPhi3Recipe = TINY) -> TinyPhi
 
     Args:
         cache_root: Folder for cached builds (created if missing).
-        recipe: What to build; :data:`TINY` (default) or :data:`BENCH`.
+        recipe: What to build; :data:`TINY` (default), :data:`BENCH` or :data:`MINI`
+            (Phi-3-mini's real shape: minutes and about 10.5 GB at peak).
 
     Returns:
         The paths of the built repositories.

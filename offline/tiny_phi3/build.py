@@ -29,6 +29,10 @@ __all__ = ["MANIFEST_NAME", "build_tiny_phi3", "is_complete"]
 
 #: Written last into a build's root: its presence marks a complete build.
 MANIFEST_NAME = "tiny_phi3.json"
+#: Recipes with more parameters than this get their weights written tensor by tensor
+#: (`_save_weights_by_tensor`) instead of from a whole fp32 model in memory (15 GB at
+#: Phi-3-mini's size); the smaller presets keep the bytes they always had.
+STREAM_ABOVE_PARAMETERS = 1_000_000_000
 
 
 def is_complete(root: Path) -> bool:
@@ -101,6 +105,17 @@ def _save_model(pytorch_dir: Path, recipe: TinyPhi3Recipe, ids: dict[str, int]) 
         tie_word_embeddings=False,
         architectures=["Phi3ForCausalLM"],
     )
+    generation_config = GenerationConfig(
+        bos_token_id=ids["<s>"],
+        eos_token_id=[ids[token] for token in STOP_TOKENS],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    if recipe.num_parameters > STREAM_ABOVE_PARAMETERS:
+        _save_weights_by_tensor(pytorch_dir, recipe, config)
+        config.dtype = recipe.dtype
+        config.save_pretrained(str(pytorch_dir))
+        generation_config.save_pretrained(str(pytorch_dir))
+        return
     dtype = getattr(torch, recipe.dtype)
     # fork_rng: seed our weights without disturbing the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
@@ -108,14 +123,61 @@ def _save_model(pytorch_dir: Path, recipe: TinyPhi3Recipe, ids: dict[str, int]) 
         model = Phi3ForCausalLM(config)
     model = model.to(dtype)
     model.config.dtype = recipe.dtype
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<s>"],
-        eos_token_id=[ids[token] for token in STOP_TOKENS],
-        pad_token_id=ids["<|endoftext|>"],
-    )
+    model.generation_config = generation_config
     total_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     # Two shards plus an index, like the real repo: each shard a bit over half the weights.
     model.save_pretrained(str(pytorch_dir), max_shard_size=total_bytes * 6 // 10)
+
+
+def _save_weights_by_tensor(pytorch_dir: Path, recipe: TinyPhi3Recipe, config: object) -> None:
+    """Write random weights as two safetensors shards and their index, one shard in memory
+    at a time, each tensor drawn in the recipe's dtype (never a whole fp32 model).
+
+    Drawn as Phi-3 initialises them: normal(0, ``initializer_range``) for the matrices and
+    embeddings, ones for the RMSNorm weights (the only 1-D tensors). The names and shapes come
+    from ``Phi3ForCausalLM`` built on the meta device (no memory).
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Phi3ForCausalLM
+
+    with torch.device("meta"):
+        shapes = [
+            (name, tuple(tensor.shape))
+            for name, tensor in Phi3ForCausalLM(config).state_dict().items()  # type: ignore[arg-type]
+        ]
+    dtype = getattr(torch, recipe.dtype)
+    item = torch.empty((), dtype=dtype).element_size()
+    sizes = [item * int(torch.Size(shape).numel()) for _, shape in shapes]
+    total = sum(sizes)
+    # Two shards, the first ending at the tensor that crosses half the bytes.
+    first, running = len(shapes), 0
+    for index, size in enumerate(sizes):
+        running += size
+        if running >= total // 2:
+            first = index + 1
+            break
+    parts = [shapes[:first], shapes[first:]] if first < len(shapes) else [shapes]
+    std = float(getattr(config, "initializer_range", 0.02))
+    generator = torch.Generator().manual_seed(recipe.seed)
+    weight_map: dict[str, str] = {}
+    for number, part in enumerate(parts, start=1):
+        filename = f"model-{number:05d}-of-{len(parts):05d}.safetensors"
+        tensors = {}
+        for name, shape in part:
+            if len(shape) == 1:
+                tensors[name] = torch.ones(shape, dtype=dtype)
+            else:
+                tensors[name] = torch.empty(shape, dtype=dtype).normal_(
+                    0.0, std, generator=generator
+                )
+            weight_map[name] = filename
+        save_file(tensors, str(pytorch_dir / filename), metadata={"format": "pt"})
+        del tensors
+    write_json(
+        pytorch_dir / "model.safetensors.index.json",
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+    )
 
 
 def _save_onnx(repos: TinyPhi3Repos, recipe: TinyPhi3Recipe) -> None:

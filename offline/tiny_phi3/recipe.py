@@ -15,6 +15,7 @@ from tasks import onnx_build
 
 __all__ = [
     "BENCH",
+    "MINI",
     "ONNX_CPU_INT4_FILENAME",
     "PRESETS",
     "TINY",
@@ -47,6 +48,9 @@ class TinyPhi3Recipe:
         num_key_value_heads: Key/value heads (Phi-3 mini uses as many as attention heads).
         max_position_embeddings: Context length; 4096 as in Phi-3-mini-4k.
         dtype: Dtype of the saved safetensors weights (Phi-3 ships bfloat16).
+        min_vocab_rows: Embedding (and LM head) rows at least this many, so a preset can have
+            Phi-3-mini's 32064 with the small trained tokenizer; 0: the tokenizer's size padded
+            like Phi-3 (:attr:`model_vocab_size`).
     """
 
     name: str = "tiny"
@@ -59,6 +63,7 @@ class TinyPhi3Recipe:
     num_key_value_heads: int = 4
     max_position_embeddings: int = 4096
     dtype: str = "bfloat16"
+    min_vocab_rows: int = 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -77,13 +82,17 @@ class TinyPhi3Recipe:
             problems.append("num_hidden_layers and max_position_embeddings must be positive")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             problems.append("dtype must be bfloat16, float16 or float32")
+        if self.min_vocab_rows < 0:
+            problems.append("min_vocab_rows must be 0 or more")
         if problems:
             raise InvalidInputError(f"invalid TinyPhi3Recipe {self}: " + "; ".join(problems))
 
     @property
     def model_vocab_size(self) -> int:
-        """Embedding rows: the trained vocabulary plus the added tokens, padded like Phi-3."""
-        used = self.tokenizer_vocab_size + len(ADDED_SPECIAL_TOKENS)
+        """Embedding rows: the trained vocabulary plus the added tokens, padded like Phi-3
+        (or :attr:`min_vocab_rows` if more).
+        """
+        used = max(self.tokenizer_vocab_size + len(ADDED_SPECIAL_TOKENS), self.min_vocab_rows)
         return -(-used // _VOCAB_PAD_MULTIPLE) * _VOCAB_PAD_MULTIPLE
 
     @property
@@ -99,6 +108,19 @@ class TinyPhi3Recipe:
             + self.num_hidden_layers * layer
             + self.hidden_size
         )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """fp32 KV cache bytes per token of one row (onnxruntime-genai's CPU cache):
+        layers x KV heads x head size x 2 (K and V) x 4.
+        """
+        head_dim = self.hidden_size // self.num_attention_heads
+        return self.num_hidden_layers * self.num_key_value_heads * head_dim * 2 * 4
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the saved safetensors weights."""
+        return self.num_parameters * (4 if self.dtype == "float32" else 2)
 
     def cache_key(self) -> str:
         """Short sha256 of the recipe, the build code and the versions of the building libraries.
@@ -153,7 +175,20 @@ BENCH = TinyPhi3Recipe(
     num_attention_heads=16,
     num_key_value_heads=16,
 )
-PRESETS: dict[str, TinyPhi3Recipe] = {"tiny": TINY, "bench": BENCH}
+#: Phi-3-mini's exact shape (3.8B parameters, 7.6 GB in bf16, about 2.2 GB in int4): for
+#: `make bench-mini`. Its weights are written tensor by tensor and its int4 build keeps the
+#: fp32 intermediate on disk, so it builds on a 24 GB machine (minutes).
+MINI = TinyPhi3Recipe(
+    name="mini",
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    min_vocab_rows=32064,
+)
+PRESETS: dict[str, TinyPhi3Recipe] = {"tiny": TINY, "bench": BENCH, "mini": MINI}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import pytest
 from offline import tiny_phi3
 from offline.tiny_phi3 import (
     BENCH,
+    MINI,
     ONNX_CPU_INT4_SUBFOLDER,
     ONNX_REPO_ID,
     PRESETS,
@@ -31,12 +32,49 @@ def test_repo_constants_name_the_real_repos() -> None:
 
 
 def test_presets() -> None:
-    assert PRESETS == {"tiny": TINY, "bench": BENCH}
+    assert PRESETS == {"tiny": TINY, "bench": BENCH, "mini": MINI}
     # Trained vocabulary + 11 Phi-3 added tokens, padded to a multiple of 64 like Phi-3.
     assert TINY.model_vocab_size == 1024
     assert TINY.max_position_embeddings == BENCH.max_position_embeddings == 4096
     assert TINY.num_parameters < 1_000_000
     assert 180_000_000 < BENCH.num_parameters < 230_000_000
+
+
+def test_mini_preset_has_phi3_minis_shape() -> None:
+    # microsoft/Phi-3-mini-4k-instruct's config.json.
+    assert (MINI.hidden_size, MINI.intermediate_size) == (3072, 8192)
+    assert (MINI.num_hidden_layers, MINI.num_attention_heads, MINI.num_key_value_heads) == (
+        32,
+        32,
+        32,
+    )
+    assert MINI.max_position_embeddings == 4096
+    assert MINI.dtype == "bfloat16"
+    assert MINI.model_vocab_size == 32064  # Phi-3's padded vocabulary, not the tokenizer's
+    # 3.82B: 2 x 32064 x 3072 (embeddings, LM head) + 32 x 113.2M (layers) + 3072.
+    assert MINI.num_parameters == 3_821_079_552
+    assert 7.6e9 < MINI.weight_bytes < 7.7e9  # bf16
+
+
+def test_kv_bytes_per_token_match_the_servers_arithmetic() -> None:
+    from phi3_chat.admission import kv_bytes_per_token
+
+    # 32 layers x 32 KV heads x 96 head size x 2 (K, V) x 4 bytes (fp32 KV cache on CPU).
+    assert MINI.kv_bytes_per_token == 786_432
+    for recipe in (TINY, BENCH, MINI):
+        decoder = {
+            "num_hidden_layers": recipe.num_hidden_layers,
+            "num_attention_heads": recipe.num_attention_heads,
+            "num_key_value_heads": recipe.num_key_value_heads,
+            "hidden_size": recipe.hidden_size,
+        }
+        assert kv_bytes_per_token({"decoder": decoder}) == recipe.kv_bytes_per_token
+
+
+def test_min_vocab_rows_only_ever_adds_rows() -> None:
+    assert dataclasses.replace(TINY, min_vocab_rows=10).model_vocab_size == TINY.model_vocab_size
+    assert dataclasses.replace(TINY, min_vocab_rows=2000).model_vocab_size == 2048
+    assert dataclasses.replace(TINY, min_vocab_rows=2000).cache_key() != TINY.cache_key()
 
 
 @pytest.mark.parametrize(
@@ -50,6 +88,7 @@ def test_presets() -> None:
         {"tokenizer_vocab_size": 100},
         {"num_hidden_layers": 0},
         {"dtype": "int8"},
+        {"min_vocab_rows": -1},
     ],
 )
 def test_invalid_recipes_are_rejected(changes: dict[str, object]) -> None:
@@ -68,6 +107,7 @@ def test_cache_key_is_stable_and_tracks_the_recipe() -> None:
     assert len(key) == 16 and int(key, 16) >= 0
     assert dataclasses.replace(TINY, seed=1).cache_key() != key
     assert BENCH.cache_key() != key
+    assert MINI.cache_key() not in (key, BENCH.cache_key())
 
 
 def test_import_touches_nothing_heavy() -> None:
