@@ -338,6 +338,14 @@ OTHER_VARIABLES: tuple[tuple[str, str, str], ...] = (
         "Folder where `make bench` keeps the models it builds between runs (default: "
         "`.data/bench-cache` in the repository).",
     ),
+    (
+        "PHI3OPS_SERVE_API_KEY",
+        "phi3ops/serving/auth.py",
+        "The API key `phi3ops serve` hands its uvicorn workers (from `--api-key-env` or "
+        "`PHI3OPS_SERVE_API_KEY_SECRET`), never on a command line; each worker removes it from "
+        "its environment once read. Set it yourself only to run "
+        "`uvicorn --factory phi3ops.serving.app:create_app` without the CLI.",
+    ),
 )
 
 #: Other tools' variables that phi3ops reads or sets a default for: (variable, what it does here).
@@ -364,6 +372,12 @@ FOREIGN_VARIABLES: tuple[tuple[str, str], ...] = (
         "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT",
         "Default of `phi3ops serve --timeout` and of the ONNX model's `request_timeout_s` "
         "(MLflow's default: 60 s).",
+    ),
+    (
+        "PROMETHEUS_MULTIPROC_DIR",
+        "Set by `phi3ops serve --workers N` (N > 1) to a fresh folder under `<data dir>/serving`, "
+        "so each worker's `/metrics` adds up every worker's (prometheus_client's multiprocess "
+        "mode).",
     ),
     (
         "MLFLOW_GENAI_EVAL_MAX_WORKERS",
