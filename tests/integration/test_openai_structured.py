@@ -181,6 +181,12 @@ def test_langchain_bind_tools_and_a_tool_round_trip(servers) -> None:
     (call,) = asked.tool_calls
     assert call["name"] == "get_weather" and call["args"]["city"] in {"Paris", "Rome"}
     assert asked.response_metadata["finish_reason"] == "tool_calls"
+    chunks = list(calling.stream([question]))  # the call as OpenAI's tool_calls deltas
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged += chunk
+    (streamed,) = merged.tool_calls
+    assert streamed["name"] == "get_weather" and streamed["args"] == call["args"]  # greedy
     result = ToolMessage(get_weather(**call["args"]), tool_call_id=call["id"])
     answering = _chat_model(servers["onnx"], max_tokens=8).bind_tools(
         [get_weather], tool_choice="none"
