@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, TEMPORARILY_UNAVAILABLE
 
 from phi3_chat.admission import (
     KVBudget,
@@ -71,6 +71,14 @@ def _deadline_exceeded(timeout_s: float) -> MlflowException:
     )
 
 
+def _unloaded() -> MlflowException:
+    return MlflowException(
+        "the model was unloaded (the server is stopping, or serves another version now): "
+        "retry, and the next request goes to the model serving then",
+        error_code=TEMPORARILY_UNAVAILABLE,
+    )
+
+
 class _Ticket:
     """One predict or predict_stream call, from the caller's side, while the engine serves it.
 
@@ -97,7 +105,15 @@ class _Ticket:
         return now > self.deadline and not (self.stream and self.started)
 
     def next(self) -> tuple[Any, ...]:
-        """The next event; raises `_deadline_exceeded` once the deadline has passed."""
+        """The next event; raises `_deadline_exceeded` once the deadline has passed, and the
+        batcher's `_unloaded` error once it was closed.
+        """
+        event = self._next()
+        if event[0] == "closed":
+            raise event[1]
+        return event
+
+    def _next(self) -> tuple[Any, ...]:
         while True:
             if self.stream and self.started:
                 return self.events.get()
@@ -168,6 +184,8 @@ class _Batcher:
         self._waiting: deque[_Job] = deque()
         self._queued = 0  # tickets with rows still waiting
         self._thread: threading.Thread | None = None
+        self._running_jobs: list[_Job] = []
+        self._closed = False  # close(): every call ended, no new one taken
 
     @property
     def queued(self) -> int:
@@ -193,6 +211,8 @@ class _Batcher:
                 to finish (a stream: to start) past its timeout.
         """
         with self._lock:
+            if self._closed:
+                raise _unloaded()
             if self._queued >= self.max_queue:
                 raise refused(
                     f"the model's request queue is full ({self.max_queue} requests waiting "
@@ -307,6 +327,23 @@ class _Batcher:
                 ticket.unstarted = 0
                 self._queued -= 1
 
+    def close(self) -> None:
+        """Ends every call now (the server stops after its drain, or the model is unloaded):
+        waiting calls and those generating get ``TEMPORARILY_UNAVAILABLE`` (HTTP 503) at once,
+        the running batch stops at its next step, the engine thread ends, and new calls are
+        refused; so no thread waits on this model past the server's drain.
+        """
+        with self._lock:
+            self._closed = True
+            tickets = {id(job.ticket): job.ticket for job in [*self._waiting, *self._running_jobs]}
+            for ticket in tickets.values():
+                ticket.cancelled = True  # the engine stops its rows at the next step
+                ticket.unstarted = 0  # out of the queue (a later cancel has nothing to take)
+                ticket.events.put(("closed", _unloaded()))
+            self._waiting.clear()
+            self._queued = 0
+            self._wake.notify_all()
+
     def _serve(self) -> None:
         try:
             while True:
@@ -358,6 +395,8 @@ class _Batcher:
         idle_until = free_since + _ENGINE_IDLE_S
         while True:
             now = time.monotonic()
+            if self._closed:
+                return None
             if not self._waiting:
                 if now >= idle_until:
                     return None
@@ -420,6 +459,7 @@ class _Batcher:
             steps = max(job.request.max_tokens for job in group)
             with self._lock:
                 self._running = (len(group), steps)
+                self._running_jobs = group
                 self._last_batch_size = len(group)
             try:
                 for states in self._steps([job.request for job in group]):
@@ -448,6 +488,7 @@ class _Batcher:
             finally:
                 with self._lock:
                     self._running = None
+                    self._running_jobs = []
 
 
 def _row(request: _Request) -> tuple[int, int]:

@@ -331,6 +331,12 @@ class OnnxChatModel(PythonModel):
         weakref.finalize(stream, self._batcher.cancel, ticket)
         return stream
 
+    def close(self) -> None:
+        """Ends every call of this model at once (503) and takes no more: the server stops, or
+        it serves another version (`phi3_chat.batcher._Batcher.close`).
+        """
+        self._batcher.close()
+
     def _flexible(self, model_input: Any, params: dict[str, Any] | None) -> list[bool]:
         """Which rows left ``max_tokens`` out (the call's params too): they get what fits."""
         rows = _rows(model_input)

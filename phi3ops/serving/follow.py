@@ -12,8 +12,7 @@ the version they started with, new ones go to the new version, and the old one i
 downloaded or loaded leaves the serving one in place; a warning names the version and the
 error, and it is tried again only after ``retry_s`` seconds (or when the alias moves again).
 
-Also here: fetching a model folder from any MLflow location (`download_model`), which
-`phi3ops.serving.server` uses for the version it starts with.
+Fetching a version's folder is `phi3ops.serving.downloads`' (re-exported here).
 """
 
 from __future__ import annotations
@@ -32,16 +31,15 @@ from typing import Any, Protocol
 
 from phi3ops.errors import InvalidInputError
 from phi3ops.registry import alias_version
+from phi3ops.serving.downloads import MODEL_URI as MODEL_URI  # re-exported
+from phi3ops.serving.downloads import check_model_uri as check_model_uri
+from phi3ops.serving.downloads import download_model
 from phi3ops.serving.openai_routes import ServedModel
 from phi3ops.serving.records import InferenceRecorder
-from phi3ops.tracking import configure_tracking
 from phi3ops.traffic import Arm, TrafficPlan, read_plan
-from phi3ops.weights_links import link_local_model
 
 _log = logging.getLogger(__name__)
 
-#: MLflow model locations other than a local folder: the registry, a run, a remote store.
-MODEL_URI = re.compile(r"^(models|runs):/.+|^[a-z][a-z0-9+.-]*://.+")
 _ALIAS_URI = re.compile(r"models:/([^/@]+)@([^/@]+)")
 #: Seconds before a version that failed to load is tried again while the alias still names it.
 RETRY_FAILED_S = 300.0
@@ -248,13 +246,17 @@ class ModelSwitcher:
         return old
 
     def close(self) -> None:
-        """At shutdown: every model is released once its requests have finished, and no model
-        can be switched to any more.
+        """At shutdown (after the server's drain): every model is released once its requests
+        have finished, and no model can be switched to any more. A request still waiting on a
+        model now cannot be answered in the drain: its model ends it at once (`_unload`), so no
+        thread of it keeps the process from exiting.
         """
         with self._lock:
             self._closed = True
             models = list(self._models.values())
             done = [loaded for loaded in models if self._retire(loaded, closing=True)]
+        for loaded in models:
+            _unload(loaded.model)
         for loaded in done:
             _free(loaded)
 
@@ -276,6 +278,7 @@ def _free(loaded: LoadedModel) -> None:
     if loaded.released:
         return
     loaded.released = True
+    _unload(loaded.model)  # its engine thread ends now, not after its idle time
     if loaded.folder is not None:
         loaded.removal = threading.Thread(
             target=shutil.rmtree,
@@ -286,6 +289,18 @@ def _free(loaded: LoadedModel) -> None:
         )
         loaded.removal.start()
     _log.info("Released version %s: its last request has finished.", loaded.version)
+
+
+def _unload(model: Any) -> None:
+    """Ends the calls of a loaded pyfunc whose model can (the ONNX flavor's ``close``)."""
+    unwrap = getattr(model, "unwrap_python_model", None)
+    try:
+        python_model = unwrap() if unwrap is not None else model
+    except Exception:  # a flavor without a python model (transformers): nothing to end
+        return
+    close = getattr(python_model, "close", None)
+    if callable(close):
+        close()
 
 
 def alias_of(model_uri: str | None) -> tuple[str, str] | None:
@@ -535,63 +550,3 @@ class AliasFollower:
         loaded.folder = folder
         self._failed.pop(version, None)
         return loaded
-
-
-def check_model_uri(model_uri: str) -> None:
-    """Refuse anything but an MLflow model location, before anything is copied.
-
-    Accepted: ``models:/...``, ``runs:/...``, a remote store URI (``s3://``...), or a local
-    folder (a path or ``file://``) holding an ``MLmodel`` file.
-
-    Raises:
-        InvalidInputError: ``model_uri`` is none of those.
-    """
-    local = _local_folder(model_uri)
-    if local is None:
-        if MODEL_URI.match(model_uri):
-            return
-        if "://" not in model_uri and ":/" not in model_uri:
-            local = Path(model_uri).expanduser()
-    if local is not None and (local / "MLmodel").is_file():
-        return
-    raise InvalidInputError(
-        f"model_uri {model_uri!r} is not an MLflow model URI: use models:/<name>@<alias>, "
-        f"models:/<name>/<version>, runs:/<run id>/<path>, a model store URI, or a local "
-        f"folder that holds an MLmodel file."
-    )
-
-
-def download_model(model_uri: str, target: Path) -> Path:
-    """Resolve ``model_uri`` once and copy (or hard-link) the model into ``target``; returns
-    the model folder.
-
-    Raises:
-        InvalidInputError: ``model_uri`` is not an MLflow model location (`check_model_uri`),
-            cannot be loaded, or what it points at has no MLmodel file.
-    """
-    check_model_uri(model_uri)
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    configure_tracking()
-    try:  # a local artifact store's files are hard-linked, not copied (phi3ops.weights_links)
-        path = link_local_model(model_uri, target) or Path(
-            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(target))
-        )
-    except MlflowException as exc:
-        raise InvalidInputError(
-            f"Cannot load {model_uri}: {exc.message} Check the name and alias/version with "
-            f"`mlflow ui` (or the registry of MLFLOW_TRACKING_URI)."
-        ) from exc
-    if not (path / "MLmodel").is_file():
-        raise InvalidInputError(
-            f"{model_uri} is not an MLflow model: what it points at has no MLmodel file."
-        )
-    return path
-
-
-def _local_folder(model_uri: str) -> Path | None:
-    """The folder of a ``file://`` URI, else None."""
-    if model_uri.startswith("file://"):
-        return Path(model_uri.removeprefix("file://")).expanduser()
-    return None
