@@ -29,6 +29,7 @@ from tasks.evaluation import (
     publish_comparison_task,
     score_task,
 )
+from tasks.evaluation.generate import evaluation_line
 from tasks.evaluation.shards import generate_shard_task, plan_shards, run_shards_task
 
 
@@ -87,6 +88,7 @@ def evaluate_flow(
         f"{target.version_uri} ({target.flavor}) on {loaded.name}: pass rate "
         f"{summary.metrics.get('pass_rate', 0.0):.3f}, run {summary.run_id}"
     )
+    print(evaluation_line(summary))
     return summary
 
 

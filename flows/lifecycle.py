@@ -11,12 +11,14 @@ version, the same evaluation and the same champion come back.
 
 The run tells its own story too (the subflows have the details): a Prefect artifact
 ``lifecycle-summary-<model>`` (source, version, evaluation, each gate, the decision, MLflow
-links) and the same headline in its logs.
+links) and the same headline in its logs, after a line saying how long the evaluation took and
+how many items were refused or timed out (none, when its deadline covers the work).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Literal
 
 from prefect import flow
@@ -35,6 +37,7 @@ from phi3ops.settings import get_settings
 from phi3ops.sources import ONNX_REPO_ID, PYTORCH_REPO_ID, Flavor, Variant, source_variant
 from phi3ops.traffic import CanaryShare, TrafficMode, TrafficPlan
 from tasks.alias_lock import check_alias_lock
+from tasks.evaluation.generate import evaluation_line
 from tasks.gates import Decision
 from tasks.lifecycle_summary import (
     LifecycleReport,
@@ -179,7 +182,9 @@ def lifecycle_flow(
         repo_id=repo_id, revision=source.revision, variant=variant, build_onnx=build_onnx
     )
     registered = package_flow(fetched, flavor=source.flavor, model_name=name)
+    started = time.monotonic()
     summary = evaluate_flow(model_uri=registered.model_uri, eval_set=eval_set)
+    logger.info("%s", evaluation_line(summary, took_s=time.monotonic() - started))
 
     verdict: Decision | None = None
     if alias_version(name, CHAMPION_ALIAS) == registered.version and pending_intent(name) is None:

@@ -47,6 +47,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from phi3_chat.admission import DEFAULT_PREFILL_SLICE_S
 from phi3_chat.batcher import DEFAULT_BATCH_WAIT_MS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
 from phi3ops.crash import crash_point
 from phi3ops.errors import InvalidInputError, PackagingError
@@ -184,6 +185,8 @@ def plan_package(
             "max_batch_size": DEFAULT_MAX_BATCH_SIZE,
             "max_queue": DEFAULT_MAX_QUEUE,
             "batch_wait_ms": DEFAULT_BATCH_WAIT_MS,
+            # and so that evaluation, with no event loop to keep turning, can lift it
+            "prefill_slice_s": DEFAULT_PREFILL_SLICE_S,
         }
     else:
         if model_name_for_response is not None:

@@ -32,8 +32,8 @@ def load_model(target: ModelTarget, *, batch_size: int | None = None) -> Any:
         target: The version.
         batch_size: Rows the model's batcher may run as one batch (its ``max_batch_size``),
             for a model whose logged ``model_config`` has that key (the ONNX pyfunc): an eval
-            call's rows then run as one onnxruntime-genai batch, within the model's KV budget.
-            None: as logged.
+            call's rows then run as one onnxruntime-genai batch, within the model's KV budget
+            (and with no ``prefill_slice_s`` bound, `_batch_overrides`). None: as logged.
 
     Raises:
         EvaluationError: MLflow could not load it.
@@ -55,13 +55,18 @@ def load_model(target: ModelTarget, *, batch_size: int | None = None) -> Any:
 
 
 def _batch_overrides(model_uri: str, batch_size: int | None) -> dict[str, Any] | None:
-    """``{"max_batch_size": batch_size}`` when the logged model_config has the key."""
-    if batch_size is None:
-        return None
+    """What evaluation changes in a logged ``model_config`` that has the keys (MLflow lets a
+    load override only those): ``max_batch_size`` = ``batch_size``, and ``prefill_slice_s`` 0,
+    as evaluation has no event loop a long prefill could starve (a bound would split batches).
+    """
     from mlflow.models import Model
 
-    config = Model.load(model_uri).flavors.get("python_function", {}).get("model_config") or {}
-    return {"max_batch_size": batch_size} if "max_batch_size" in config else None
+    flavor = Model.load(model_uri).flavors.get("python_function", {})
+    config = flavor.get("config") or {}  # where MLmodel keeps a pyfunc's model_config
+    wanted: dict[str, Any] = {"prefill_slice_s": 0}
+    if batch_size is not None:
+        wanted["max_batch_size"] = batch_size
+    return {key: value for key, value in wanted.items() if key in config} or None
 
 
 # --- finding evaluations ----------------------------------------------------------------------

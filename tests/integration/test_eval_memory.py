@@ -10,15 +10,17 @@ waits until the released model is freed, and the evaluation releases its own mod
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import weakref
+from pathlib import Path
 
 import pytest
 
-from phi3ops.evalset import open_eval_set
+from phi3ops.evalset import EvalSet, load_eval_set, open_eval_set
 from phi3ops.registry import resolve_model
 from phi3ops.sources import ONNX_REPO_ID, Variant
-from tasks.evaluation.generate import generate_for
+from tasks.evaluation.generate import generate_for, generate_outputs
 from tasks.evaluation.resolve import load_model
 from tasks.hub import fetch_snapshot
 from tasks.loaded_models import released_alive, settle
@@ -38,7 +40,25 @@ def _batcher_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name == "onnx-chat-batcher"}
 
 
-def test_packaging_and_evaluation_leave_no_model_behind(hub_with_tiny_phi3) -> None:
+def _eval_set(tmp_path: Path, n: int) -> EvalSet:
+    lines = [
+        json.dumps(
+            {
+                "id": f"q{i}",
+                "prompt": f"Question {i}?",
+                "expectations": {"contains": "x"},
+                "tags": ["factual"],
+                "max_tokens": 4,
+            }
+        )
+        for i in range(n)
+    ]
+    path = tmp_path / "ten.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return load_eval_set(path)
+
+
+def test_packaging_and_evaluation_leave_no_model_behind(hub_with_tiny_phi3, tmp_path: Path) -> None:
     from mlflow.models import model as mlflow_model
 
     settle()  # whatever an earlier test released is gone before counting
@@ -55,10 +75,16 @@ def test_packaging_and_evaluation_leave_no_model_behind(hub_with_tiny_phi3) -> N
     assert packaged, "packaging released the model MLflow loaded"
     target = resolve_model(register_version(logged, fetched, model_name="mem").model_uri)
 
-    model = load_model(target)  # waits for the packaging's model to be freed, then loads
+    # waits for the packaging's model to be freed, then loads it with the eval's batch size
+    model = load_model(target, batch_size=10)
     assert all(ref() is None for ref in packaged)  # its batcher thread ended, the cycle freed
     assert mlflow_model.__mlflow_model__ is None  # the caller holds the only reference
     assert _loaded_onnx_models() == before + 1
+    # ten rows of one call run as one onnxruntime-genai batch: past the packaged max_batch_size
+    ten = _eval_set(tmp_path, 10)
+    generated = generate_outputs(model, ten, batch_size=10, ttft_samples=0)
+    assert {item.batch_size for item in generated.items} == {10}
+    assert model.unwrap_python_model().load_stats()["last_batch_size"] == 10
     del model
 
     generation = generate_for(target, open_eval_set("smoke"), ttft_samples=1)
