@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-fast lint run demo bench docs clean
+.PHONY: install test test-fast lint run demo bench bench-mini docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Phi-3-mini's real shape on this machine (on demand, never in `make test`): builds the `mini`
+# preset once (~3 min, ~10.5 GB peak), then about 30 min on 2 cores; BENCHMARKS.md `## mini`.
+bench-mini: $(STAMP)
+	$(BIN)/python -m bench.mini $(BENCH_MINI_ARGS)
 
 # docs/settings.md, rendered from the Settings model (tests/unit/test_settings_reference.py).
 docs: $(STAMP)
