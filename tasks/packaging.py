@@ -64,7 +64,7 @@ from phi3ops.serving.signatures import (
 from phi3ops.sources import ONNX_CPU_INT4_SUBFOLDER, Flavor, Variant
 from phi3ops.tracking import configure_tracking
 from tasks.hub import FetchResult, check_before_packaging
-from tasks.loaded_models import release
+from tasks.loaded_models import releasing_models_from_code
 from tasks.onnx_build import build_onnx_int4, check_pytorch_phi3_dir, find_onnx_build
 from tasks.recovery import discard_run_models, owner_tags, reusable_logged_model
 from tasks.transformers_pipeline import (
@@ -513,10 +513,8 @@ def _log_in_run(fetched: FetchResult, plan: PackagePlan, log: Any) -> LoggedMode
     run_name = f"package-{plan.flavor.value}-{fetched.commit_sha[:12]}"
     with mlflow.start_run(run_name=run_name, tags=tags | owner_tags()) as run:
         try:
-            try:
+            with releasing_models_from_code():  # what MLflow loaded to predict the example
                 info = log(mlflow, tags)
-            finally:  # MLflow keeps what it loaded to predict the input example: let it go
-                release()
             crash_point("package.after-log-model")
             location = mlflow.get_logged_model(info.model_id).artifact_location
             share_logged_weights(location, plan.weights_dir)  # links, not a 2nd copy, if local
