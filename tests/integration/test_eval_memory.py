@@ -15,6 +15,7 @@ import json
 import threading
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,12 +30,19 @@ from tasks.packaging import log_onnx_model
 from tasks.registry import register_version
 
 
-def _loaded_onnx_models() -> int:
+def _loaded_onnx_models() -> list[Any]:
     """OnnxChatModel objects in memory that hold a loaded onnxruntime-genai model."""
     gc.collect()
-    return sum(
-        type(obj).__name__ == "OnnxChatModel" and hasattr(obj, "_model") for obj in gc.get_objects()
-    )
+    return [
+        obj
+        for obj in gc.get_objects()
+        if type(obj).__name__ == "OnnxChatModel" and hasattr(obj, "_model")
+    ]
+
+
+def _new_models(earlier: weakref.WeakSet[Any]) -> int:
+    """Loaded models that were not in memory before the test (other tests' may come and go)."""
+    return sum(model not in earlier for model in _loaded_onnx_models())
 
 
 def _batcher_threads() -> set[threading.Thread]:
@@ -63,24 +71,24 @@ def test_packaging_and_evaluation_leave_no_model_behind(hub_with_tiny_phi3, tmp_
     from mlflow.models import model as mlflow_model
 
     settle()  # whatever an earlier test released is gone before counting
-    before = _loaded_onnx_models()
+    earlier: weakref.WeakSet[Any] = weakref.WeakSet(_loaded_onnx_models())
     threads_before = _batcher_threads()
     fetched = fetch_snapshot(
         ONNX_REPO_ID, variant=Variant.ONNX_CPU_INT4, endpoint=hub_with_tiny_phi3.url
     )
     logged = log_onnx_model(fetched)
 
-    # MLflow loaded the model to predict the input example; packaging let go of it
+    # MLflow loaded the model to predict the input example; packaging let go of it (closed:
+    # its batcher thread ended), so once collected nothing of it is left
     assert mlflow_model.__mlflow_model__ is None
-    packaged = [weakref.ref(model) for model in released_alive()]
-    assert packaged, "packaging released the model MLflow loaded"
+    assert settle() == 0
+    assert _new_models(earlier) == 0
     target = resolve_model(register_version(logged, fetched, model_name="mem").model_uri)
 
     # waits for the packaging's model to be freed, then loads it with the eval's batch size
     model = load_model(target, batch_size=10)
-    assert all(ref() is None for ref in packaged)  # its batcher thread ended, the cycle freed
     assert mlflow_model.__mlflow_model__ is None  # the caller holds the only reference
-    assert _loaded_onnx_models() == before + 1
+    assert _new_models(earlier) == 1
     # ten rows of one call run as one onnxruntime-genai batch: past the packaged max_batch_size
     ten = _eval_set(tmp_path, 10)
     generated = generate_outputs(model, ten, batch_size=10, ttft_samples=0)
@@ -91,11 +99,9 @@ def test_packaging_and_evaluation_leave_no_model_behind(hub_with_tiny_phi3, tmp_
 
     generation = generate_for(target, open_eval_set("smoke"), ttft_samples=1)
     assert not [item.error for item in generation.items if item.error]
-    evaluated = [weakref.ref(model) for model in released_alive()]
-    assert evaluated, "the evaluation released its model"
-    assert settle() == 0
-    assert all(ref() is None for ref in evaluated)
-    assert _loaded_onnx_models() == before
+    assert settle() == 0  # the evaluation released (closed) its model: it is freed
+    assert not released_alive()
+    assert _new_models(earlier) == 0
     assert _batcher_threads() <= threads_before
 
 
