@@ -2,7 +2,7 @@
 
 A loaded pyfunc outlives the code that used it in two ways, and at Phi-3-mini's size each one
 is a second copy of the weights in memory (measured on the bench preset: a lifecycle's
-evaluation held two loaded models, 1,094 MB peak instead of 904 MB):
+evaluation held two loaded models, 1,093 MB peak instead of 848 MB):
 
 * MLflow keeps the last *models-from-code* object in a module global
   (``mlflow.models.model.__mlflow_model__``, set by ``mlflow.models.set_model`` when a logged

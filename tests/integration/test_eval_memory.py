@@ -3,7 +3,7 @@
 Packaging loads the model it logs (MLflow predicts the input example), and MLflow keeps that
 object in a module global; the ONNX pyfunc's batcher thread and the model refer to each other.
 Without releasing, the evaluation's model loaded beside the packaging's (measured on the bench
-preset: 1,094 MB peak instead of 904 MB). Here: packaging drops MLflow's reference and closes
+preset: 1,093 MB peak instead of 848 MB). Here: packaging drops MLflow's reference and closes
 the model (its batcher thread ends), the next load waits until released models are freed, and
 the evaluation releases its own model when done.
 """
