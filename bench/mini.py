@@ -52,6 +52,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--long-prompt-tokens", type=int, default=1000)
     parser.add_argument("--long-max-tokens", type=int, default=256)
     parser.add_argument("--long-window-s", type=float, default=150.0)
+    parser.add_argument(
+        "--long-timeout-s",
+        type=int,
+        default=900,
+        help="request timeout of the second server, which admits the long requests",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     parser.add_argument("--keep-data", action="store_true", help="keep the data dir")
     parser.add_argument(
@@ -131,6 +137,17 @@ def main(argv: list[str] | None = None) -> int:
                 "weights": weight_copies(data_dir),
             },
         )
+        print("server with a long request timeout (memory at long requests) ...", flush=True)
+        served["long_memory"] = mini_serve.long_memory(
+            f"models:/{name}/{version}",
+            work / "server.log",
+            clients=args.clients,
+            long=long,
+            max_tokens=args.long_max_tokens,
+            window_s=args.long_window_s,
+            timeout_s=args.long_timeout_s,
+        )
+        print(f"  {served['long_memory']}", flush=True)
         served["refusals"] = mini_serve.refusals(
             served.pop("long_rows"), results["bare"], long_tokens, args.long_max_tokens
         )

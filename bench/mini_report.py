@@ -128,6 +128,8 @@ def section(results: dict[str, Any], args: argparse.Namespace, *, measured: date
     long = served["long"]
     stream = served["long_stream"]
     ceiling = served["rss_idle"] + kv["budget"]
+    lm = served["long_memory"]
+    lm_ceiling = lm["rss_idle"] + kv["budget"]
     wrongly = [r for r in served["refusals"] if r.get("could_have_finished")]
     lines += [
         f"**Serving**: bare onnxruntime-genai first (this process, greedy, the same prompts, "
@@ -175,6 +177,12 @@ def section(results: dict[str, Any], args: argparse.Namespace, *, measured: date
         "| <= 1 |",
         f"| server resident memory, peak with the {n} long requests not streamed | "
         f"{_gib(long['rss_peak'])} GiB | | report |",
+        f"| a second server with request timeout {lm['timeout_s']} s, so that admission takes "
+        f"the {n} long requests (not streamed; {lm['window_s']:.0f} s window: "
+        f"{lm['ended']} ended, statuses {', '.join(lm['statuses']) or 'none'}): peak resident "
+        f"memory vs idle (weights loaded) + KV budget | {_gib(lm['rss_peak'])} vs "
+        f"{_gib(lm['rss_idle'])} + {_gib(kv['budget'])} = {_gib(lm_ceiling)} GiB | "
+        f"{lm['rss_peak'] / lm_ceiling:.2f} | <= 1 |",
         "",
         f"KV budget (`kv_budget_bytes`, default from `phi3_chat.admission.default_kv_budget`): "
         f"min(per-token bytes x context x max batch = {kv['per_token']:,} x "

@@ -362,3 +362,65 @@ def _long_streams(
         "statuses": sorted(str(r.get("status")) for r in rows),
         "window_s": time.perf_counter() - started,
     }
+
+
+def long_memory(
+    model_uri: str,
+    log: Path,
+    *,
+    clients: int,
+    long: str,
+    max_tokens: int,
+    window_s: float,
+    timeout_s: int,
+) -> dict[str, Any]:
+    """A second server with a request timeout of ``timeout_s`` (long enough that admission
+    accepts ``clients`` long requests at once): its resident memory, idle and at its peak
+    while their batches run (up to ``window_s``), against the KV budget it admits rows by.
+    """
+    import httpx
+
+    from bench.serving import _free_port
+    from phi3ops.serving.server import start_server, stop_server, wait_until_ready
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log.open("ab") as handle:
+        process = start_server(
+            model_uri, port=port, workers=1, timeout_s=timeout_s, stdout=handle, stderr=handle
+        )
+    sampler = PeakSampler(lambda: session_rss(process.pid), interval_s=0.25)
+    rows: list[dict[str, Any]] = []
+    try:
+        wait_until_ready(process, url, timeout=600)
+        sampler.start()
+        calls = Calls(url)
+        calls.block(1, 1, PROMPTS, 4)  # warm-up
+        idle = sampler.take()
+
+        def one() -> None:
+            try:
+                with httpx.Client(timeout=timeout_s + 60) as client:
+                    rows.append(calls.one(client, long, max_tokens))
+            except httpx.HTTPError as exc:
+                rows.append({"status": None, "error": type(exc).__name__})
+
+        threads = [threading.Thread(target=one, daemon=True) for _ in range(clients)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.0, window_s - (time.perf_counter() - started)))
+        window = time.perf_counter() - started
+        peak = sampler.take()
+    finally:
+        sampler.stop()
+        stop_server(process)
+    return {
+        "timeout_s": timeout_s,
+        "rss_idle": idle,
+        "rss_peak": peak,
+        "window_s": window,
+        "ended": len(rows),
+        "statuses": sorted(str(r.get("status")) for r in rows),
+    }
