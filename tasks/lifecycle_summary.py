@@ -165,6 +165,7 @@ def lifecycle_markdown(report: LifecycleReport) -> str:
         f"{_num(m.get(S_PER_TOKEN_P95))} | {_num(m.get(TOKENS_PER_S))} | "
         f"{_num(m.get(ERROR_RATE))} |",
         "",
+        *_generation_line(m),
         f"Side by side with the champion, metric by metric: Prefect artifact "
         f"`{evaluation_artifact_key(name, version)}`.",
         "",
@@ -184,6 +185,19 @@ def lifecycle_markdown(report: LifecycleReport) -> str:
         ]
     lines += ["", *_links(report)]
     return "\n".join(lines) + "\n"
+
+
+def _generation_line(metrics: dict[str, float]) -> list[str]:
+    """How long generation took against its deadline, and what did not finish (zero expected)."""
+    if "generation_wall_s" not in metrics:  # evaluations logged before these metrics existed
+        return []
+    return [
+        f"Generation took {metrics['generation_wall_s']:.0f} s of its "
+        f"{metrics.get('generation_deadline_s', 0.0):.0f} s deadline; "
+        f"items refused: {metrics.get('n_refused', 0.0):.0f}, "
+        f"timed out: {metrics.get('n_timed_out', 0.0):.0f}.",
+        "",
+    ]
 
 
 def _gates_section(report: LifecycleReport) -> list[str]:

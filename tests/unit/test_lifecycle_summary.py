@@ -102,7 +102,15 @@ def _report(tmp_path: Path, *, outcome: str, **overrides) -> LifecycleReport:
 def test_a_rejection_shows_source_version_evaluation_each_gate_and_the_decision(
     tmp_path: Path,
 ) -> None:
-    candidate = _evaluation("2", latency_p95_s=30.0, s_per_token_p95=0.3)
+    candidate = _evaluation(
+        "2",
+        latency_p95_s=30.0,
+        s_per_token_p95=0.3,
+        generation_wall_s=41.2,
+        generation_deadline_s=600.0,
+        n_refused=1.0,
+        n_timed_out=0.0,
+    )
     decision = _decision(candidate, _evaluation("1"))
     report = _report(
         tmp_path, outcome="rejected", evaluation=candidate, decision=decision, champion="1"
@@ -115,6 +123,7 @@ def test_a_rejection_shows_source_version_evaluation_each_gate_and_the_decision(
     assert "Eval set `smoke` (hash `555555555555`, 6 items)" in markdown
     # pass rate, p95 time to first token, p95 s/token, tokens/s, error rate
     assert "| 0.75 | 0.5 | 0.3 | 42 | 0 |" in markdown
+    assert "Generation took 41 s of its 600 s deadline; items refused: 1, timed out: 0." in markdown
     assert f"Prefect artifact `eval-{NAME}-2`" in markdown
     assert "## Gates: 7 of 8 pass" in markdown
     assert "| gate | value | champion | threshold | result |" in markdown
@@ -157,6 +166,7 @@ def test_a_promotion_and_an_unchanged_rerun_say_so(tmp_path: Path) -> None:
     assert markdown.startswith(f"# {NAME} v1: promoted: @champion is version 1 (the first")
     assert "variant onnx-cpu-int4, built to ONNX int4 here" in markdown
     assert "## Gates: 3 of 3 pass" in markdown
+    assert "Generation took" not in markdown  # an evaluation logged before those metrics
     assert lifecycle_headline(first)[2] == "Gates: 3 of 3 pass"
 
     again = _report(
