@@ -178,8 +178,8 @@ def section(results: dict[str, Any], args: argparse.Namespace, *, measured: date
         f"| server resident memory, peak with the {n} long requests not streamed | "
         f"{_gib(long['rss_peak'])} GiB | | report |",
         f"| a second server with request timeout {lm['timeout_s']} s, so that admission takes "
-        f"the {n} long requests (not streamed; {lm['window_s']:.0f} s window: "
-        f"{lm['ended']} ended, statuses {', '.join(lm['statuses']) or 'none'}): peak resident "
+        f"the {n} long requests (not streamed; sampled for {lm['window_s']:.0f} s, in which "
+        f"{lm['ended']} ended: {', '.join(lm['statuses']) or 'none'}): peak resident "
         f"memory vs idle (weights loaded) + KV budget | {_gib(lm['rss_peak'])} vs "
         f"{_gib(lm['rss_idle'])} + {_gib(kv['budget'])} = {_gib(lm_ceiling)} GiB | "
         f"{lm['rss_peak'] / lm_ceiling:.2f} | <= 1 |",

@@ -413,14 +413,16 @@ def long_memory(
             thread.join(max(0.0, window_s - (time.perf_counter() - started)))
         window = time.perf_counter() - started
         peak = sampler.take()
+        ended = sorted(str(r.get("status")) for r in list(rows))
     finally:
         sampler.stop()
-        stop_server(process)
+        # Not the drain its long timeout allows (minutes of long rows): stopped within 30 s.
+        stop_server(process, timeout=30)
     return {
         "timeout_s": timeout_s,
         "rss_idle": idle,
         "rss_peak": peak,
         "window_s": window,
-        "ended": len(rows),
-        "statuses": sorted(str(r.get("status")) for r in rows),
+        "ended": len(ended),
+        "statuses": ended,
     }
