@@ -52,6 +52,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.constrained import constrained_section
+from bench.report import write_sections
 
 PROMPTS = [
     "Explain what a registry alias is in one sentence.",
@@ -456,9 +457,9 @@ def main(argv: list[str] | None = None) -> int:
                 "temporary server, started once.",
                 rows,
             )
-    report = _merge(args.output, sections)
+    fresh = {SECTIONS[key]: text for key, text in sections.items()}
+    report = write_sections(args.output, fresh, order=list(SECTIONS.values()))
     print(report)
-    args.output.write_text(report)
     print(f"written to {args.output}")
     return 0
 
@@ -566,32 +567,6 @@ def _section(key: str, setup: str, rows: list[tuple[str, str, float, str]]) -> s
         f"| {name} | {values} | {ratio:.2f} | {target} |" for name, values, ratio, target in rows
     ]
     return "\n".join(lines) + "\n"
-
-
-def _merge(path: Path, fresh: dict[str, str]) -> str:
-    """The report: the sections just measured, and the others as the last run left them."""
-    kept: dict[str, str] = {}
-    if path.exists():
-        text = path.read_text()
-        for key, title in SECTIONS.items():
-            head = f"## {title}\n"
-            if head in text:
-                body = text.split(head, 1)[1].split("\n## ", 1)[0]
-                kept[key] = head + body.rstrip("\n") + "\n"
-        if not kept and "| measure |" in text:  # a report from before there were sections
-            body = text.removeprefix("# Benchmarks").strip("\n")
-            kept["serving"] = f"## {SECTIONS['serving']}\n\n{body}\n"
-    sections = [fresh.get(key) or kept.get(key) for key in SECTIONS]
-    return "\n".join(
-        [
-            "# Benchmarks",
-            "",
-            "Contenders are measured side by side in one process: the ratios are what counts; "
-            "absolute numbers move with the machine's load. `make bench` runs every section.",
-            "",
-            *(section for section in sections if section),
-        ]
-    )
 
 
 if __name__ == "__main__":

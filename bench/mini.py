@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.mini_disk import PeakSampler, disk_used, tree_rss, weight_copies
-from bench.mini_report import section, write_section
+from bench.mini_report import HEADING, section
+from bench.report import write_sections
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     results["total_s"] = time.perf_counter() - began
     (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
     text = section(results, args, measured=datetime.now(UTC))
-    write_section(args.out, text)
+    write_sections(args.out, {HEADING.removeprefix("## "): text})
     print(text)
     print(f"results: {work / 'results.json'}; section written to {args.out}")
     return 0

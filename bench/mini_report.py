@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 HEADING = "## mini: Phi-3-mini's real shape on this machine"
@@ -209,15 +208,3 @@ def section(results: dict[str, Any], args: argparse.Namespace, *, measured: date
         lines.append(f"First errors with {n} clients: {served['many_errors']}")
         lines.append("")
     return "\n".join(lines)
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replaces the ``## mini`` section of ``path`` (or appends it), keeping the others."""
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if HEADING in current:
-        before, rest = current.split(HEADING, 1)
-        after = rest.split("\n## ", 1)[1] if "\n## " in rest else ""
-        current = before + text.rstrip("\n") + "\n" + ("\n## " + after if after else "")
-    else:
-        current = current.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    path.write_text(current)
