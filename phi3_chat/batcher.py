@@ -373,15 +373,21 @@ class _Batcher:
 
     def load_stats(self) -> dict[str, int]:
         """``queue_depth`` (requests waiting), ``running_rows`` (rows of the batch decoding
-        now) and ``last_batch_size`` (rows of the latest batch started); cheap, thread-safe.
+        now), ``last_batch_size`` (rows of the latest batch started) and, with a KV budget,
+        ``kv_reserved_bytes`` (what the running batch holds of it) and ``kv_budget_bytes``
+        (the budget, shared by every model of the process with the same one); cheap,
+        thread-safe.
         """
         with self._lock:
             running = self._running[0] if self._running is not None else 0
-            return {
+            stats = {
                 "queue_depth": self._queued,
                 "running_rows": running,
                 "last_batch_size": self._last_batch_size,
             }
+            if self.kv_budget is not None:
+                stats |= {"kv_reserved_bytes": self._kv_reserved, "kv_budget_bytes": self.kv_budget}
+            return stats
 
     def _next_jobs(self) -> list[_Job] | None:
         """The next batch (holding the lock), or None after ``_ENGINE_IDLE_S`` with no work.

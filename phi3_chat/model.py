@@ -479,8 +479,8 @@ class OnnxChatModel(PythonModel):
         return str(self._tokenizer.decode(np.asarray(tokens, dtype=np.int32)))
 
     def load_stats(self) -> dict[str, int]:
-        """What the batcher holds now: ``queue_depth`` (requests waiting), ``running_rows``
-        (rows of the batch decoding now) and ``last_batch_size``. Cheap and thread-safe.
+        """What the batcher holds now (`phi3_chat.batcher._Batcher.load_stats`): queue depth,
+        running rows, last batch size and the KV budget's use. Cheap and thread-safe.
         """
         return self._batcher.load_stats()
 

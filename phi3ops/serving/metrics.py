@@ -51,6 +51,10 @@ LOAD_STATS = {
     "queue_depth": "Requests waiting in the model's batcher queue.",
     "running_rows": "Rows the model's batcher is generating now.",
     "last_batch_size": "Rows in the model's last generated batch.",
+    "kv_reserved_bytes": "KV-cache bytes the model's running batch holds of the budget "
+    "(summed over arms: what the shared budget holds).",
+    "kv_budget_bytes": "The KV-cache budget batches are admitted against, shared by both arms "
+    "(each arm reports the same budget: do not sum it).",
 }
 #: Seconds: a token is a few milliseconds on a GPU, a second on a small CPU.
 _TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

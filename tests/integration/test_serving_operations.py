@@ -137,6 +137,8 @@ def test_metrics_parse_and_count_requests_tokens_and_stream_latency(served) -> N
     assert _value(after, "phi3ops_last_batch_size", **tokens) >= 1
     assert ("phi3ops_queue_depth", *sorted(tokens.items())) in after
     assert ("phi3ops_running_rows", *sorted(tokens.items())) in after
+    assert _value(after, "phi3ops_kv_budget_bytes", **tokens) > 0
+    assert _value(after, "phi3ops_kv_reserved_bytes", **tokens) == 0  # released with its batch
 
     chunks = client.chat.completions.create(
         model="phi3-onnx/1", messages=HELLO, max_tokens=8, temperature=0, stream=True
