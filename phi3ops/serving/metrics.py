@@ -23,7 +23,6 @@ largest any worker saw (it is one folder for every server on the data dir).
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -38,7 +37,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from phi3ops.serving.records import CANCELLED_STATUS, answer_usage, outcome_of
+from phi3ops.serving.records import CANCELLED_STATUS, answer_usage, outcome_of, sse_chunks
 from phi3ops.serving.request import parse_json
 
 _log = logging.getLogger(__name__)
@@ -289,30 +288,17 @@ def stream_facts(events: list[tuple[float, bytes]]) -> tuple[list[float], dict[s
     """
     times: list[float] = []
     usage: dict[str, Any] = {}
-    buffer = b""
-    for sent, data in events:
-        buffer += data
-        *complete, buffer = buffer.split(b"\n\n")
-        for event in complete:
-            payload = event.decode("utf-8", "replace").removeprefix("data: ").strip()
-            if not payload or payload == "[DONE]":
-                continue
-            try:
-                chunk = json.loads(payload)
-            except ValueError:
-                continue
-            if not isinstance(chunk, dict):
-                continue
-            if isinstance(chunk.get("usage"), dict):
-                usage = chunk["usage"]
-            choices = chunk.get("choices")
-            if not isinstance(choices, list):
-                continue
-            if any(
-                isinstance(c, dict)
-                and isinstance(c.get("delta"), dict)
-                and (c["delta"].get("content") or c["delta"].get("tool_calls"))
-                for c in choices
-            ):
-                times.append(sent)
+    for sent, chunk in sse_chunks(events):
+        if isinstance(chunk.get("usage"), dict):
+            usage = chunk["usage"]
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            continue
+        if any(
+            isinstance(c, dict)
+            and isinstance(c.get("delta"), dict)
+            and (c["delta"].get("content") or c["delta"].get("tool_calls"))
+            for c in choices
+        ):
+            times.append(sent)
     return times, usage

@@ -25,6 +25,7 @@ import logging
 import math
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -297,17 +298,11 @@ def request_rows(payload: Any) -> list[Any]:
     return list(rows) if isinstance(rows, list) else []
 
 
-def completion_from_events(
-    events: list[tuple[float, bytes]],
-) -> tuple[dict[str, Any] | None, float | None]:
-    """A streamed answer (server-sent ``chat.completion.chunk`` events, each with the second it
-    was sent) as the ``chat.completion`` it adds up to, and the time its first text was sent.
+def sse_chunks(events: list[tuple[float, bytes]]) -> Iterator[tuple[float, dict[str, Any]]]:
+    """Each JSON object a stream's server-sent events carry, with the second its bytes were
+    sent; blank, ``[DONE]`` and unparseable events are skipped. One reading of a stream for
+    its record and its metrics.
     """
-    text: list[str] = []
-    finish: str | None = None
-    usage: dict[str, Any] = {}
-    ttft: float | None = None
-    seen = False
     buffer = b""
     for sent, data in events:
         buffer += data
@@ -320,14 +315,31 @@ def completion_from_events(
                 chunk = json.loads(payload)
             except ValueError:
                 continue
-            seen = True
-            choice = (chunk.get("choices") or [{}])[0]
-            piece = (choice.get("delta") or {}).get("content") or ""
-            if piece and ttft is None:
-                ttft = sent
-            text.append(piece)
-            finish = choice.get("finish_reason") or finish
-            usage = chunk.get("usage") or usage
+            if isinstance(chunk, dict):
+                yield sent, chunk
+
+
+def completion_from_events(
+    events: list[tuple[float, bytes]],
+) -> tuple[dict[str, Any] | None, float | None]:
+    """A streamed answer (server-sent ``chat.completion.chunk`` events, each with the second it
+    was sent) as the ``chat.completion`` it adds up to, and the time its first text was sent.
+    """
+    text: list[str] = []
+    finish: str | None = None
+    usage: dict[str, Any] = {}
+    ttft: float | None = None
+    seen = False
+    for sent, chunk in sse_chunks(events):
+        seen = True
+        choice = (chunk.get("choices") or [{}])[0]
+        delta = choice.get("delta") or {}
+        piece = delta.get("content") or ""
+        if (piece or delta.get("tool_calls")) and ttft is None:
+            ttft = sent
+        text.append(piece)
+        finish = choice.get("finish_reason") or finish
+        usage = chunk.get("usage") or usage
     if not seen:
         return None, None
     completion = {

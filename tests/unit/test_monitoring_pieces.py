@@ -305,6 +305,17 @@ def test_streamed_events_add_up_to_a_completion_with_time_to_first_token() -> No
     assert (record.response, record.finish_reason, record.completion_tokens) == ("Hello", "stop", 2)
     assert completion_from_events([(0.1, b"not an event")]) == (None, None)
 
+    # A streamed tool call has no text: its first token is the call's delta.
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f"}}
+    tool_events = [
+        (0.1, event({"role": "assistant"})),
+        (0.7, event({"tool_calls": [call]})),
+        (0.8, event({}, "tool_calls", {"prompt_tokens": 3, "completion_tokens": 9})),
+    ]
+    completion, ttft = completion_from_events(tool_events)
+    assert ttft == 0.7
+    assert completion["choices"][0]["finish_reason"] == "tool_calls"
+
 
 def test_the_baseline_keeps_the_evaluations_per_item_samples(monkeypatch) -> None:
     import mlflow
