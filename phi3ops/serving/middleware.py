@@ -59,7 +59,7 @@ from phi3ops.serving.request import (
 )
 from phi3ops.serving.shadow import ShadowCopies, ShadowCopy
 from phi3ops.serving.spool import read_backlog
-from phi3ops.serving.validate import chat_problem, quiet_reason
+from phi3ops.serving.validate import chat_problem, feature_problem, model_features, quiet_reason
 from phi3ops.traffic import Arm, TrafficMode
 
 #: MLflow's health route: its status code as MLflow gives it, the record backlog in the body.
@@ -201,7 +201,7 @@ class ServingMiddleware:
             loaded.app,
             model=loaded.model,
             served=loaded.served,
-            problem=functools.partial(self._problem, limit=loaded.limit),
+            problem=functools.partial(self._problem, limit=loaded.limit, model=loaded.model),
             timeout_s=self.timeout_s,
         )
         try:
@@ -360,7 +360,9 @@ class ServingMiddleware:
         """Validates ``request``, then refuses it, streams it or hands it to ``loaded``'s
         scoring app.
         """
-        problem = self._problem(request.payload, request.rows, limit=loaded.limit)
+        problem = self._problem(
+            request.payload, request.rows, limit=loaded.limit, model=loaded.model
+        )
         if problem:
             status, code, why = problem
             exchange.reason = quiet_reason(why)  # recorded even when prompts are not
@@ -372,11 +374,18 @@ class ServingMiddleware:
             await answer_invocation(loaded.app, scope, replay, exchange.send, served=served)
 
     def _problem(
-        self, payload: Any, rows: list[Any], *, limit: ContextLimit | None = None
+        self,
+        payload: Any,
+        rows: list[Any],
+        *,
+        limit: ContextLimit | None = None,
+        model: Any = None,
     ) -> tuple[int, str, str] | None:
         """(status, error code, why) the request is refused with, or None; ``limit`` is the
-        answering model's context check. A body that is not JSON has no rows and goes on:
-        MLflow's app answers it itself.
+        answering model's context check, ``model`` the answering model, whose features a row
+        may ask for (MLflow's schema check would drop an unknown field without a word: an ONNX
+        version packaged before structured outputs). A body that is not JSON has no rows and
+        goes on: MLflow's app answers it itself.
         """
         if len(rows) > self.max_rows:
             return (
@@ -388,6 +397,12 @@ class ServingMiddleware:
         problem = chat_problem(payload, rows)
         if problem:
             return 400, "INVALID_PARAMETER_VALUE", problem
+        if model is not None:
+            features = model_features(model)
+            for row in rows:
+                problem = feature_problem(row, features) if isinstance(row, dict) else None
+                if problem:
+                    return 400, "INVALID_PARAMETER_VALUE", problem
         if limit is None:
             return None
         for row in rows:

@@ -89,3 +89,23 @@ def test_an_old_format_version_registers_and_serves(old_model: Path, tmp_path: P
         response = client.post("/invocations", json={"inputs": [{"prompt": "Hi", "max_tokens": 3}]})
         assert response.status_code == 200, response.text
         assert isinstance(response.json()["predictions"][0], str)
+
+        # Its code predates structured outputs: asked for one on either route, it refuses
+        # (MLflow's schema check would drop the field and answer free text without a word).
+        json_object = {"type": "json_object"}
+        for route, body in (
+            ("/v1/chat/completions", chat("Hi", max_tokens=3) | {"response_format": json_object}),
+            (
+                "/invocations",
+                {"inputs": [chat("Hi", max_tokens=3) | {"seed": 7, "temperature": 1}]},
+            ),
+        ):
+            response = client.post(route, json=body)
+            assert response.status_code == 400, (route, response.text)
+            assert "not supported by the model version served here" in response.text, route
+        assert (
+            client.post(  # a greedy seed asks nothing of the model: still answered
+                "/invocations", json={"inputs": [chat("Hi", max_tokens=3) | {"seed": 7}]}
+            ).status_code
+            == 200
+        )
