@@ -36,8 +36,11 @@ from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED
 _ALPHA = 0.2
 #: Share of the machine's physical memory the KV cache may take by default.
 KV_MEMORY_SHARE = 0.25
-#: Predicted seconds one native prefill call may hold the GIL by default (`prefill_chunks`).
-DEFAULT_PREFILL_SLICE_S = 10.0
+#: Predicted seconds one native prefill call may hold the GIL by default (`prefill_chunks`):
+#: long enough for a batch of 8 short chat prompts at Phi-3-mini's size on 2 cores (11.5 s
+#: measured; at 10 s such batches were split and 8 clients lost batching), short of the ~30 s
+#: a liveness probe with default settings tolerates.
+DEFAULT_PREFILL_SLICE_S = 20.0
 #: Fewest prompt tokens per prefill chunk: smaller chunks cost more than they give back.
 MIN_PREFILL_CHUNK = 16
 #: Bytes per KV value: onnxruntime-genai keeps the CPU KV cache in fp32.
