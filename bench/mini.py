@@ -44,7 +44,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.mini", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--preset", default="mini", help="tiny, bench or mini (default)")
-    parser.add_argument("--eval-set", default="smoke", help="eval set of the lifecycle")
+    parser.add_argument(
+        "--eval-set", default="phi3-default", help="eval set of the lifecycle (smoke: 6 items)"
+    )
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=2, help="requests per client")
     parser.add_argument("--single", type=int, default=4, help="requests of the 1 client")

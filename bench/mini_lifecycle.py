@@ -98,4 +98,4 @@ def run(out: Path, *, eval_set: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), eval_set=sys.argv[2] if len(sys.argv) > 2 else "smoke")
+    run(Path(sys.argv[1]), eval_set=sys.argv[2] if len(sys.argv) > 2 else "phi3-default")

@@ -87,8 +87,8 @@ def section(results: dict[str, Any], args: argparse.Namespace, *, measured: date
         f"order, in one child process (what Prefect adds is the orchestration section's "
         f"subject); eval set `{life['evaluation']['eval_set']}`"
         + (
-            " (`evals/smoke.jsonl`, 6 items: the default 50-item set takes about 25 min at "
-            "this size on 2 cores, most of this run's budget)"
+            " (`evals/smoke.jsonl`, 6 items, not the default `phi3-default`'s 50: this run "
+            "does not say how long the lifecycle's default evaluation takes)"
             if life["evaluation"]["eval_set"] == "smoke"
             else ""
         )

@@ -339,14 +339,35 @@ def _long_streams(
     """``clients`` streamed long requests in daemon threads; returns after they all end or
     after ``window_s`` (the server is stopped next, which ends the rest).
     """
-    import httpx
-
     rows: list[dict[str, Any]] = []
+    window = _at_once(
+        lambda client: calls.streamed(client, prompt, max_tokens),
+        clients=clients,
+        window_s=window_s,
+        client_timeout_s=window_s + 60,
+        rows=rows,
+    )
+    return {
+        "finished": sum(1 for r in rows if r.get("status") == 200 and r.get("ttft") is not None),
+        "ended": len(rows),
+        "statuses": sorted(str(r.get("status")) for r in rows),
+        "window_s": window,
+    }
+
+
+def _at_once(
+    call: Any, *, clients: int, window_s: float, client_timeout_s: float, rows: list
+) -> float:
+    """``clients`` calls at once, each in a daemon thread with its own HTTP client, appending
+    its row (or its transport error) to ``rows``; returns the seconds waited: until they all
+    ended or ``window_s`` passed (the caller then stops the server, which ends the rest).
+    """
+    import httpx
 
     def one() -> None:
         try:
-            with httpx.Client(timeout=window_s + 60) as client:
-                rows.append(calls.streamed(client, prompt, max_tokens))
+            with httpx.Client(timeout=client_timeout_s) as client:
+                rows.append(call(client))
         except httpx.HTTPError as exc:
             rows.append({"status": None, "error": type(exc).__name__})
 
@@ -356,12 +377,7 @@ def _long_streams(
         thread.start()
     for thread in threads:
         thread.join(max(0.0, window_s - (time.perf_counter() - started)))
-    return {
-        "finished": sum(1 for r in rows if r.get("status") == 200 and r.get("ttft") is not None),
-        "ended": len(rows),
-        "statuses": sorted(str(r.get("status")) for r in rows),
-        "window_s": time.perf_counter() - started,
-    }
+    return time.perf_counter() - started
 
 
 def long_memory(
@@ -378,8 +394,6 @@ def long_memory(
     accepts ``clients`` long requests at once): its resident memory, idle and at its peak
     while their batches run (up to ``window_s``), against the KV budget it admits rows by.
     """
-    import httpx
-
     from bench.serving import _free_port
     from phi3ops.serving.server import start_server, stop_server, wait_until_ready
 
@@ -398,20 +412,13 @@ def long_memory(
         calls.block(1, 1, PROMPTS, 4)  # warm-up
         idle = sampler.take()
 
-        def one() -> None:
-            try:
-                with httpx.Client(timeout=timeout_s + 60) as client:
-                    rows.append(calls.one(client, long, max_tokens))
-            except httpx.HTTPError as exc:
-                rows.append({"status": None, "error": type(exc).__name__})
-
-        threads = [threading.Thread(target=one, daemon=True) for _ in range(clients)]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(max(0.0, window_s - (time.perf_counter() - started)))
-        window = time.perf_counter() - started
+        window = _at_once(
+            lambda client: calls.one(client, long, max_tokens),
+            clients=clients,
+            window_s=window_s,
+            client_timeout_s=timeout_s + 60,
+            rows=rows,
+        )
         peak = sampler.take()
         ended = sorted(str(r.get("status")) for r in list(rows))
     finally:
