@@ -201,7 +201,7 @@ class ServingMiddleware:
             loaded.app,
             model=loaded.model,
             served=loaded.served,
-            problem=functools.partial(self._problem, limit=loaded.limit, model=loaded.model),
+            problem=functools.partial(self._problem, limit=loaded.limit),  # checks features
             timeout_s=self.timeout_s,
         )
         try:
@@ -383,8 +383,9 @@ class ServingMiddleware:
     ) -> tuple[int, str, str] | None:
         """(status, error code, why) the request is refused with, or None; ``limit`` is the
         answering model's context check, ``model`` the answering model, whose features a row
-        may ask for (MLflow's schema check would drop an unknown field without a word: an ONNX
-        version packaged before structured outputs). A body that is not JSON has no rows and
+        may ask for: given for /invocations, where MLflow's schema check would drop a field the
+        model does not know without a word (an ONNX version packaged before structured
+        outputs); the OpenAI route checks them itself. A body that is not JSON has no rows and
         goes on: MLflow's app answers it itself.
         """
         if len(rows) > self.max_rows:
