@@ -49,6 +49,8 @@ NOISE_PROOF_GATES = {
     "max_s_per_token_increase": 100.0,
     "max_tokens_per_s_drop": 1.0,
 }
+#: The deployments prefect.yaml schedules; the stack pauses them (see `stack`).
+SCHEDULED_DEPLOYMENTS = ("canary/canary", "monitor/monitor", "reevaluate/nightly-eval")
 
 T = TypeVar("T")
 
@@ -190,6 +192,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[Stack
             env,
         )
         stack.prefect("--no-prompt", "deploy", "--all", timeout=300)
+        with stack.client() as client:
+            # The tests run these deployments by hand with their own parameters. A scheduled
+            # run in between races them: a canary verdict on the next 10-minute mark took the
+            # deployment's one slot, and the test's own run was cancelled (CANCEL_NEW). Pausing
+            # stops the schedules and keeps them as declared; manual and automation runs go on.
+            for name in SCHEDULED_DEPLOYMENTS:
+                client.pause_deployment(client.read_deployment_by_name(name).id)
         stack.timings["deploy"] = time.monotonic() - t
 
         t = time.monotonic()
@@ -277,6 +286,8 @@ def test_deployments_are_as_declared_in_prefect_yaml(stack: Stack) -> None:
     assert crons["monitor/monitor"] == [("*/30 * * * *", True)]
     assert crons["canary/canary"] == [("*/10 * * * *", True)]
     assert crons["lifecycle/lifecycle"] == crons["rollback/rollback"] == []
+    # Declared active; only this test stack pauses them.
+    assert {name for name, d in deployments.items() if d.paused} == set(SCHEDULED_DEPLOYMENTS)
 
     assert deployments["reevaluate/nightly-eval"].parameters["alias"] == "champion"
 

@@ -222,8 +222,9 @@ def team(tmp_path_factory: pytest.TempPathFactory, tiny_phi3) -> Iterator[Team]:
                 assert step["prefect.deployments.steps.git_clone"]["repository"] == (
                     "{{ prefect.variables.phi3ops_repository }}"
                 )
-                # No scheduled run takes a worker's only slot.
-                for name in ("reevaluate/nightly-eval", "monitor/monitor"):
+                # No scheduled run takes a worker's only slot (a canary verdict on the next
+                # 10-minute mark would send both lifecycle runs to the other worker).
+                for name in ("reevaluate/nightly-eval", "monitor/monitor", "canary/canary"):
                     client.pause_deployment(client.read_deployment_by_name(name).id)
             timings["setup + deploy"] = time.monotonic() - t
 
