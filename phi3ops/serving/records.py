@@ -326,6 +326,7 @@ def completion_from_events(
     was sent) as the ``chat.completion`` it adds up to, and the time its first text was sent.
     """
     text: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}  # by the deltas' index
     finish: str | None = None
     usage: dict[str, Any] = {}
     ttft: float | None = None
@@ -335,25 +336,49 @@ def completion_from_events(
         choice = (chunk.get("choices") or [{}])[0]
         delta = choice.get("delta") or {}
         piece = delta.get("content") or ""
-        if (piece or delta.get("tool_calls")) and ttft is None:
+        call_deltas = delta.get("tool_calls") or []
+        if (piece or call_deltas) and ttft is None:
             ttft = sent
         text.append(piece)
+        for call_delta in call_deltas if isinstance(call_deltas, list) else []:
+            if isinstance(call_delta, dict):
+                _merge_call_delta(calls, call_delta)
         finish = choice.get("finish_reason") or finish
         usage = chunk.get("usage") or usage
     if not seen:
         return None, None
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
+    if calls:
+        message = {
+            **message,
+            "content": message["content"] or None,
+            "tool_calls": [calls[index] for index in sorted(calls)],
+        }
     completion = {
         "object": "chat.completion",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(text)},
-                "finish_reason": finish,
-            }
-        ],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": usage,
     }
     return completion, ttft
+
+
+def _merge_call_delta(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
+    """Add one streamed ``tool_calls`` delta to the call of its index, as OpenAI streams them:
+    the first delta of a call names it, the later ones carry pieces of its arguments.
+    """
+    index = delta.get("index")
+    index = index if isinstance(index, int) and not isinstance(index, bool) else len(calls)
+    call = calls.setdefault(
+        index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+    )
+    for key in ("id", "type"):
+        if isinstance(delta.get(key), str):
+            call[key] = delta[key]
+    function = delta.get("function")
+    if isinstance(function, dict):
+        for key in ("name", "arguments"):
+            if isinstance(function.get(key), str):
+                call["function"][key] += function[key]
 
 
 def answer_usage(body: Any, rows: int) -> tuple[int, int]:
@@ -392,9 +417,22 @@ def _answer_fields(answer: Any) -> tuple[str | None, str | None, dict[str, Any]]
     choices = answer.get("choices") or [{}]
     choice = choices[0] if isinstance(choices[0], dict) else {}
     message = choice.get("message") or {}
-    text = message.get("content") if isinstance(message, dict) else None
+    text = _message_text(message) if isinstance(message, dict) else None
     usage = answer.get("usage")
     return text, choice.get("finish_reason"), usage if isinstance(usage, dict) else {}
+
+
+def _message_text(message: dict[str, Any]) -> str | None:
+    """The text an answer's message shows: its content, else its tool calls as the JSON list
+    of their ``function`` objects (a call is an answer, never a blank one: the monitor and the
+    canary verdict read its length and markers like any other).
+    """
+    content = message.get("content")
+    calls = message.get("tool_calls")
+    if (content is None or content == "") and isinstance(calls, list) and calls:
+        functions = [c.get("function") if isinstance(c, dict) else c for c in calls]
+        return json.dumps(functions, ensure_ascii=False)
+    return content if isinstance(content, str) or content is None else str(content)
 
 
 def _prompt_text(row: Any) -> str | None:

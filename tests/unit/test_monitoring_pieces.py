@@ -18,6 +18,7 @@ from phi3ops.serving.records import (
     request_rows,
     with_text_features,
 )
+from tasks.canary import is_format_failure
 from tasks.drift import drift_statistics, statistic_expectations, window_sample, with_statistics
 from tasks.monitoring import (
     Baseline,
@@ -315,6 +316,55 @@ def test_streamed_events_add_up_to_a_completion_with_time_to_first_token() -> No
     completion, ttft = completion_from_events(tool_events)
     assert ttft == 0.7
     assert completion["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_tool_call_answer_is_recorded_as_its_calls_streamed_or_not() -> None:
+    """A tool-call answer has ``content: null``: its record shows the calls, so the monitor's
+    responses-not-empty check and the canary's format-failure rate see an answer, not a blank.
+    """
+    calls = [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "g", "arguments": "{}"}},
+    ]
+    shown = json.dumps([c["function"] for c in calls])
+
+    def event(delta: dict, finish=None) -> bytes:
+        chunk = {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+    first, second = calls
+    streamed, _ = completion_from_events(
+        [
+            (0.1, event({"role": "assistant", "content": ""})),
+            # OpenAI's way: a call's first delta names it, later ones add to its arguments.
+            (0.2, event({"tool_calls": [{**first, "index": 0, "function": {"name": "f"}}]})),
+            (0.3, event({"tool_calls": [{"index": 0, "function": {"arguments": '{"x": '}}]})),
+            (0.4, event({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]})),
+            (0.5, event({"tool_calls": [{**second, "index": 1}]})),  # ours: whole calls
+            (0.6, event({}, "tool_calls")),
+        ]
+    )
+    assert streamed["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": calls,
+    }
+    whole = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                "finish_reason": "tool_calls",
+            }
+        ]
+    }
+    for body in (streamed, whole):
+        ((record, _),) = _recorder().records_for(
+            CHAT, status_code=200, body=body, started=1.0, latency_s=0.6
+        )
+        assert (record.response, record.finish_reason) == (shown, "tool_calls")
+        assert record.blank_response is False and record.response_chars == len(shown)
+        assert not is_format_failure(record)
 
 
 def test_the_baseline_keeps_the_evaluations_per_item_samples(monkeypatch) -> None:
