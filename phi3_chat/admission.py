@@ -4,10 +4,12 @@
 (prefill, padded rows x width) and seconds per generation step by batch size. Nothing is
 assumed: until a rate has been measured (a tiny warm-up at load seeds batch 1), every request
 is admitted. `predicted_completion_s` is the pure arithmetic the batcher admits requests with:
-the running batch's remaining steps, the batches queued ahead, then the request's own batch
-(its prefill and its ``max_tokens`` steps). `kv_bytes_per_token` and `default_kv_budget` size
-the KV cache a batch needs (onnxruntime-genai's CPU buffer is fp32, sized for batch x
-(longest prompt + most new tokens)).
+the running batch's remaining steps, then the batches the queue would run in up to the
+request's own (their prefill and ``max_tokens`` steps). Those batches are planned with the
+rules the batcher runs them by (`batch_members`, `batch_cut`): rows batch only with rows of
+their grammar, and a batch is cut to its prefill slice and its KV budget.
+`kv_bytes_per_token` and `default_kv_budget` size the KV cache a batch needs
+(onnxruntime-genai's CPU buffer is fp32, sized for batch x (longest prompt + most new tokens)).
 
 `KVBudget` is that memory as one process's budget: every batcher holding it reserves its
 batch's KV bytes before the batch starts and gives them back when it ends, and a batch waits
@@ -27,7 +29,8 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED
@@ -74,6 +77,27 @@ def retry_after_of(error: Any) -> int | None:
     return max(1, math.ceil(value))
 
 
+class Row(NamedTuple):
+    """One request row as batching sees it."""
+
+    prompt: int  # prompt tokens
+    new: int  # max_tokens
+    group: Any = None  # what rows must share to run in one batch: their grammar (None: free)
+    alone: bool = False  # its grammar ends only when the model stops: it runs in a batch alone
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """What bounds a batch: its rows, its predicted prefill (``prefill_slice_s``, None: no
+    bound) and its KV cache (``kv_per_token`` x its tokens within ``kv_budget``, None: none).
+    """
+
+    max_batch_size: int
+    prefill_slice_s: float | None = None
+    kv_per_token: int = 0
+    kv_budget: int | None = None
+
+
 class _Rates:
     """Moving averages of the model's measured prefill and step times (thread-safe)."""
 
@@ -118,10 +142,37 @@ def _average(old: float | None, new: float) -> float:
     return new if old is None else (1 - _ALPHA) * old + _ALPHA * new
 
 
-def batch_s(rates: _Rates, rows: Sequence[tuple[int, int]]) -> float:
-    """Predicted seconds for one batch of ``(prompt_tokens, max_tokens)`` rows (padded)."""
-    width = max(prompt for prompt, _ in rows)
-    steps = max(new for _, new in rows)
+def batch_members(rows: Sequence[Row], max_batch_size: int) -> list[int]:
+    """The indices of the rows that may share the first row's batch, in order: the first and
+    each later row of its group, up to ``max_batch_size``; the first alone when it runs alone.
+    """
+    first = rows[0]
+    if first.alone:
+        return [0]
+    return [i for i, row in enumerate(rows) if row.group == first.group][:max_batch_size]
+
+
+def batch_cut(
+    rows: Sequence[Row], rates: _Rates | None, limits: BatchLimits, kv_available: int | None
+) -> int:
+    """How many of a batch's ``rows`` (in order) run together: the most that fit in
+    ``kv_available`` bytes of KV cache and whose predicted prefill stays within the slice (og
+    holds the GIL through a prefill); always at least one.
+    """
+    n = len(rows)
+    if kv_available is not None:
+        while n > 1 and batch_kv_bytes(limits.kv_per_token, rows[:n]) > kv_available:
+            n -= 1
+    if limits.prefill_slice_s and rates is not None:
+        while n > 1 and prefill_s(rates, rows[:n]) > limits.prefill_slice_s:
+            n -= 1
+    return n
+
+
+def batch_s(rates: _Rates, rows: Sequence[Row]) -> float:
+    """Predicted seconds for one batch of rows (padded)."""
+    width = max(row.prompt for row in rows)
+    steps = max(row.new for row in rows)
     return (rates.prefill_s_per_token or 0.0) * width * len(rows) + steps * (
         rates.step_s(len(rows)) or 0.0
     )
@@ -130,67 +181,59 @@ def batch_s(rates: _Rates, rows: Sequence[tuple[int, int]]) -> float:
 def predicted_completion_s(
     rates: _Rates,
     running_left_s: float,
-    queued: Sequence[tuple[int, int]],
-    new: Sequence[tuple[int, int]],
-    max_batch_size: int,
-    *,
-    prefill_slice_s: float | None = None,
+    queued: Sequence[Row],
+    new: Sequence[Row],
+    limits: BatchLimits,
 ) -> float:
-    """When the ``new`` rows would be done: the running batch's remaining time, the queued
-    rows' batches (in order, ``max_batch_size`` at a time, and with ``prefill_slice_s`` no
-    more rows than the batcher lets share a prefill) and the batches holding ``new``.
+    """When the ``new`` rows would be done: the running batch's remaining time, then the
+    batches the batcher would run the queued rows and ``new`` in (`planned_batches`), up to
+    the last one holding a row of ``new`` (with no ``new`` rows: when the queue is empty).
     """
+    rows = [*queued, *new]
     total = running_left_s
-    for batch in _batches([*queued, *new], max_batch_size, rates, prefill_slice_s):
-        total += batch_s(rates, batch)
+    left = len(new)
+    for batch in planned_batches(rows, rates, limits):
+        if new and left == 0:  # without new rows: until every queued row is done
+            break
+        total += batch_s(rates, [rows[i] for i in batch])
+        left -= sum(1 for i in batch if i >= len(queued))
     return total
 
 
-def _batches(
-    rows: list[tuple[int, int]],
-    max_batch_size: int,
-    rates: _Rates,
-    prefill_slice_s: float | None,
-) -> list[list[tuple[int, int]]]:
-    """``rows`` in the batches the batcher would run them in (in order; a row alone always)."""
-    batches: list[list[tuple[int, int]]] = []
-    for row in rows:
-        last = batches[-1] if batches else None
-        if (
-            last is not None
-            and len(last) < max_batch_size
-            and not (prefill_slice_s and prefill_s(rates, [*last, row]) > prefill_slice_s)
-        ):
-            last.append(row)
-        else:
-            batches.append([row])
+def planned_batches(rows: Sequence[Row], rates: _Rates, limits: BatchLimits) -> list[list[int]]:
+    """The batches (indices into ``rows``, in queue order) the batcher would run ``rows`` in:
+    the oldest row with the later rows of its group (`batch_members`), cut as the batcher cuts
+    (`batch_cut`, with the whole KV budget free: the best case), and so on. Rows of other
+    grammars do not share a batch, so mixed traffic runs in more, smaller batches than its
+    count suggests.
+    """
+    batches: list[list[int]] = []
+    left = list(range(len(rows)))
+    while left:
+        members = [left[i] for i in batch_members([rows[j] for j in left], limits.max_batch_size)]
+        members = members[: batch_cut([rows[j] for j in members], rates, limits, limits.kv_budget)]
+        batches.append(members)
+        taken = set(members)
+        left = [j for j in left if j not in taken]
     return batches
 
 
 def fitting_max_tokens(
     rates: _Rates,
     running_left_s: float,
-    queued: Sequence[tuple[int, int]],
-    prompt_tokens: int,
-    cap: int,
-    max_batch_size: int,
+    queued: Sequence[Row],
+    row: Row,
+    limits: BatchLimits,
     deadline_s: float,
-    *,
-    prefill_slice_s: float | None = None,
 ) -> int:
-    """The most new tokens (at most ``cap``) one row may ask for and finish within
+    """The most new tokens (at most ``row.new``) ``row`` may ask for and finish within
     ``deadline_s``; 0 when not even one fits.
     """
-    low, high = 0, cap
+    low, high = 0, row.new
     while low < high:  # the completion grows with max_tokens: bisect
         middle = (low + high + 1) // 2
         when = predicted_completion_s(
-            rates,
-            running_left_s,
-            queued,
-            [(prompt_tokens, middle)],
-            max_batch_size,
-            prefill_slice_s=prefill_slice_s,
+            rates, running_left_s, queued, [row._replace(new=middle)], limits
         )
         if when <= deadline_s:
             low = middle
@@ -199,9 +242,9 @@ def fitting_max_tokens(
     return low
 
 
-def prefill_s(rates: _Rates, rows: Sequence[tuple[int, int]]) -> float:
+def prefill_s(rates: _Rates, rows: Sequence[Row]) -> float:
     """Predicted seconds of one batch's prefill: rows x the longest prompt (padded)."""
-    return (rates.prefill_s_per_token or 0.0) * max(prompt for prompt, _ in rows) * len(rows)
+    return (rates.prefill_s_per_token or 0.0) * max(row.prompt for row in rows) * len(rows)
 
 
 def prefill_chunks(input_ids: Any, rates: _Rates, slice_s: float | None) -> list[Any]:
@@ -249,9 +292,9 @@ def kv_bytes_per_token(genai_config: dict[str, Any]) -> int:
     return int(decoder["num_hidden_layers"]) * heads * head_size * 2 * _KV_VALUE_BYTES
 
 
-def batch_kv_bytes(per_token: int, rows: Sequence[tuple[int, int]]) -> int:
+def batch_kv_bytes(per_token: int, rows: Sequence[Row]) -> int:
     """A batch's KV cache: rows x (longest prompt + most new tokens) tokens."""
-    width = max(prompt for prompt, _ in rows) + max(new for _, new in rows)
+    width = max(row.prompt for row in rows) + max(row.new for row in rows)
     return per_token * len(rows) * width
 
 

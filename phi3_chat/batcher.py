@@ -36,12 +36,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, TEMPORARILY_UNAVAILABLE
 
 from phi3_chat.admission import (
+    BatchLimits,
     KVBudget,
+    Row,
     _Rates,
+    batch_cut,
     batch_kv_bytes,
+    batch_members,
     fitting_max_tokens,
     predicted_completion_s,
-    prefill_s,
     refused,
 )
 from phi3_chat.request import _Request, _RowState
@@ -175,6 +178,8 @@ class _Batcher:
         self.kv_budget = None if self.kv_shared is None else self.kv_shared.total
         self._kv_reserved = 0  # bytes the running batch holds of the budget
         self.prefill_slice_s = prefill_slice_s  # None: a batch's prefill is not bounded
+        # One statement of a batch's bounds, for the batches run and those admission predicts.
+        self.limits = BatchLimits(max_batch_size, prefill_slice_s, kv_per_token, self.kv_budget)
         self._running: tuple[int, int] | None = None  # (rows, steps left) of the running batch
         self._last_batch_size = 0
         self._lock = threading.Lock()
@@ -244,14 +249,7 @@ class _Batcher:
         if self.rates is None or not self.rates.known:
             return None
         queued = [_row(job.request) for job in self._waiting]
-        return predicted_completion_s(
-            self.rates,
-            self.running_left_s(),
-            queued,
-            [],
-            self.max_batch_size,
-            prefill_slice_s=self.prefill_slice_s,
-        )
+        return predicted_completion_s(self.rates, self.running_left_s(), queued, [], self.limits)
 
     def _admitted(
         self,
@@ -280,14 +278,7 @@ class _Batcher:
             for request, fit in zip(requests, flexible, strict=True):
                 if fit:
                     most = fitting_max_tokens(
-                        rates,
-                        running,
-                        queued,
-                        len(request.input_ids),
-                        request.max_tokens,
-                        self.max_batch_size,
-                        timeout_s,
-                        prefill_slice_s=self.prefill_slice_s,
+                        rates, running, queued, _row(request), self.limits, timeout_s
                     )
                     request = dataclasses.replace(request, max_tokens=max(1, most))
                 fitted.append(request)
@@ -296,14 +287,11 @@ class _Batcher:
             queued = queued[: len(queued) - len(requests)]
         rows = [_row(request) for request in requests]
         if stream:  # a stream must start in time; once it streams it runs to its end
-            rows = [(prompt, 1) for prompt, _ in rows]
-        slicing = {"prefill_slice_s": self.prefill_slice_s}  # batches split as _next_jobs does
-        when = predicted_completion_s(rates, running, queued, rows, self.max_batch_size, **slicing)
+            rows = [row._replace(new=1) for row in rows]
+        when = predicted_completion_s(rates, running, queued, rows, self.limits)
         if when > timeout_s:
-            ahead = predicted_completion_s(
-                rates, running, queued, [], self.max_batch_size, **slicing
-            )
-            idle = predicted_completion_s(rates, 0.0, [], rows, self.max_batch_size, **slicing)
+            ahead = predicted_completion_s(rates, running, queued, [], self.limits)
+            idle = predicted_completion_s(rates, 0.0, [], rows, self.limits)
             what = "start streaming" if stream else "finish"
             hint = (
                 f"retry in about {math.ceil(ahead)} s"
@@ -361,15 +349,15 @@ class _Batcher:
                 self._thread = None
             raise
 
-    def _company(self, first: _Job) -> list[_Job]:
-        """The waiting rows that may share ``first``'s batch (holding the lock): every row with
-        its grammar (rows without one all match, whatever their sampling or seed: each samples
-        on its own); a grammar that ends only when the model stops runs alone.
+    def _company(self) -> list[_Job]:
+        """The waiting rows that may share the oldest one's batch (holding the lock): every
+        row with its grammar (rows without one all match, whatever their sampling or seed: each
+        samples on its own), up to ``max_batch_size``; a grammar that ends only when the model
+        stops runs alone (`batch_members`, which admission's predictions use too).
         """
-        group = first.request.group
-        if group is not None and group.alone:
-            return [first]
-        return [job for job in self._waiting if job.request.group == group]
+        jobs = list(self._waiting)
+        members = batch_members([_row(job.request) for job in jobs], self.max_batch_size)
+        return [jobs[i] for i in members]
 
     def load_stats(self) -> dict[str, int]:
         """``queue_depth`` (requests waiting), ``running_rows`` (rows of the batch decoding
@@ -409,10 +397,10 @@ class _Batcher:
                 self._wake.wait(idle_until - now)
                 continue
             first = self._waiting[0]
-            jobs = self._company(first)
+            jobs = self._company()
             window = max(first.arrived, free_since) + self.wait_s - now
             if len(jobs) >= self.max_batch_size or window <= 0:
-                jobs = self._within_budgets(jobs[: self.max_batch_size])
+                jobs = self._within_budgets(jobs)
                 if jobs:
                     break
                 self._wake.wait(_KV_RECHECK_S)  # other models' batches hold the KV budget
@@ -432,15 +420,9 @@ class _Batcher:
         models' batches leave too little of a shared budget for even the first row.
         """
         kv = self.kv_shared
-        if kv is not None:
-            available = kv.available()
-            while len(jobs) > 1 and self._kv_bytes(jobs) > available:
-                jobs.pop()
-        if self.prefill_slice_s and self.rates is not None:  # og holds the GIL in a prefill
-            while len(jobs) > 1 and (
-                prefill_s(self.rates, [_row(job.request) for job in jobs]) > self.prefill_slice_s
-            ):
-                jobs.pop()
+        rows = [_row(job.request) for job in jobs]
+        available = None if kv is None else kv.available()
+        jobs = jobs[: batch_cut(rows, self.rates, self.limits, available)]
         if kv is not None:
             need = self._kv_bytes(jobs)
             if not kv.try_reserve(need):
@@ -497,5 +479,7 @@ class _Batcher:
                     self._running_jobs = []
 
 
-def _row(request: _Request) -> tuple[int, int]:
-    return len(request.input_ids), request.max_tokens
+def _row(request: _Request) -> Row:
+    group = request.group
+    alone = group is not None and group.alone
+    return Row(len(request.input_ids), request.max_tokens, group, alone)
