@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -44,12 +46,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_phi3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The servers' data dir: their registry and the records of what they answered."""
+    return tmp_path_factory.mktemp("structured-data")
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_phi3, data_dir: Path, tmp_path_factory) -> Iterator[dict[str, str]]:
     """Both flavors of the tiny Phi-3, registered and served: {flavor: base URL}."""
     from offline.packaged import register_both_flavors
     from phi3ops.settings import get_settings
 
-    data_dir = tmp_path_factory.mktemp("structured-data")
     processes: list[subprocess.Popen] = []
     urls: dict[str, str] = {}
     log = (tmp_path_factory.mktemp("structured-serve") / "server.log").open("w")
@@ -168,9 +175,12 @@ def test_langchain_structured_output_with_a_json_schema(servers) -> None:
     assert isinstance(answer, Weather)
 
 
-def test_langchain_bind_tools_and_a_tool_round_trip(servers) -> None:
+def test_langchain_bind_tools_and_a_tool_round_trip(
+    servers, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from langchain_core.messages import HumanMessage, ToolMessage
 
+    started = time.time()
     llm = _chat_model(servers["onnx"], max_tokens=80)
     # strict: no properties beyond the function's (random weights would add them to the end)
     calling = llm.bind_tools(
@@ -193,6 +203,22 @@ def test_langchain_bind_tools_and_a_tool_round_trip(servers) -> None:
     )
     answer = answering.invoke([question, asked, result])
     assert isinstance(answer.content, str) and answer.content and not answer.tool_calls
+
+    # The server's records of the two calls (whole, then streamed) are answers, not blanks:
+    # the monitor and the canary verdict read a call like any other answer.
+    from phi3ops.settings import get_settings
+    from tasks.live_records import load_records
+
+    monkeypatch.setenv("PHI3OPS_DATA_DIR", str(data_dir))
+    get_settings.cache_clear()
+    calls, deadline = [], time.monotonic() + 30
+    while len(calls) < 2 and time.monotonic() < deadline:  # the server's writer stores them
+        records = load_records("phi3-onnx", "1", start=started, end=time.time() + 1)
+        calls = [r for r in records if r.finish_reason == "tool_calls"]
+        time.sleep(0.5)
+    get_settings.cache_clear()
+    assert [(bool(r.stream), r.blank_response) for r in calls] == [(False, False), (True, False)]
+    assert all(r.response_chars and r.response_chars > len("get_weather") for r in calls)
 
 
 # --- the transformers flavor refuses what it cannot do -----------------------------------------
