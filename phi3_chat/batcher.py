@@ -168,18 +168,20 @@ class _Batcher:
     ) -> None:
         self._steps = steps
         self._fits = fits
-        self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.wait_s = wait_s
         self.rates = rates  # None: no admission by speed
-        self.kv_per_token = kv_per_token
         # None: no KV budget; a KVBudget may be shared with other models' batchers
         self.kv_shared = KVBudget(kv_budget) if isinstance(kv_budget, int) else kv_budget
-        self.kv_budget = None if self.kv_shared is None else self.kv_shared.total
         self._kv_reserved = 0  # bytes the running batch holds of the budget
-        self.prefill_slice_s = prefill_slice_s  # None: a batch's prefill is not bounded
-        # One statement of a batch's bounds, for the batches run and those admission predicts.
-        self.limits = BatchLimits(max_batch_size, prefill_slice_s, kv_per_token, self.kv_budget)
+        # A batch's bounds (None prefill slice: unbounded), for the batches it runs and those
+        # admission predicts.
+        self.limits = BatchLimits(
+            max_batch_size,
+            prefill_slice_s,
+            kv_per_token,
+            None if self.kv_shared is None else self.kv_shared.total,
+        )
         self._running: tuple[int, int] | None = None  # (rows, steps left) of the running batch
         self._last_batch_size = 0
         self._lock = threading.Lock()
@@ -260,12 +262,13 @@ class _Batcher:
     ) -> list[_Request]:
         """``requests`` as they will run (flexible ``max_tokens`` fitted), or a refusal."""
         for request in requests:
-            alone = batch_kv_bytes(self.kv_per_token, [_row(request)])
-            if self.kv_budget is not None and alone > self.kv_budget:
+            alone = batch_kv_bytes(self.limits.kv_per_token, [_row(request)])
+            budget = self.limits.kv_budget
+            if budget is not None and alone > budget:
                 raise refused(
                     f"the request needs {alone / 2**20:.0f} MiB of KV cache (prompt "
                     f"{len(request.input_ids)} + max_tokens {request.max_tokens} tokens), more "
-                    f"than the model's budget of {self.kv_budget / 2**20:.0f} MiB: ask for "
+                    f"than the model's budget of {budget / 2**20:.0f} MiB: ask for "
                     "fewer max_tokens or send a shorter prompt"
                 )
         rates = self.rates
@@ -356,7 +359,7 @@ class _Batcher:
         stops runs alone (`batch_members`, which admission's predictions use too).
         """
         jobs = list(self._waiting)
-        members = batch_members([_row(job.request) for job in jobs], self.max_batch_size)
+        members = batch_members([_row(job.request) for job in jobs], self.limits.max_batch_size)
         return [jobs[i] for i in members]
 
     def load_stats(self) -> dict[str, int]:
@@ -373,8 +376,11 @@ class _Batcher:
                 "running_rows": running,
                 "last_batch_size": self._last_batch_size,
             }
-            if self.kv_budget is not None:
-                stats |= {"kv_reserved_bytes": self._kv_reserved, "kv_budget_bytes": self.kv_budget}
+            if self.limits.kv_budget is not None:
+                stats |= {
+                    "kv_reserved_bytes": self._kv_reserved,
+                    "kv_budget_bytes": self.limits.kv_budget,
+                }
             return stats
 
     def _next_jobs(self) -> list[_Job] | None:
@@ -399,7 +405,7 @@ class _Batcher:
             first = self._waiting[0]
             jobs = self._company()
             window = max(first.arrived, free_since) + self.wait_s - now
-            if len(jobs) >= self.max_batch_size or window <= 0:
+            if len(jobs) >= self.limits.max_batch_size or window <= 0:
                 jobs = self._within_budgets(jobs)
                 if jobs:
                     break
@@ -431,7 +437,7 @@ class _Batcher:
         return jobs
 
     def _kv_bytes(self, jobs: list[_Job]) -> int:
-        return batch_kv_bytes(self.kv_per_token, [_row(job.request) for job in jobs])
+        return batch_kv_bytes(self.limits.kv_per_token, [_row(job.request) for job in jobs])
 
     def _release_kv(self) -> None:
         """Gives the running batch's KV bytes back to the budget (not holding the lock)."""
